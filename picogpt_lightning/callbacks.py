@@ -1,0 +1,148 @@
+"""Callbacks that make a run safe to interrupt and easy to follow: last.ckpt at the true end, graceful
+Ctrl-C, a stop on non-finite loss, and a progress bar that counts total steps across resumes."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from .errors import PicoGPTError
+
+
+@rank_zero_only
+def say(message: str) -> None:
+    """One line for the user on stderr, from rank 0 only."""
+    print(message, file=sys.stderr, flush=True)
+
+
+class LastCheckpoint(Callback):
+    """Keeps `last.ckpt` at the newest step.
+
+    ModelCheckpoint writes last.ckpt only when it validates, so a run whose max_steps is not a multiple of the
+    validation interval, or that is interrupted, would otherwise resume from an older step.
+    """
+
+    def __init__(self, ckpt_dir: str, resume_command: str):
+        self.path = Path(ckpt_dir) / "last.ckpt"
+        self.resume_command = resume_command
+        self.saved_step = -1
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self.saved_step = max(self.saved_step, checkpoint["global_step"])
+
+    def save(self, trainer: L.Trainer) -> None:
+        if trainer.global_step > 0 and trainer.global_step != self.saved_step:
+            trainer.save_checkpoint(self.path, weights_only=False)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Lightning raises SIGTERMException at a step boundary, so the state saved here is a consistent one.
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            self.save(trainer)
+            say(
+                f"\nInterrupted at step {trainer.global_step}; saved {self.path}. "
+                f"Resume with: {self.resume_command}"
+            )
+
+
+class GracefulInterrupt(Callback):
+    """The first Ctrl-C stops training at the next step boundary (on every rank), like SIGTERM does in
+    Lightning, so last.ckpt holds a consistent state; a second Ctrl-C aborts at once."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._previous = signal.getsignal(signal.SIGINT)
+        lightning_sigterm = signal.getsignal(signal.SIGTERM)
+
+        def on_sigint(signum, frame):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            print("\nStopping after this step (press Ctrl-C again to abort without saving)...", file=sys.stderr)
+            if callable(lightning_sigterm):
+                lightning_sigterm(signum, frame)
+            else:
+                raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, on_sigint)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        previous = getattr(self, "_previous", None)
+        if previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
+            self._previous = None
+
+
+class NonFiniteLossGuard(Callback):
+    """Stops training when the loss becomes NaN or inf, before any checkpoint can store the broken weights.
+
+    On CPU the check costs nothing and runs every step. On accelerators it would force a host sync per step,
+    so the flag is accumulated on the device and read only at logging and validation boundaries.
+    """
+
+    def __init__(self, ckpt_dir: str):
+        self.ckpt_dir = Path(ckpt_dir)
+        self.bad = None
+        self.first_checked_step = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        bad = ~torch.isfinite(loss.detach())
+        self.bad = bad if self.bad is None else self.bad | bad
+        if loss.device.type == "cpu" or trainer.global_step % trainer.log_every_n_steps == 0:
+            self.check(trainer)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit":
+            self.check(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.check(trainer)
+
+    def check(self, trainer: L.Trainer) -> None:
+        if self.bad is None:
+            return
+        if bool(self.bad):
+            last = self.ckpt_dir / "last.ckpt"
+            where = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved yet"
+            steps = (f"step {trainer.global_step}" if trainer.global_step - self.first_checked_step <= 1
+                     else f"steps {self.first_checked_step + 1}-{trainer.global_step}")
+            raise PicoGPTError(
+                f"the training loss became NaN or inf at {steps}; {where} (not overwritten). Try a lower "
+                f"--model.learning_rate, gradient clipping (--trainer.gradient_clip_val 1.0), or more warmup "
+                f"(--model.warmup_iters)"
+            )
+        self.bad = None
+        self.first_checked_step = trainer.global_step
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Shows optimizer steps out of trainer.max_steps, continuing from the resumed step, instead of the
+    batches of an endless epoch ("21/?")."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_) -> None:
+        super().on_train_epoch_start(trainer)
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
+        bar.initial = 0
+        bar.n = trainer.global_step
+        bar.set_description("Training")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % self.refresh_rate == 0 or step >= trainer.max_steps:
+            bar = self.train_progress_bar
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            bar.refresh()

@@ -1,0 +1,110 @@
+"""Safe loading of the checkpoints `picogpt fit` writes: weights, model shape and tokenizer, no Lightning.
+
+Every load here uses `torch.load(..., weights_only=True)`, which refuses pickles that would build arbitrary
+Python objects (and so could run code). Our checkpoints hold only tensors and plain types, so nothing is lost.
+Only a full resume of training goes through Lightning's own loader.
+
+Layout of a checkpoint (a Lightning checkpoint with one extra entry):
+    state_dict        the LightningModule's weights; the GPT's are under the "model." prefix
+    hyper_parameters  the LightningModule's init arguments (plain types)
+    global_step       optimizer steps taken
+    picogpt           {"format": 1, "model_config": GPTConfig as a dict, "tokenizer": tokenizer JSON,
+                       "data": facts about the training data, "best_val_loss", "versions", "config"}
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import PicoGPTError
+from .model import GPT, GPTConfig
+from .tokenizer import Tokenizer, tokenizer_from_json
+
+MODEL_PREFIX = "model."
+COMPILE_PREFIX = "_orig_mod."
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint's contents as plain types and CPU tensors, or a PicoGPTError saying what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise PicoGPTError(f"checkpoint {path} does not exist; pass the .ckpt file written by `picogpt fit`")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise PicoGPTError(
+            f"refused to load {path}: it holds Python objects beyond tensors and plain values, which could run "
+            f"code when unpickled ({reason}); only load checkpoints you made or trust"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        raise PicoGPTError(
+            f"{path} is not a readable checkpoint (truncated or not a PyTorch file: "
+            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}); use a .ckpt written by `picogpt fit`"
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise PicoGPTError(f"{path} is a PyTorch file but not a picogpt checkpoint (no state_dict)")
+    if "picogpt" not in checkpoint:
+        raise PicoGPTError(f"{path} is a Lightning checkpoint but not one written by `picogpt fit` (no picogpt entry)")
+    return checkpoint
+
+
+def model_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The GPT's own weights: the Lightning prefix and any torch.compile prefix removed."""
+    state = {}
+    for key, value in checkpoint["state_dict"].items():
+        if key.startswith(MODEL_PREFIX):
+            key = key[len(MODEL_PREFIX) :]
+            state[key.replace(COMPILE_PREFIX, "")] = value
+    return state
+
+
+def model_config(checkpoint: dict) -> GPTConfig:
+    return GPTConfig.from_dict(checkpoint["picogpt"]["model_config"])
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: GPT
+    tokenizer: Tokenizer
+    meta: dict
+    global_step: int
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.model.config
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """A ready-to-use model (eval mode, on `device`) and its tokenizer from a checkpoint file."""
+    checkpoint = read_checkpoint(path)
+    meta = checkpoint["picogpt"]
+    model = GPT(model_config(checkpoint))
+    model.load_state_dict(model_state_dict(checkpoint))
+    model.to(device).eval()
+    tokenizer = tokenizer_from_json(meta["tokenizer"])
+    return LoadedCheckpoint(model, tokenizer, meta, int(checkpoint.get("global_step", 0)))
+
+
+def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, **meta) -> None:
+    """Write a weights-only checkpoint in the layout above (for sampling, chat and warm start; not for resume).
+
+    `picogpt fit` writes full Lightning checkpoints; this is for models built outside it, such as the smoke
+    test scripts. The file is written to a temporary name and renamed, so a crash never leaves half a file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "state_dict": {MODEL_PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "hyper_parameters": model.config.to_dict(),
+        "global_step": int(meta.pop("global_step", 0)),
+        "picogpt": {"format": 1, "model_config": model.config.to_dict(), "tokenizer": tokenizer.to_json(), **meta},
+    }
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(payload, temporary)
+    temporary.replace(path)

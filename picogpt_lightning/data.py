@@ -1,0 +1,200 @@
+"""The LightningDataModule: finds or builds the prepared data, memory-maps it, serves random blocks.
+
+Training batches are random blocks, and batch k is a pure function of (seed, rank, k). Resuming at step s
+therefore continues with exactly the batches an uninterrupted run would have seen, and every distributed rank
+draws different blocks, with no sampler state to save beyond the step count. Validation uses a fixed, seeded set
+of blocks (or the whole val split when it is small), so val losses at different steps are comparable.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Iterator, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .errors import PicoGPTError
+from .prepare import DEFAULT_CACHE_DIR, cached_prepare, load_prepared, open_bins
+from .tokenizer import Tokenizer
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def _blocks(data: np.ndarray, starts: np.ndarray, block_size: int) -> Batch:
+    rows = np.stack([data[s : s + block_size + 1] for s in starts]).astype(np.int64)
+    rows = torch.from_numpy(rows)
+    return rows[:, :-1], rows[:, 1:]
+
+
+class RandomBlocks(IterableDataset):
+    """An endless stream of batches of random blocks; batch k depends only on (seed, rank, k).
+
+    With several loader workers, worker w makes batches k = w, w + n, ... and the loader interleaves them in
+    that order, so the stream is the same for any number of workers.
+    """
+
+    def __init__(self, path: str, dtype: str, block_size: int, batch_size: int, seed: int, rank: int,
+                 first_batch: int = 0):
+        self.path, self.dtype = path, dtype
+        self.block_size, self.batch_size = block_size, batch_size
+        self.seed, self.rank, self.first_batch = seed, rank, first_batch
+
+    def batch(self, data: np.ndarray, index: int) -> Batch:
+        rng = np.random.default_rng([self.seed, self.rank, index])
+        starts = rng.integers(0, len(data) - self.block_size, size=self.batch_size)
+        return _blocks(data, starts, self.block_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        data = np.memmap(self.path, dtype=self.dtype, mode="r")
+        worker = get_worker_info()
+        index, stride = self.first_batch, 1
+        if worker is not None:
+            index, stride = index + worker.id, worker.num_workers
+        while True:
+            yield self.batch(data, index)
+            index += stride
+
+
+class FixedBlocks(IterableDataset):
+    """The validation batches: this rank's share (every world_size-th batch) of a fixed list of block starts."""
+
+    def __init__(self, path: str, dtype: str, block_size: int, starts: list[np.ndarray], rank: int, world_size: int):
+        self.path, self.dtype, self.block_size = path, dtype, block_size
+        self.starts = starts[rank::world_size]
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __iter__(self) -> Iterator[Batch]:
+        data = np.memmap(self.path, dtype=self.dtype, mode="r")
+        for starts in self.starts:
+            yield _blocks(data, starts, self.block_size)
+
+
+def validation_starts(val_tokens: int, block_size: int, batch_size: int, eval_iters: int, seed: int) -> list[np.ndarray]:
+    """Block starts of the val batches: every non-overlapping block when the split has at most
+    eval_iters * batch_size of them (the whole split, exactly), else eval_iters seeded random batches."""
+    whole = np.arange(0, val_tokens - block_size, block_size)
+    if len(whole) <= eval_iters * batch_size:
+        return [whole[i : i + batch_size] for i in range(0, len(whole), batch_size)]
+    rng = np.random.default_rng([seed, 0x7A1])
+    return [rng.integers(0, val_tokens - block_size, size=batch_size) for _ in range(eval_iters)]
+
+
+def _local_rank() -> int:
+    # Before the Trainer exists only the launcher's environment tells the ranks apart.
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+
+
+class GPTDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        text_path: str = "data/philosophy.txt",
+        mode: Literal["char", "token"] = "token",
+        backend: Literal["bpe", "word"] = "bpe",
+        vocab_size: int = 8000,
+        val_fraction: float = 0.1,
+        random_split: bool = False,
+        split_seed: int = 1337,
+        block_size: int = 256,
+        batch_size: int = 16,
+        eval_iters: int = 50,
+        seed: int = 1337,
+        cache_dir: str = DEFAULT_CACHE_DIR,
+        prepared_dir: str | None = None,
+        num_workers: int = 0,
+    ):
+        """
+        Args:
+            text_path: a UTF-8 text file, or a folder whose .txt files (not recursive) are joined.
+            mode: "char" (one token per character) or "token" (subword or word tokens).
+            backend: tokenizer for mode "token": byte-level "bpe" (Hugging Face tokenizers) or "word".
+            vocab_size: vocabulary size to train for mode "token" (ignored for "char").
+            val_fraction: share of the text held out for validation.
+            random_split: split in random chunks (seeded by split_seed) instead of taking the end of the text.
+            split_seed: seed of the random split.
+            block_size: context length in tokens (also the model's; linked by the CLI).
+            batch_size: blocks per batch on each device.
+            eval_iters: validation batches per evaluation (the whole val split when it is smaller).
+            seed: seed of the training and validation block sampling.
+            cache_dir: where prepared data is cached, keyed by the text and the settings above.
+            prepared_dir: use this prepared folder (from `picogpt prepare --out_dir`) instead of text_path.
+            num_workers: DataLoader workers; 0 (load in the training process) is fastest for memory-mapped blocks.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        for name in ("block_size", "batch_size", "eval_iters"):
+            if getattr(self, "hparams")[name] < 1:
+                raise PicoGPTError(f"data.{name} must be a positive integer, got {self.hparams[name]}")
+
+    @cached_property
+    def prepared(self) -> tuple[Path, dict, Tokenizer]:
+        """The prepared folder, its meta.json and tokenizer, preparing it on first use (local rank 0 writes,
+        other ranks wait for it)."""
+        hp = self.hparams
+        if hp.prepared_dir is not None:
+            folder = Path(hp.prepared_dir)
+        else:
+            folder = cached_prepare(
+                hp.text_path, hp.cache_dir, is_writer=_local_rank() == 0, mode=hp.mode, backend=hp.backend,
+                vocab_size=hp.vocab_size, val_fraction=hp.val_fraction, random_split=hp.random_split,
+                split_seed=hp.split_seed,
+            )
+        meta, tokenizer = load_prepared(folder)
+        for split in ("train", "val"):
+            tokens = meta[f"{split}_tokens"]
+            if tokens < hp.block_size + 1:
+                raise PicoGPTError(
+                    f"the {split} split has {tokens} tokens, fewer than block_size + 1 = {hp.block_size + 1}; "
+                    f"use a longer text, a smaller --data.block_size"
+                    + (" or a larger --data.val_fraction" if split == "val" else "")
+                )
+        return folder, meta, tokenizer
+
+    # Read by the CLI when it builds the model: the vocabulary and the data size are known only once prepared.
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.prepared[2]
+
+    @property
+    def tokenizer_vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def train_tokens(self) -> int:
+        return int(self.prepared[1]["train_tokens"])
+
+    def describe(self) -> dict:
+        """Plain facts about the training data, stored in every checkpoint."""
+        folder, meta, _ = self.prepared
+        return {"prepared_dir": str(folder), **{k: meta[k] for k in meta if k != "format"}}
+
+    def _bin(self, split: str) -> str:
+        return str(self.prepared[0] / f"{split}.bin")
+
+    def train_dataloader(self) -> DataLoader:
+        hp, meta = self.hparams, self.prepared[1]
+        trainer = self.trainer
+        # Batches already consumed: Lightning restores global_step before it asks for the loader.
+        first_batch = trainer.global_step * trainer.accumulate_grad_batches if trainer else 0
+        rank = trainer.global_rank if trainer else 0
+        dataset = RandomBlocks(self._bin("train"), meta["dtype"], hp.block_size, hp.batch_size, hp.seed, rank,
+                               first_batch)
+        return self._loader(dataset)
+
+    def val_dataloader(self) -> DataLoader:
+        hp, meta = self.hparams, self.prepared[1]
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        starts = validation_starts(meta["val_tokens"], hp.block_size, hp.batch_size, hp.eval_iters, hp.seed)
+        return self._loader(FixedBlocks(self._bin("val"), meta["dtype"], hp.block_size, starts, rank, world))
+
+    def _loader(self, dataset: IterableDataset) -> DataLoader:
+        workers = self.hparams.num_workers
+        pin = bool(self.trainer is not None and self.trainer.strategy.root_device.type == "cuda")
+        return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin,
+                          persistent_workers=workers > 0)

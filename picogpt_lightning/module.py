@@ -1,0 +1,223 @@
+"""The LightningModule: the GPT's loss, AdamW with decay groups, the LR schedule, metrics and checkpoint facts."""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from . import __version__
+from .checkpoint import model_state_dict, read_checkpoint
+from .errors import PicoGPTError
+from .model import GPT, GPTConfig
+
+AUTO_TIE_MAX_TOKENS = 1_000_000
+
+
+def lr_at(step: int, learning_rate: float, min_lr: float, warmup_iters: int, decay_iters: int, cosine: bool) -> float:
+    """Linear warmup to `learning_rate`, then (if `cosine`) a half cosine down to `min_lr` at `decay_iters`,
+    and `min_lr` after that; without `cosine` the rate stays at `learning_rate` after warmup."""
+    if step < warmup_iters:
+        return learning_rate * (step + 1) / (warmup_iters + 1)
+    if not cosine:
+        return learning_rate
+    if step >= decay_iters:
+        return min_lr
+    progress = (step - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+class GPTLightningModule(L.LightningModule):
+    def __init__(
+        self,
+        vocab_size: int = 0,
+        block_size: int = 256,
+        n_layer: int = 6,
+        n_head: int = 6,
+        n_embd: int = 384,
+        dropout: float = 0.0,
+        bias: bool = True,
+        tie_weights: bool = False,
+        auto_tie_weights: bool = True,
+        train_tokens: int = 0,
+        label_smoothing: float = 0.0,
+        learning_rate: float = 6e-4,
+        min_lr: float = 6e-5,
+        weight_decay: float = 0.1,
+        beta1: float = 0.9,
+        beta2: float = 0.95,
+        cosine_lr: bool = True,
+        warmup_iters: int = 100,
+        lr_decay_iters: int | None = None,
+        init_from: str | None = None,
+        init_strict: bool = True,
+        compile: bool = False,
+    ):
+        """
+        Args:
+            vocab_size: vocabulary size (set from the prepared data by the CLI).
+            block_size: context length in tokens (linked to data.block_size by the CLI).
+            n_layer: transformer blocks.
+            n_head: attention heads per block; must divide n_embd.
+            n_embd: width of the residual stream.
+            dropout: dropout on attention, residual branches and embeddings (0 for large data, 0.1-0.2 small).
+            bias: biases in linear layers and layer norms.
+            tie_weights: share the token embedding with the output layer.
+            auto_tie_weights: tie when the training split has fewer than 1M tokens (overrides tie_weights then).
+            train_tokens: training split size in tokens (set from the prepared data by the CLI).
+            label_smoothing: label smoothing of the training loss (validation reports plain cross-entropy).
+            learning_rate: peak learning rate.
+            min_lr: final learning rate of the cosine schedule.
+            weight_decay: AdamW weight decay on matrices (not on biases, norms or embeddings' positions).
+            beta1: AdamW beta1.
+            beta2: AdamW beta2.
+            cosine_lr: cosine decay after warmup; false keeps the peak rate constant after warmup.
+            warmup_iters: optimizer steps of linear warmup.
+            lr_decay_iters: step at which the cosine reaches min_lr (default: trainer.max_steps).
+            init_from: warm start: load weights (only) from this checkpoint before training.
+            init_strict: with init_from, require every weight to match; false loads what matches and lists the rest.
+            compile: torch.compile the GPT (in place, so checkpoints keep plain parameter names).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        tied = tie_weights or (auto_tie_weights and 0 < train_tokens < AUTO_TIE_MAX_TOKENS)
+        try:
+            config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                               n_embd=n_embd, dropout=dropout, bias=bias, tie_weights=tied)
+        except ValueError as error:
+            raise PicoGPTError(f"invalid model settings: {error}") from None
+        self.model = GPT(config)
+        self.val_loss = MeanMetric()
+        self._tokens_at_last_log = 0
+        self._time_at_last_log = None
+        if init_from:
+            self.warm_start(init_from, init_strict)
+
+    def warm_start(self, path: str, strict: bool) -> None:
+        """Load weights only (no optimizer, no step) from a checkpoint, opened with weights_only=True."""
+        source = model_state_dict(read_checkpoint(path))
+        target = self.model.state_dict()
+        mismatched = [k for k in source if k in target and source[k].shape != target[k].shape]
+        missing = [k for k in target if k not in source]
+        unexpected = [k for k in source if k not in target]
+        if strict and (mismatched or missing or unexpected):
+            detail = "; ".join(
+                [f"{k}: {tuple(source[k].shape)} in checkpoint vs {tuple(target[k].shape)} here" for k in mismatched[:3]]
+                + ([f"missing {', '.join(missing[:3])}"] if missing else [])
+                + ([f"unexpected {', '.join(unexpected[:3])}"] if unexpected else [])
+            )
+            raise PicoGPTError(
+                f"warm start from {path} does not fit this model ({detail}); use the same model settings and data, "
+                f"or pass --model.init_strict false to load only the weights that match"
+            )
+        loadable = {k: v for k, v in source.items() if k in target and v.shape == target[k].shape}
+        self.model.load_state_dict(loadable, strict=False)
+        skipped = sorted(set(mismatched) | set(missing))
+        message = f"warm start: loaded {len(loadable)} tensors from {path}"
+        if skipped:
+            message += f"; kept fresh initialisation for {len(skipped)}: {', '.join(skipped)}"
+        print(message)
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.compile and stage == "fit":
+            self.model.compile()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)[0]
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        _, loss = self.model(inputs, targets, label_smoothing=self.hparams.label_smoothing)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        inputs, targets = batch
+        _, loss = self.model(inputs, targets)
+        # Weighted by tokens and synchronised across ranks by torchmetrics, so the val loss of a distributed
+        # run equals a single-process evaluation of the same batches.
+        self.val_loss.update(loss, weight=targets.numel())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val_loss", loss, prog_bar=True)
+        self.log("val_ppl", torch.exp(loss))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """Learning rate and tokens/s, at the logger's interval only, so no work is added to other steps."""
+        trainer = self.trainer
+        if trainer.global_step % trainer.log_every_n_steps:
+            return
+        now = time.perf_counter()
+        tokens = trainer.global_step * trainer.accumulate_grad_batches * batch[0].numel() * trainer.world_size
+        if self._time_at_last_log is not None and now > self._time_at_last_log:
+            rate = (tokens - self._tokens_at_last_log) / (now - self._time_at_last_log)
+            self.log("tokens_per_s", float(rate), prog_bar=True)
+        self._tokens_at_last_log, self._time_at_last_log = tokens, now
+        self.log("lr", float(trainer.optimizers[0].param_groups[0]["lr"]))
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        # Decay matrices (weights of linear layers and embeddings); leave biases and norm gains alone, since
+        # shrinking them toward zero only fights the normalisation.
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = all(p.device.type == "cuda" for p in params)
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), fused=fused or None)
+        decay_iters = hp.lr_decay_iters or max(1, self.trainer.max_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_at(step, 1.0, hp.min_lr / hp.learning_rate, hp.warmup_iters, decay_iters, hp.cosine_lr),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Everything needed to use the weights without Lightning, as plain types (weights_only-loadable)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        callback = getattr(self.trainer, "checkpoint_callback", None) if self._trainer else None
+        best = callback.best_model_score if callback is not None else None
+        checkpoint["picogpt"] = {
+            "format": 1,
+            "model_config": self.model.config.to_dict(),
+            "tokenizer": datamodule.tokenizer.to_json() if datamodule is not None else None,
+            "data": datamodule.describe() if datamodule is not None else None,
+            "best_val_loss": float(best) if best is not None else None,
+            "versions": {"picogpt_lightning": __version__, "torch": str(torch.__version__), "lightning": L.__version__,
+                         "python": platform.python_version()},
+            # Dropout draws from torch's global generator; Lightning does not save it, exact resume needs it.
+            "torch_rng_state": torch.get_rng_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("picogpt", {}).get("model_config")
+        message = model_mismatch_message(saved, self.model.config.to_dict()) if saved else None
+        if message:
+            raise PicoGPTError(message)
+        self._rng_state_to_restore = checkpoint.get("picogpt", {}).get("torch_rng_state")
+
+    def on_train_start(self) -> None:
+        state = getattr(self, "_rng_state_to_restore", None)
+        if state is not None:
+            torch.set_rng_state(state)
+            self._rng_state_to_restore = None
+
+
+SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "tie_weights")
+
+
+def model_mismatch_message(saved: dict, current: dict) -> str | None:
+    """None when a checkpoint's model config has the same shape as the current one (dropout may differ),
+    else a message that names each difference."""
+    differences = ", ".join(f"{k} {saved.get(k)} in checkpoint vs {current.get(k)} now"
+                            for k in SHAPE_KEYS if saved.get(k) != current.get(k))
+    if not differences:
+        return None
+    return (f"the checkpoint's model does not match this config ({differences}); resume with the config the run "
+            f"was started with, or start a new run with --model.init_from CHECKPOINT --model.init_strict false")

@@ -1,0 +1,63 @@
+import math
+
+import pytest
+import torch
+
+from picogpt_lightning.errors import PicoGPTError
+from picogpt_lightning.module import GPTLightningModule, lr_at, model_mismatch_message
+
+
+def test_lr_warms_up_linearly_peaks_and_decays_to_min_lr():
+    kwargs = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, decay_iters=1000, cosine=True)
+    assert lr_at(0, **kwargs) == pytest.approx(1e-3 / 101)
+    assert lr_at(49, **kwargs) == pytest.approx(1e-3 * 50 / 101)
+    assert lr_at(100, **kwargs) == pytest.approx(1e-3)
+    assert lr_at(550, **kwargs) == pytest.approx((1e-3 + 1e-4) / 2)
+    assert lr_at(1000, **kwargs) == pytest.approx(1e-4)
+    assert lr_at(5000, **kwargs) == pytest.approx(1e-4)
+    values = [lr_at(s, **kwargs) for s in range(100, 1001)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_constant_lr_after_warmup_without_cosine():
+    assert lr_at(500, 1e-3, 1e-4, 10, 1000, cosine=False) == pytest.approx(1e-3)
+
+
+def tiny_module(**overrides):
+    settings = dict(vocab_size=40, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    settings.update(overrides)
+    return GPTLightningModule(**settings)
+
+
+def test_auto_tie_ties_small_corpora_only():
+    assert tiny_module(train_tokens=10_000).model.config.tie_weights
+    assert not tiny_module(train_tokens=5_000_000).model.config.tie_weights
+    assert tiny_module(train_tokens=5_000_000, tie_weights=True).model.config.tie_weights
+    assert not tiny_module(train_tokens=10_000, auto_tie_weights=False).model.config.tie_weights
+
+
+def test_optimizer_decays_matrices_only():
+    module = tiny_module()
+
+    class FakeTrainer:
+        max_steps = 100
+
+    module._trainer = FakeTrainer()
+    optimizer = module.configure_optimizers()["optimizer"]
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() < 2 for p in no_decay["params"])
+    counted = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    assert counted == sum(p.numel() for p in module.parameters())
+
+
+def test_invalid_shape_is_a_user_error():
+    with pytest.raises(PicoGPTError, match="divisible"):
+        tiny_module(n_embd=10, n_head=4)
+
+
+def test_mismatch_message_names_shape_differences_and_ignores_dropout():
+    saved = dict(vocab_size=40, block_size=8, n_layer=1, n_head=2, n_embd=8, bias=True, tie_weights=True, dropout=0.0)
+    assert model_mismatch_message(saved, {**saved, "dropout": 0.2}) is None
+    message = model_mismatch_message(saved, {**saved, "n_layer": 2})
+    assert "n_layer 1 in checkpoint vs 2 now" in message
