@@ -139,6 +139,11 @@ class StepProgressBar(TQDMProgressBar):
         bar.n = trainer.global_step
         bar.set_description("Training")
 
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger's version number is not a training metric
+        return metrics
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
         if step % self.refresh_rate == 0 or step >= trainer.max_steps:

@@ -127,7 +127,8 @@ class GPTDataModule(L.LightningDataModule):
             num_workers: DataLoader workers; 0 (load in the training process) is fastest for memory-mapped blocks.
         """
         super().__init__()
-        self.save_hyperparameters()
+        # Not merged into the logger's hparams: data.vocab_size (requested) would clash with the model's (actual).
+        self.save_hyperparameters(logger=False)
         for name in ("block_size", "batch_size", "eval_iters"):
             if getattr(self, "hparams")[name] < 1:
                 raise PicoGPTError(f"data.{name} must be a positive integer, got {self.hparams[name]}")

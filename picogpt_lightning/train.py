@@ -100,7 +100,7 @@ class PicoGPTCLI(LightningCLI):
         trainer_config = self._get(self.config_init, "trainer", default={})
         ckpt_dir = config.ckpt_dir
         callbacks = list(trainer_config.get("callbacks") or [])
-        resume = f"picogpt fit {' '.join(self._config_args(config))}--ckpt_path last"
+        resume = f"picogpt fit {self._config_args(config)}--ckpt_path last"
         callbacks += [
             ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1,
                             save_last=True, auto_insert_metric_name=False, enable_version_counter=False),
@@ -135,6 +135,8 @@ def run_lightning_cli(command: str, args: list[str]) -> int:
     """Runs `picogpt fit|validate ARGS`; returns the process exit code."""
     # Lightning's start-up banners (GPU/TPU availability, tips) say nothing a user of this tool needs.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    # It reports Ctrl-C as "Received SIGTERM"; our interrupt callbacks say what happened instead.
+    logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLevel(logging.WARNING)
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=f".*{re.escape(message)}")
     try:

@@ -1,0 +1,136 @@
+"""End to end: `picogpt fit`, resume, additional steps, validate, warm start, prepare, as a user runs them."""
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from picogpt_lightning.cli import main
+from picogpt_lightning.checkpoint import load_checkpoint
+
+from helpers import make_config, make_text
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return root, make_text(root / "corpus.txt")
+
+
+def step_of(path: Path) -> int:
+    return torch.load(path, weights_only=True)["global_step"]
+
+
+def val_losses(ckpt_dir: Path) -> dict[int, float]:
+    """val_loss by optimizer step, from every metrics.csv of the run (Lightning's step column is 0-based)."""
+    losses = {}
+    for metrics in sorted(ckpt_dir.glob("lightning_logs/version_*/metrics.csv")):
+        for row in csv.DictReader(metrics.open()):
+            if row.get("val_loss"):
+                losses[int(row["step"]) + 1] = float(row["val_loss"])
+    return losses
+
+
+@pytest.fixture(scope="module")
+def trained(workspace):
+    root, text = workspace
+    config = make_config(root, text, name="e2e")
+    assert main(["fit", "--config", str(config)]) == 0
+    return root, text, config, root / "checkpoints" / "e2e"
+
+
+def test_fit_writes_best_and_a_last_checkpoint_at_the_final_step(trained):
+    _, _, _, run = trained
+    assert step_of(run / "last.ckpt") == 25  # not 20, the last validation
+    best = torch.load(run / "best.ckpt", weights_only=True)
+    losses = val_losses(run)
+    assert set(losses) == {10, 20}
+    # best.ckpt is the step whose own validation gave the lowest loss
+    assert best["global_step"] == min(losses, key=losses.get)
+    assert best["picogpt"]["best_val_loss"] == pytest.approx(min(losses.values()), rel=1e-5)
+
+
+def test_training_lowers_the_val_loss_below_the_untrained_loss(trained):
+    _, _, _, run = trained
+    loaded = load_checkpoint(run / "last.ckpt")
+    assert min(val_losses(run).values()) < math.log(loaded.tokenizer.vocab_size)
+
+
+def test_checkpoint_opens_with_weights_only_and_holds_plain_facts(trained):
+    _, text, _, run = trained
+    checkpoint = torch.load(run / "best.ckpt", weights_only=True)
+    meta = checkpoint["picogpt"]
+    assert meta["model_config"]["n_embd"] == 16
+    assert meta["data"]["mode"] == "char"
+    assert '"kind"' in meta["tokenizer"]
+    loaded = load_checkpoint(run / "best.ckpt")
+    assert loaded.tokenizer.decode(loaded.tokenizer.encode("the mind")) == "the mind"
+
+
+def test_resume_continues_the_step_count_then_additional_steps_add_to_it(trained, capsys):
+    _, _, config, run = trained
+    assert main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "35"]) == 0
+    assert step_of(run / "last.ckpt") == 35
+    assert 30 in val_losses(run)  # validation continued on the same schedule
+    assert main(["fit", "--config", str(config), "--ckpt_path", "last", "--additional_steps", "6"]) == 0
+    assert step_of(run / "last.ckpt") == 41
+
+
+def test_validate_prints_loss_and_perplexity(trained, capsys):
+    _, _, config, run = trained
+    assert main(["validate", "--config", str(config), "--ckpt_path", str(run / "best.ckpt")]) == 0
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("val_loss")][-1]
+    loss, ppl = float(line.split()[1]), float(line.split()[3])
+    assert ppl == pytest.approx(math.exp(loss), rel=1e-3)
+
+
+def test_refitting_the_same_run_does_not_abort_on_the_saved_config(workspace):
+    root, text = workspace
+    config = make_config(root, text, name="refit", trainer={"max_steps": 4, "val_check_interval": 2})
+    assert main(["fit", "--config", str(config)]) == 0
+    assert main(["fit", "--config", str(config)]) == 0
+
+
+def test_resume_with_a_different_model_shape_fails_with_a_clear_message(trained, capsys):
+    _, _, config, _ = trained
+    assert main(["fit", "--config", str(config), "--ckpt_path", "last", "--model.n_embd", "32"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "n_embd 16 in checkpoint vs 32 now" in error and "Traceback" not in error
+    assert len(error.splitlines()) == 1
+
+
+def test_resume_last_without_a_run_says_there_is_nothing_to_resume(workspace, capsys):
+    root, text = workspace
+    config = make_config(root, text, name="never-run")
+    assert main(["fit", "--config", str(config), "--ckpt_path", "last"]) == 1
+    assert "no last.ckpt" in capsys.readouterr().err
+
+
+def test_warm_start_strict_loads_and_strict_mismatch_fails_nonstrict_skips(trained, workspace, capsys):
+    root, text = workspace
+    _, _, _, run = trained
+    source = str(run / "best.ckpt")
+    same = make_config(root, text, name="warm", trainer={"max_steps": 2, "val_check_interval": 2})
+    assert main(["fit", "--config", str(same), "--model.init_from", source]) == 0
+    assert "warm start: loaded" in capsys.readouterr().out
+
+    other_vocab = make_text(root / "other.txt", seed=1)
+    other_vocab.write_text(other_vocab.read_text() + "Zebras quote Xenophon; jazz!\n")
+    different = make_config(root, other_vocab, name="warm2", trainer={"max_steps": 2, "val_check_interval": 2})
+    assert main(["fit", "--config", str(different), "--model.init_from", source]) == 1
+    assert "init_strict false" in capsys.readouterr().err
+    assert main(["fit", "--config", str(different), "--model.init_from", source,
+                 "--model.init_strict", "false"]) == 0
+    out = capsys.readouterr().out
+    assert "kept fresh initialisation" in out and "wte.weight" in out
+
+
+def test_prepare_command_writes_bins_and_tokenizer(workspace, tmp_path):
+    _, text = workspace
+    out = tmp_path / "prepared"
+    assert main(["prepare", "--text_path", str(text), "--out_dir", str(out), "--mode", "token",
+                 "--vocab_size", "300"]) == 0
+    for name in ("train.bin", "val.bin", "meta.json", "tokenizer.json"):
+        assert (out / name).is_file()
