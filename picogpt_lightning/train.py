@@ -9,6 +9,7 @@ when a checkpoint's model shape differs from the config, and the callbacks of `c
 from __future__ import annotations
 
 import logging
+import math
 import re
 import warnings
 from pathlib import Path
@@ -153,6 +154,12 @@ def run_lightning_cli(command: str, args: list[str]) -> int:
         raise PicoGPTError(f"{error} (see `picogpt {command} --help`)") from None
     except SIGTERMException:
         return 130
+    trainer = cli.trainer
+    if command == "fit" and trainer.is_global_zero and trainer.checkpoint_callback.best_model_score is not None:
+        best = float(trainer.checkpoint_callback.best_model_score)
+        vocab = cli.model.model.config.vocab_size
+        print(f"best val_loss {best:.4f} (perplexity {math.exp(best):.1f}; untrained ~ ln({vocab}) = "
+              f"{math.log(vocab):.2f}) in {trainer.checkpoint_callback.best_model_path}")
     if command == "validate":
         metrics = cli.trainer.callback_metrics
         if "val_loss" in metrics:
