@@ -15,6 +15,7 @@ Layout of a checkpoint (a Lightning checkpoint with one extra entry):
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +35,17 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise PicoGPTError(f"checkpoint {path} does not exist; pass the .ckpt file written by `picogpt fit`")
+    if not zipfile.is_zipfile(path):
+        raise PicoGPTError(f"{path} is not a readable checkpoint (truncated, or not a PyTorch file); "
+                           f"use a .ckpt written by `picogpt fit`")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        reason = f"it asks for {found.group(1)}" if found else "it holds more than tensors and plain values"
         raise PicoGPTError(
-            f"refused to load {path}: it holds Python objects beyond tensors and plain values, which could run "
-            f"code when unpickled ({reason}); only load checkpoints you made or trust"
+            f"refused to load {path}: {reason}, which could run code when unpickled; only load checkpoints "
+            f"you made or trust"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
         raise PicoGPTError(

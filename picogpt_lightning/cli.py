@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
     except PicoGPTError as error:
-        print(f"picogpt {command}: error: {error}", file=sys.stderr)
+        print(f"picogpt {command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"\npicogpt {command}: interrupted", file=sys.stderr)

@@ -118,10 +118,9 @@ class PicoGPTCLI(LightningCLI):
             return super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as error:
             reason = str(error).strip().splitlines()[0]
-            raise PicoGPTError(
-                f"trainer settings rejected: {reason} (check --trainer.accelerator: cpu, cuda, mps or auto; "
-                f"and --trainer.devices)"
-            ) from None
+            hint = ("--trainer.accelerator takes cpu, cuda, mps or auto (auto picks what this machine has)"
+                    if "ccelerator" in reason else "check the --trainer.* values in the config and command line")
+            raise PicoGPTError(f"trainer settings rejected: {reason} ({hint})") from None
 
     @staticmethod
     def _config_args(config) -> str:
@@ -136,6 +135,7 @@ def run_lightning_cli(command: str, args: list[str]) -> int:
     """Runs `picogpt fit|validate ARGS`; returns the process exit code."""
     # Lightning's start-up banners (GPU/TPU availability, tips) say nothing a user of this tool needs.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     # It reports Ctrl-C as "Received SIGTERM"; our interrupt callbacks say what happened instead.
     logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLevel(logging.WARNING)
     for message in QUIET_WARNINGS:

@@ -1,0 +1,310 @@
+"""Three tokenizers behind one small interface: characters, byte-level BPE and words.
+
+Every tokenizer has `kind`, `vocab_size`, `encode`, `encode_batch`, `decode`, `to_json` and `save`, so the
+rest of the package never asks which one it holds. `to_json` is complete: a checkpoint that stores it can
+rebuild the tokenizer without any other file.
+
+- `CharTokenizer`: one id per character, like nanoGPT's Shakespeare example. Tiny vocabulary, long sequences.
+- `BPETokenizer`: GPT-2 style byte-level BPE trained with Hugging Face `tokenizers`; any text encodes.
+- `WordTokenizer`: words, punctuation and whitespace runs in pure Python, for when `tokenizers` is missing.
+
+This file imports neither torch nor Lightning, and `tokenizers` only when a BPE tokenizer is built.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import re
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from picogpt_lightning.errors import PicoGPTError
+
+if TYPE_CHECKING:
+    import tokenizers
+
+ENDOFTEXT = "<|endoftext|>"
+UNKNOWN = "<unk>"
+VOCAB_FILE = "vocab.json"  # char and word tokenizers: our own JSON
+BPE_FILE = "tokenizer.json"  # BPE: the standard Hugging Face file
+
+
+class Tokenizer(Protocol):
+    """What the rest of the package may rely on, whichever tokenizer it holds."""
+
+    kind: str
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    def to_json(self) -> str: ...
+
+    def save(self, folder: str | os.PathLike) -> Path: ...
+
+
+def bpe_available() -> bool:
+    """Whether Hugging Face `tokenizers` can be imported (it is optional)."""
+    try:
+        import tokenizers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _import_tokenizers():
+    try:
+        import tokenizers
+    except ImportError as error:
+        raise PicoGPTError(
+            "the BPE tokenizer needs the `tokenizers` package: run `pip install tokenizers`, "
+            "or use the word tokenizer (backend=word)"
+        ) from error
+    return tokenizers
+
+
+def _check_vocab_size(kind: str, vocab_size: int, smallest: int, largest: int) -> None:
+    if not smallest <= vocab_size <= largest:
+        raise PicoGPTError(
+            f"vocab_size {vocab_size} is out of range for the {kind} tokenizer: "
+            f"choose a value from {smallest:,} to {largest:,}"
+        )
+
+
+def _checked_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
+    """Ids as plain ints (numpy scalars included); out-of-range ids are a bug in the caller, not the user."""
+    checked = [int(i) for i in ids]
+    for i in checked:
+        if not 0 <= i < vocab_size:
+            raise ValueError(f"token id {i} is outside the vocabulary (0 to {vocab_size - 1})")
+    return checked
+
+
+def _save_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # unique, so writers never collide
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+class CharTokenizer:
+    """One id per character; ids are positions in the sorted character list."""
+
+    kind = "char"
+
+    def __init__(self, chars: Iterable[str]):
+        chars = list(chars)
+        if any(not isinstance(char, str) or len(char) != 1 for char in chars):
+            raise PicoGPTError("a char tokenizer's vocabulary must be single characters: the file is damaged")
+        self.chars = sorted(set(chars))
+        self.stoi = {char: i for i, char in enumerate(self.chars)}
+
+    @classmethod
+    def train(cls, chunks: Iterable[str]) -> CharTokenizer:
+        seen: set[str] = set()
+        for chunk in chunks:
+            seen.update(chunk)
+        return cls(seen)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[char] for char in text]
+        except KeyError:
+            unknown = sorted(set(text) - self.stoi.keys())
+            shown = ", ".join(repr(char) for char in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+            raise PicoGPTError(
+                f"the text has {len(unknown)} character(s) this tokenizer never saw in training ({shown}): "
+                "remove or replace them"
+            ) from None
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.chars[i] for i in _checked_ids(ids, self.vocab_size))
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": self.kind, "chars": self.chars})
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        return _save_atomically(Path(folder) / VOCAB_FILE, lambda path: path.write_text(self.to_json(), "utf-8"))
+
+
+class BPETokenizer:
+    """GPT-2 style byte-level BPE from Hugging Face `tokenizers`, with one special token, `<|endoftext|>`.
+
+    Byte level means the 256 byte values are always in the vocabulary, so any text encodes and
+    decode(encode(text)) == text. Saved as a standard `tokenizer.json` that `tokenizers.Tokenizer.from_file`
+    and `transformers.PreTrainedTokenizerFast(tokenizer_file=...)` both load.
+    """
+
+    kind = "bpe"
+    min_vocab_size = 258  # 256 bytes, <|endoftext|> and at least one merge
+    max_vocab_size = 1_000_000
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer):
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def check_vocab_size(cls, vocab_size: int) -> None:
+        _check_vocab_size(cls.kind, vocab_size, cls.min_vocab_size, cls.max_vocab_size)
+
+    @classmethod
+    def train(cls, chunks: Iterable[str], vocab_size: int) -> BPETokenizer:
+        """Train from a stream of text; the library counts words as they come, never holding all the text."""
+        cls.check_vocab_size(vocab_size)
+        tk = _import_tokenizers()
+        tokenizer = tk.Tokenizer(tk.models.BPE())
+        tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = tk.decoders.ByteLevel()
+        trainer = tk.trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[ENDOFTEXT],
+            initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),  # every byte, seen or not
+            show_progress=False,
+        )
+        tokenizer.train_from_iterator(iter(chunks), trainer=trainer)
+        return cls(tokenizer)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode many texts in parallel threads (the library's own batch encoding)."""
+        return [encoding.ids for encoding in self.tokenizer.encode_batch_fast(list(texts))]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        # Keep <|endoftext|> in the output: dropping it would break decode(encode(text)) == text.
+        return self.tokenizer.decode(_checked_ids(ids, self.vocab_size), skip_special_tokens=False)
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": self.kind, "tokenizer": json.loads(self.tokenizer.to_str())})
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        return _save_atomically(Path(folder) / BPE_FILE, lambda path: self.tokenizer.save(str(path)))
+
+
+class WordTokenizer:
+    """Words, single punctuation characters and whitespace runs, in pure Python.
+
+    Every character belongs to exactly one token, so decoding is plain concatenation and
+    decode(encode(text)) == text whenever all of the text's tokens are in the vocabulary; others become `<unk>`.
+    """
+
+    kind = "word"
+    min_vocab_size = 2  # <unk> and one token
+    max_vocab_size = 1_000_000
+    pattern = re.compile(r"\w+|\s+|[^\w\s]")
+
+    def __init__(self, tokens: Sequence[str]):
+        if not tokens or tokens[0] != UNKNOWN or len(set(tokens)) != len(tokens):
+            raise PicoGPTError(f"a word tokenizer's vocabulary must start with {UNKNOWN} and have no repeats")
+        self.tokens = list(tokens)
+        self.stoi = {token: i for i, token in enumerate(self.tokens)}
+
+    @classmethod
+    def check_vocab_size(cls, vocab_size: int) -> None:
+        _check_vocab_size(cls.kind, vocab_size, cls.min_vocab_size, cls.max_vocab_size)
+
+    @classmethod
+    def train(cls, chunks: Iterable[str], vocab_size: int) -> WordTokenizer:
+        """Keep the vocab_size - 1 most frequent tokens; equal counts are ordered by the token itself."""
+        cls.check_vocab_size(vocab_size)
+        counts: Counter[str] = Counter()
+        for chunk in chunks:
+            counts.update(cls.pattern.findall(chunk))
+        frequent = heapq.nsmallest(vocab_size - 1, counts.items(), key=lambda item: (-item[1], item[0]))
+        return cls([UNKNOWN] + [token for token, _ in frequent])
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.stoi.get(token, 0) for token in self.pattern.findall(text)]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.tokens[i] for i in _checked_ids(ids, self.vocab_size))
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": self.kind, "tokens": self.tokens})
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        return _save_atomically(Path(folder) / VOCAB_FILE, lambda path: path.write_text(self.to_json(), "utf-8"))
+
+
+def _bpe_from_str(text: str, source: str) -> BPETokenizer:
+    tk = _import_tokenizers()
+    try:
+        return BPETokenizer(tk.Tokenizer.from_str(text))
+    except Exception as error:  # the library raises plain Exception for malformed input
+        raise PicoGPTError(f"{source} is not a valid BPE tokenizer ({error}): prepare the data again") from None
+
+
+def _tokenizer_from_dict(description: dict, source: str) -> Tokenizer:
+    kind = description.get("kind")
+    if kind == "char" and isinstance(description.get("chars"), list):
+        return CharTokenizer(description["chars"])
+    if kind == "word" and isinstance(description.get("tokens"), list):
+        return WordTokenizer(description["tokens"])
+    if kind == "bpe" and isinstance(description.get("tokenizer"), dict):
+        return _bpe_from_str(json.dumps(description["tokenizer"]), source)
+    raise PicoGPTError(f"{source} does not describe a char, bpe or word tokenizer: it is damaged or not ours")
+
+
+def tokenizer_from_json(text: str) -> Tokenizer:
+    """Rebuild a tokenizer from `to_json()` output, for example from a checkpoint's hyperparameters."""
+    try:
+        description = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise PicoGPTError(f"the tokenizer description is not valid JSON ({error}): it is damaged") from None
+    if not isinstance(description, dict):
+        raise PicoGPTError("the tokenizer description is not a JSON object: it is damaged")
+    return _tokenizer_from_dict(description, "the tokenizer description")
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load a saved `vocab.json` or `tokenizer.json`; given a folder, load the one it holds."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / BPE_FILE if (path / BPE_FILE).exists() else path / VOCAB_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8"
+        raise PicoGPTError(f"cannot read the tokenizer file {path} ({reason}): prepare the data again") from None
+    try:
+        description = json.loads(text)
+    except json.JSONDecodeError:
+        raise PicoGPTError(f"{path} is not valid JSON: the file is damaged; prepare the data again") from None
+    if isinstance(description, dict) and "kind" in description:
+        return _tokenizer_from_dict(description, str(path))
+    if isinstance(description, dict) and isinstance(description.get("model"), dict):
+        return _bpe_from_str(text, str(path))  # a standard Hugging Face tokenizer.json
+    raise PicoGPTError(f"{path} is not a tokenizer file: prepare the data again")

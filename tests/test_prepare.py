@@ -1,0 +1,248 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from picogpt_lightning import prepare as prepare_module
+from picogpt_lightning.errors import PicoGPTError
+from picogpt_lightning.prepare import (
+    cached_prepare,
+    find_text_files,
+    load_prepared,
+    open_bins,
+    prepare,
+    prepare_cli,
+    token_dtype,
+)
+
+WORDS = ["the", "king", "queen", "speak", "hear", "me", "café", "日本", "😀", ",", "."]
+
+
+def sample_text(lines: int = 120, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    rows = [" ".join(rng.choice(WORDS, size=rng.integers(0, 12))) for _ in range(lines)]
+    return "\n".join(rows) + "\n"
+
+
+def write(folder, name, text):
+    path = folder / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def decoded_splits(folder):
+    meta, tokenizer = load_prepared(folder)
+    train, val = open_bins(folder, meta)
+    return tokenizer.decode(train), tokenizer.decode(val)
+
+
+@pytest.mark.parametrize(("mode", "backend"), [("char", "bpe"), ("token", "bpe"), ("token", "word")])
+def test_prepare_writes_bins_tokenizer_and_meta(tmp_path, mode, backend):
+    text = sample_text()
+    path = write(tmp_path, "input.txt", text)
+    meta = prepare(str(path), str(tmp_path / "out"), mode=mode, backend=backend, vocab_size=300)
+    assert meta == json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["format"] == 1 and meta["mode"] == mode and meta["dtype"] == "uint16"
+    assert meta["backend"] == ("char" if mode == "char" else backend)
+    assert meta["source"]["files"] == ["input.txt"] and meta["source"]["bytes"] == len(text.encode())
+    assert meta["settings"] == {"val_fraction": 0.1, "random_split": False, "split_seed": 1337, "vocab_size": 300}
+    assert meta["train_tokens"] > 5 * meta["val_tokens"] > 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        ["meta.json", "train.bin", "val.bin", meta["tokenizer_file"]]
+    )
+    train, val = decoded_splits(tmp_path / "out")
+    assert train + val == text  # word too: its vocabulary holds every token of this small text
+
+
+def test_val_is_the_end_of_the_text_from_a_line_start(tmp_path):
+    text = sample_text(lines=200)
+    path = write(tmp_path, "input.txt", text)
+    prepare(str(path), str(tmp_path / "out"), mode="char", val_fraction=0.2)
+    train, val = decoded_splits(tmp_path / "out")
+    assert train.endswith("\n") and text.endswith(val)
+    assert 0.15 < len(val.encode()) / len(text.encode()) <= 0.2
+
+
+def test_prepared_bpe_ids_are_what_the_tokenizer_gives_the_same_text(tmp_path, monkeypatch):
+    # Small chunks, so the text is cut and encoded in many pieces: the cuts must not change the ids.
+    monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 64)
+    monkeypatch.setattr(prepare_module, "CHUNK_LOOKAHEAD", 17 * 64)
+    text = sample_text() + "  indented\n\n\n  \t lines\r\n<|endoftext|>\n" + sample_text(seed=1)
+    path = write(tmp_path, "input.txt", text)
+    prepare(str(path), str(tmp_path / "out"), vocab_size=300)
+    meta, tokenizer = load_prepared(tmp_path / "out")
+    train, val = open_bins(tmp_path / "out", meta)
+    assert train.tolist() == tokenizer.encode(tokenizer.decode(train))
+    assert tokenizer.decode(train) + tokenizer.decode(val) == text
+
+
+def test_folder_joins_its_txt_files_with_a_blank_line(tmp_path):
+    folder = tmp_path / "books"
+    folder.mkdir()
+    write(folder, "b.txt", "second book\n")
+    write(folder, "a.txt", "first book")
+    write(folder, "notes.md", "not text for training")
+    assert [p.name for p in find_text_files(str(folder))] == ["a.txt", "b.txt"]
+    meta = prepare(str(folder), str(tmp_path / "out"), mode="char", val_fraction=0.5)
+    assert meta["source"]["files"] == ["a.txt", "b.txt"] and meta["source"]["name"] == "books"
+    assert "".join(decoded_splits(tmp_path / "out")) == "first book\n\nsecond book\n"
+
+
+def test_random_split_depends_only_on_the_seed(tmp_path):
+    path = write(tmp_path, "input.txt", sample_text(lines=2000))  # about ten 4 KB chunks
+
+    def val_text(seed, out):
+        meta = prepare(str(path), str(tmp_path / out), mode="char", random_split=True, split_seed=seed)
+        assert meta["train_tokens"] > 0 and meta["val_tokens"] > 0
+        assert meta["train_tokens"] + meta["val_tokens"] == meta["source"]["chars"]
+        return decoded_splits(tmp_path / out)[1]
+
+    assert val_text(1, "a") == val_text(1, "b")
+    assert val_text(2, "c") != val_text(1, "a")
+
+
+def test_random_split_of_a_too_short_text_says_what_to_do(tmp_path):
+    path = write(tmp_path, "input.txt", "just one small chunk\n")
+    with pytest.raises(PicoGPTError, match="random_split=False"):
+        prepare(str(path), str(tmp_path / "out"), mode="char", random_split=True)
+
+
+def test_dtype_is_uint16_up_to_65536_tokens_then_uint32():
+    assert token_dtype(65_536) == np.uint16
+    assert token_dtype(65_537) == np.uint32
+
+
+def test_cached_prepare_reuses_a_finished_folder_untouched(tmp_path, capsys):
+    path = write(tmp_path, "input.txt", sample_text())
+    folder = cached_prepare(str(path), str(tmp_path / "cache"), mode="char")
+    assert folder.parent == tmp_path / "cache" and folder.name.startswith("input-") and len(folder.name) == 18
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    capsys.readouterr()
+    assert cached_prepare(str(path), str(tmp_path / "cache"), mode="char") == folder
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
+    assert capsys.readouterr().out == ""
+
+
+def test_cached_prepare_uses_a_new_folder_when_text_or_settings_change(tmp_path):
+    path = write(tmp_path, "input.txt", sample_text())
+    cache = str(tmp_path / "cache")
+    first = cached_prepare(str(path), cache, mode="char")
+    assert cached_prepare(str(path), cache, mode="char", val_fraction=0.2) != first
+    write(tmp_path, "input.txt", sample_text() + "one more line\n")
+    assert cached_prepare(str(path), cache, mode="char") != first
+    assert len(list((tmp_path / "cache").iterdir())) == 3
+
+
+def test_cached_prepare_on_another_rank_waits_for_the_writer(tmp_path):
+    path = write(tmp_path, "input.txt", sample_text())
+    cache = str(tmp_path / "cache")
+    with pytest.raises(PicoGPTError, match="rank 0"):
+        cached_prepare(str(path), cache, is_writer=False, wait_timeout=0.05, mode="char")
+    folder = cached_prepare(str(path), cache, mode="char")
+    assert cached_prepare(str(path), cache, is_writer=False, wait_timeout=0.05, mode="char") == folder
+
+
+def test_load_prepared_detects_a_truncated_bin(tmp_path):
+    path = write(tmp_path, "input.txt", sample_text())
+    meta = prepare(str(path), str(tmp_path / "out"), mode="char")
+    with open(tmp_path / "out" / "train.bin", "r+b") as file:
+        file.truncate(2 * 1000)
+    message = f"train.bin has 1000 tokens but meta.json says {meta['train_tokens']}: the preparation is damaged"
+    with pytest.raises(PicoGPTError, match=message):
+        load_prepared(tmp_path / "out")
+
+
+def test_load_prepared_without_meta_is_unfinished(tmp_path):
+    with pytest.raises(PicoGPTError, match="no meta.json"):
+        load_prepared(tmp_path)
+
+
+def test_open_bins_are_read_only(tmp_path):
+    path = write(tmp_path, "input.txt", sample_text())
+    meta = prepare(str(path), str(tmp_path / "out"), mode="char")
+    train, val = open_bins(tmp_path / "out", meta)
+    assert (len(train), len(val)) == (meta["train_tokens"], meta["val_tokens"])
+    with pytest.raises(ValueError):
+        train[0] = 1
+
+
+def test_missing_path_empty_text_and_folder_without_txt_are_explained(tmp_path):
+    with pytest.raises(PicoGPTError, match="does not exist"):
+        prepare(str(tmp_path / "nothing.txt"), str(tmp_path / "out"))
+    for text in ("", " \n\t\n"):
+        path = write(tmp_path, "empty.txt", text)
+        with pytest.raises(PicoGPTError, match="empty.txt is empty or only whitespace"):
+            prepare(str(path), str(tmp_path / "out"), mode="char")
+    (tmp_path / "folder").mkdir()
+    write(tmp_path / "folder", "readme.md", "no text here")
+    with pytest.raises(PicoGPTError, match="has no .txt files"):
+        prepare(str(tmp_path / "folder"), str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [({"val_fraction": 0.0}, r"\(0, 0.5\]"), ({"val_fraction": 0.6}, r"\(0, 0.5\]"),
+     ({"mode": "bytes"}, "'char' or 'token'"), ({"backend": "sentencepiece"}, "'bpe' or 'word'"),
+     ({"vocab_size": 100}, "258 to 1,000,000")],
+)  # fmt: skip
+def test_bad_settings_are_refused_before_any_work(tmp_path, setting, message):
+    path = write(tmp_path, "input.txt", sample_text())
+    with pytest.raises(PicoGPTError, match=message):
+        prepare(str(path), str(tmp_path / "out"), **setting)
+    assert not (tmp_path / "out").exists()
+
+
+def test_invalid_utf8_warns_once_and_still_prepares(tmp_path, capsys):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("café\n".encode("latin-1") * 50 + b"fine\n")
+    prepare(str(path), str(tmp_path / "out"), mode="char")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "UTF-8" in line]
+    assert warnings == [f"warning: {path} is not valid UTF-8; undecodable bytes were replaced with U+FFFD"]
+    assert "".join(decoded_splits(tmp_path / "out")) == "caf\ufffd\n" * 50 + "fine\n"
+
+
+def test_read_only_out_dir_is_explained(tmp_path):
+    path = write(tmp_path, "input.txt", sample_text())
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("this user can write to read-only folders (root)")
+        with pytest.raises(PicoGPTError, match="cannot write the prepared data to .*locked"):
+            prepare(str(path), str(locked), mode="char")
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)
+
+
+def test_out_dir_that_cannot_be_created_is_explained(tmp_path):
+    path = write(tmp_path, "input.txt", sample_text())
+    with pytest.raises(PicoGPTError, match="cannot write the prepared data to .*input.txt/out"):
+        prepare(str(path), str(path / "out"), mode="char")
+
+
+def test_a_failed_write_leaves_no_meta_and_no_temporary_files(tmp_path, monkeypatch):
+    path = write(tmp_path, "input.txt", sample_text())
+    out = tmp_path / "out"
+    prepare(str(path), str(out), mode="char")
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prepare_module.os, "replace", disk_full)
+    with pytest.raises(PicoGPTError, match="No space left on device"):
+        prepare(str(path), str(out), mode="char")
+    assert sorted(p.name for p in out.iterdir()) == ["train.bin", "val.bin", "vocab.json"]
+
+
+def test_prepare_cli_prints_a_summary_and_fills_the_cache_that_fit_uses(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "input.txt", sample_text())
+    prepare_cli("input.txt", mode="char")
+    output = capsys.readouterr().out
+    (folder,) = (tmp_path / "data" / "prepared").iterdir()
+    meta, _ = load_prepared(folder)
+    assert f"{meta['train_tokens']:,} train" in output and str(folder.relative_to(tmp_path)) in output
+    assert cached_prepare("input.txt", mode="char").resolve() == folder
