@@ -151,3 +151,37 @@ class StepProgressBar(TQDMProgressBar):
             bar.n = step
             bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
             bar.refresh()
+
+
+class ValidationSample(Callback):
+    """After each validation, a short continuation of a fixed prompt (fixed seed), so progress can be read as
+    well as measured: printed on rank 0 and kept in the log folder (samples.txt, and TensorBoard's text tab
+    when that logger is used)."""
+
+    def __init__(self, prompt: str, max_new_tokens: int, seed: int = 1337):
+        self.prompt, self.max_new_tokens, self.seed = prompt, max_new_tokens, seed
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn != "fit" or not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        from .generate import SamplingSettings, encode_prompt, make_generator, stream_text
+
+        model, tokenizer = pl_module.model, trainer.datamodule.tokenizer
+        _, prompt_ids = encode_prompt(self.prompt, tokenizer, warn=False)
+        was_training = model.training
+        model.eval()
+        # A compiled model would recompile for every new sequence length; sampling runs eagerly instead.
+        with torch.compiler.set_stance("force_eager"):
+            generator = make_generator(self.seed, model.wte.weight.device)
+            text = "".join(stream_text(model, tokenizer, prompt_ids, self.max_new_tokens,
+                                       SamplingSettings(temperature=0.8, top_k=50), generator))
+        model.train(was_training)
+        step = trainer.global_step
+        sample = self.prompt + text
+        say(f"\n--- sample at step {step} ---\n{sample}\n---")
+        for logger in trainer.loggers:
+            if hasattr(logger.experiment, "add_text"):
+                logger.experiment.add_text("sample", sample, step)
+        if trainer.log_dir:
+            with open(Path(trainer.log_dir) / "samples.txt", "a", encoding="utf-8") as samples:
+                samples.write(f"--- step {step} ---\n{sample}\n\n")

@@ -189,6 +189,7 @@ class GPTLightningModule(L.LightningModule):
             "tokenizer": datamodule.tokenizer.to_json() if datamodule is not None else None,
             "data": datamodule.describe() if datamodule is not None else None,
             "best_val_loss": float(best) if best is not None else None,
+            "config": getattr(self, "run_config", None),
             "versions": {"picogpt_lightning": __version__, "torch": str(torch.__version__), "lightning": L.__version__,
                          "python": platform.python_version()},
             # Dropout draws from torch's global generator; Lightning does not save it, exact resume needs it.

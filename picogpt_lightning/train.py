@@ -14,15 +14,17 @@ import re
 import warnings
 from pathlib import Path
 
+import yaml
 from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from .callbacks import GracefulInterrupt, LastCheckpoint, NonFiniteLossGuard, StepProgressBar
+from .callbacks import GracefulInterrupt, LastCheckpoint, NonFiniteLossGuard, StepProgressBar, ValidationSample
 from .checkpoint import read_checkpoint
 from .data import GPTDataModule
 from .errors import PicoGPTError
+from .generate import read_escapes
 from .module import GPTLightningModule, model_mismatch_message
 
 TRAINER_DEFAULTS = {
@@ -58,6 +60,11 @@ class PicoGPTCLI(LightningCLI):
         parser.add_argument("--additional_steps", type=int | None, default=None,
                             help="with --ckpt_path: train this many steps beyond the checkpoint's step "
                                  "(sets trainer.max_steps to checkpoint step + N)")
+        parser.add_argument("--sample_prompt", type=str, default="\n",
+                            help="after each validation, print and log a continuation of this prompt "
+                                 "(escapes like \\n are read)")
+        parser.add_argument("--sample_tokens", type=int, default=80,
+                            help="length of that sample in tokens; 0 turns it off")
         parser.link_arguments("data.block_size", "model.block_size")
         parser.link_arguments("data.tokenizer_vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.train_tokens", "model.train_tokens", apply_on="instantiate")
@@ -95,6 +102,8 @@ class PicoGPTCLI(LightningCLI):
             if message:
                 raise PicoGPTError(message)
             self.resume_from = None  # the weights are loaded again by Lightning; free this copy
+        # The whole resolved config, as plain types, goes into every checkpoint (`picogpt info` shows it).
+        self.model.run_config = yaml.safe_load(self.parser.dump(self.config))[self.subcommand]
 
     def instantiate_trainer(self, **kwargs):
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -109,6 +118,8 @@ class PicoGPTCLI(LightningCLI):
             GracefulInterrupt(),
             NonFiniteLossGuard(ckpt_dir),
         ]
+        if config.sample_tokens > 0:
+            callbacks.append(ValidationSample(read_escapes(config.sample_prompt), config.sample_tokens))
         if trainer_config.get("enable_progress_bar", True) is not False:
             callbacks.append(StepProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS))
         kwargs["callbacks"] = callbacks
