@@ -58,6 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     except PicoGPTError as error:
         print(f"picogpt {command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
+    except OSError as error:
+        # Disk full, permissions, a vanished folder: files are written to temporary names and renamed, so what
+        # was saved before is intact.
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"picogpt {command}: error: could not write or read a file{where}: {error.strerror or error}; "
+              f"free some space or choose another output folder; earlier checkpoints are intact", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\npicogpt {command}: interrupted", file=sys.stderr)
         return 130

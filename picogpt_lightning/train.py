@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -53,6 +54,18 @@ def default_ckpt_dir(config_files) -> Path:
     return Path("checkpoints") / "default"
 
 
+def ensure_writable(folder: Path) -> None:
+    """Fail before training, not at the first checkpoint, when the run folder cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise PicoGPTError(
+            f"cannot write checkpoints to {folder} ({error.strerror or error}); pass --ckpt_dir with a writable folder"
+        ) from None
+
+
 class PicoGPTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--ckpt_dir", type=str | None, default=None,
@@ -78,6 +91,8 @@ class PicoGPTCLI(LightningCLI):
             return
         config = self.config[subcommand]
         config.ckpt_dir = str(config.ckpt_dir or default_ckpt_dir(config.get("config")))
+        if subcommand == "fit":
+            ensure_writable(Path(config.ckpt_dir))
         self.resume_from = None
         if config.ckpt_path in ("last", "best"):
             path = Path(config.ckpt_dir) / f"{config.ckpt_path}.ckpt"
