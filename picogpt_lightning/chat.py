@@ -1,0 +1,301 @@
+"""`picogpt chat`: a REPL on top of generate.py.
+
+A conversation is rendered as plain text in the corpus' own form, by default
+
+    SYSTEM PROMPT
+
+    Q: first message
+    A: first answer
+
+    Q: new message
+    A:
+
+and the model continues it until it writes the next user marker ("\\nQ:"), the end-of-text token or a stop
+string. The prompt is rebuilt from the history at each turn; when it no longer fits the model's context the
+oldest turns are dropped, never the system prompt. Like generate.py, nothing here imports Lightning.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TextIO
+
+from .errors import PicoGPTError
+from .generate import (
+    SamplingSettings,
+    encode_prompt,
+    fit_to_vocabulary,
+    make_generator,
+    read_escapes,
+    read_stop_strings,
+    resolve_device,
+    stream_text,
+    with_evaluated_annotations,
+)
+from .tokenizer import ENDOFTEXT
+
+if TYPE_CHECKING:
+    import torch
+
+COMMANDS_HELP = "commands: /reset (forget the conversation), /system TEXT, /temp X, /exit (or Ctrl-D)"
+
+
+@dataclass
+class ChatFormat:
+    """How turns become text: `{user_prefix}{message}\\n{assistant_prefix}{answer}`, turns joined by
+    `turn_separator`, the system prompt (if any) first."""
+
+    user_prefix: str = "Q: "
+    assistant_prefix: str = "A: "
+    turn_separator: str = "\n\n"
+
+    def turn(self, message: str, answer: str) -> str:
+        return f"{self.user_prefix}{message}\n{self.assistant_prefix}{answer}"
+
+    def opening(self, message: str) -> str:
+        """The last, unanswered turn. The prefix loses its trailing space so that the model writes it as part
+        of the answer's first token, as it saw it in training (BPE merges a space with the word after it)."""
+        return f"{self.user_prefix}{message}\n{self.assistant_prefix.rstrip()}"
+
+    def render(self, system_prompt: str, turns: Sequence[tuple[str, str]], message: str) -> str:
+        parts = [system_prompt] if system_prompt else []
+        parts += [self.turn(m, a) for m, a in turns]
+        parts.append(self.opening(message))
+        return self.turn_separator.join(parts)
+
+    @property
+    def user_marker(self) -> str:
+        """Where an answer ends: a new line that starts the next user turn."""
+        return "\n" + self.user_prefix.strip()
+
+
+class ChatSession:
+    """A conversation with one model: history, prompt building within the context, streamed answers."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        system_prompt: str = "",
+        chat_format: ChatFormat | None = None,
+        settings: SamplingSettings | None = None,
+        max_new_tokens: int = 256,
+        stop: Sequence[str] = (),
+        generator: torch.Generator | None = None,
+        output: TextIO | None = None,
+        notes: TextIO | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chat_format = chat_format or ChatFormat()
+        self.settings = settings or SamplingSettings()
+        self.max_new_tokens = max_new_tokens
+        self.stop = [self.chat_format.user_marker, ENDOFTEXT, *stop]
+        self.generator = generator
+        self.output = output or sys.stdout
+        self.notes = notes or sys.stderr
+        self.history: list[tuple[str, str]] = []
+        self.system_prompt = ""
+        self.set_system_prompt(system_prompt)
+
+    # -------------------------------------------------------------------------------------- state
+
+    def note(self, text: str) -> None:
+        print(text, file=self.notes, flush=True)
+
+    def set_system_prompt(self, text: str) -> None:
+        self.system_prompt = encode_prompt(text, self.tokenizer)[0] if text else ""
+
+    def reset(self) -> None:
+        self.history.clear()
+
+    # -------------------------------------------------------------------------------------- prompt
+
+    @property
+    def prompt_budget(self) -> int:
+        """Tokens the prompt may use: the context less room for the answer (a quarter of it at most; a longer
+        answer slides the window)."""
+        block_size = self.model.config.block_size
+        return max(1, block_size - min(self.max_new_tokens, block_size // 4))
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(fit_to_vocabulary(text, self.tokenizer)[0]))
+
+    def build_prompt(self, message: str) -> list[int]:
+        """Token ids of the conversation plus `message`, dropping the oldest turns until it fits the budget.
+
+        If the system prompt and the message alone do not fit, the message loses its beginning instead.
+        """
+        budget = self.prompt_budget
+        dropped = 0
+        ids = self._encode(self.chat_format.render(self.system_prompt, self.history, message))
+        while len(ids) > budget and self.history:
+            self.history.pop(0)
+            dropped += 1
+            ids = self._encode(self.chat_format.render(self.system_prompt, self.history, message))
+        if dropped:
+            self.note(f"(the {dropped} oldest turn(s) no longer fit the context and were dropped)")
+        if len(ids) > budget and self.system_prompt:
+            system_ids = self._encode(self.system_prompt + self.chat_format.turn_separator)
+            if len(system_ids) < budget:
+                self.note("(the message is too long for the context; its beginning is left out)")
+                rest = self._encode(self.chat_format.opening(message))
+                ids = system_ids + rest[len(rest) - (budget - len(system_ids)) :]
+        return ids
+
+    # -------------------------------------------------------------------------------------- answers
+
+    def reply(self, message: str) -> str:
+        """Stream the model's answer to `message` to the output, remember the turn, return the answer.
+
+        Ctrl-C while the answer is being written ends that answer (what was written is kept), not the session.
+        """
+        message = encode_prompt(message, self.tokenizer)[0]
+        prompt_ids = self.build_prompt(message)
+        raw = ""
+        shown = 0
+        interrupted = False
+        pieces = stream_text(
+            self.model, self.tokenizer, prompt_ids, self.max_new_tokens, self.settings, self.generator, self.stop
+        )
+        try:
+            for piece in pieces:
+                raw += piece
+                # Leading and trailing whitespace is not part of the answer: hold it back until text follows.
+                visible = raw.strip()
+                self.output.write(visible[shown:])
+                self.output.flush()
+                shown = len(visible)
+        except KeyboardInterrupt:
+            pieces.close()
+            interrupted = True
+        self.output.write("\n")
+        self.output.flush()
+        if interrupted:
+            self.note("(answer stopped)")
+        answer = raw.strip()
+        self.history.append((message, answer))
+        return answer
+
+    def handle(self, line: str) -> bool:
+        """Act on one line of input: a command or a message. Returns False when the session should end."""
+        line = line.strip()
+        if not line:
+            return True
+        if not line.startswith("/"):
+            self.reply(line)
+            return True
+        command, _, argument = line.partition(" ")
+        argument = argument.strip()
+        if command in ("/exit", "/quit"):
+            return False
+        if command == "/reset":
+            self.reset()
+            self.note("(conversation cleared)")
+        elif command == "/system":
+            self.set_system_prompt(read_escapes(argument))
+            self.note(f"(system prompt {'set' if argument else 'removed'})")
+        elif command == "/temp":
+            self._set_temperature(argument)
+        else:
+            self.note(f"(unknown command {command}; {COMMANDS_HELP})")
+        return True
+
+    def _set_temperature(self, argument: str) -> None:
+        try:
+            temperature = float(argument)
+            SamplingSettings(temperature=temperature)
+        except (ValueError, PicoGPTError):
+            self.note(f"(/temp needs a number >= 0, e.g. /temp 0.7; got {argument!r})")
+            return
+        self.settings.temperature = temperature
+        self.note(f"(temperature {temperature})")
+
+
+def run_repl(session: ChatSession, lines: Iterable[str] | None = None) -> None:
+    """Feed `lines` (e.g. a piped file, one message per line) to the session, or read a terminal when None."""
+    if lines is not None:
+        for line in lines:
+            if not session.handle(line.rstrip("\r\n")):
+                return
+        return
+    try:
+        import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
+    except ImportError:
+        pass
+    session.note(COMMANDS_HELP)
+    user_prompt = session.chat_format.user_prefix or "> "
+    while True:
+        try:
+            line = input(user_prompt)
+        except EOFError:
+            session.output.write("\n")
+            return
+        except KeyboardInterrupt:
+            session.note("\n(Ctrl-C stops an answer; to quit use /exit or Ctrl-D)")
+            continue
+        if line.strip() and not line.strip().startswith("/"):
+            session.output.write(session.chat_format.assistant_prefix)
+            session.output.flush()
+        if not session.handle(line):
+            return
+
+
+@with_evaluated_annotations
+def chat_command(
+    ckpt: str,
+    system_prompt: str = "",
+    user_prefix: str = "Q: ",
+    assistant_prefix: str = "A: ",
+    turn_separator: str = "\\n\\n",
+    max_new_tokens: int = 256,
+    temperature: float = 0.8,
+    top_k: int | None = 200,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | None = 1337,
+    stop: list[str] | str | None = None,
+    device: str = "auto",
+) -> None:
+    """Chat with a checkpoint: type a message, the model answers token by token.
+
+    Commands: /reset, /system TEXT, /temp X, /exit (or Ctrl-D); Ctrl-C stops the current answer. With input
+    piped from a file, each line is one message and only the answers are printed.
+
+    Args:
+        ckpt: Checkpoint written by `picogpt fit` (e.g. checkpoints/small/best.ckpt).
+        system_prompt: Text placed before the conversation (e.g. "You are picoGPT, a helpful assistant.");
+            it is kept when old turns are dropped to fit the context.
+        user_prefix: Marks a user turn; the model's answer ends where it starts a new one.
+        assistant_prefix: Marks the model's turn; a turn is USER_PREFIX message \\n ASSISTANT_PREFIX answer.
+        turn_separator: Text between turns (\\n and \\t are read as escapes).
+        max_new_tokens: Longest answer, in tokens.
+        temperature: Randomness; 0 always takes the most likely token (greedy). /temp X changes it.
+        top_k: Sample only among the k likeliest tokens; null for all.
+        top_p: Nucleus sampling: only the likeliest tokens whose probabilities add up to p; null for off.
+        repetition_penalty: Above 1 makes tokens already in the context less likely; 1 is off.
+        seed: Random seed, for reproducible conversations; null for a random one.
+        stop: One more stop string, or a list of them, that end an answer (e.g. --stop "\\n\\n").
+        device: cpu, cuda, cuda:N, mps, or auto (cuda, then mps, then cpu).
+    """
+    from .checkpoint import load_checkpoint  # imports torch and the model: not needed for --help
+
+    if max_new_tokens < 1:
+        raise PicoGPTError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    settings = SamplingSettings(temperature, top_k, top_p, repetition_penalty)
+    target = resolve_device(device)
+    loaded = load_checkpoint(ckpt, target)
+    chat_format = ChatFormat(read_escapes(user_prefix), read_escapes(assistant_prefix), read_escapes(turn_separator))
+    session = ChatSession(
+        loaded.model,
+        loaded.tokenizer,
+        system_prompt=read_escapes(system_prompt),
+        chat_format=chat_format,
+        settings=settings,
+        max_new_tokens=max_new_tokens,
+        stop=read_stop_strings(stop),
+        generator=make_generator(seed, target),
+    )
+    run_repl(session, None if sys.stdin.isatty() else sys.stdin)
