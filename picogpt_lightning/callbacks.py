@@ -182,6 +182,8 @@ class ValidationSample(Callback):
         for logger in trainer.loggers:
             if hasattr(logger.experiment, "add_text"):
                 logger.experiment.add_text("sample", sample, step)
-        if trainer.log_dir:
-            with open(Path(trainer.log_dir) / "samples.txt", "a", encoding="utf-8") as samples:
+        # trainer.log_dir would broadcast from rank 0, a collective that the other ranks never join here.
+        log_dir = getattr(trainer.logger, "log_dir", None)
+        if log_dir:
+            with open(Path(log_dir) / "samples.txt", "a", encoding="utf-8") as samples:
                 samples.write(f"--- step {step} ---\n{sample}\n\n")
