@@ -1,0 +1,118 @@
+"""`picogpt plot`: train and val loss and the learning rate of a run against steps, as a PNG.
+
+Reads the CSV logs Lightning's CSVLogger writes, `<run>/lightning_logs/version_N/metrics.csv`. Each resume
+starts a new version, so all of them are merged by step; where two versions logged the same metric at the
+same step (a resume from an earlier checkpoint re-runs steps), the later version wins. Lightning's `step`
+column is 0-based (the row logged after optimizer step 10 says 9): the plot shows optimizer steps.
+
+matplotlib is an optional extra, imported only here, with the Agg backend: no display is needed.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+from .errors import PicoGPTError
+
+METRICS = ("train_loss", "val_loss", "lr")
+DEFAULT_IMAGE = "training.png"
+
+
+def find_metric_files(run: str | Path) -> list[Path]:
+    """metrics.csv of every version of a run, oldest version first (version_10 after version_9)."""
+    run = Path(run)
+    if run.is_file():
+        return [run]
+    if not run.is_dir():
+        raise PicoGPTError(f"{run} does not exist: pass the run folder of `picogpt fit` (its --ckpt_dir)")
+    if (run / "metrics.csv").is_file():
+        return [run / "metrics.csv"]
+    files = list(run.glob("lightning_logs/version_*/metrics.csv"))
+    if not files:
+        raise PicoGPTError(
+            f"no lightning_logs/version_*/metrics.csv in {run}: pass the run folder of `picogpt fit` "
+            f"(logged with the default CSV logger; TensorBoard runs are viewed with `tensorboard --logdir {run}`)"
+        )
+
+    def version(path: Path) -> tuple[int, str]:
+        found = re.fullmatch(r"version_(\d+)", path.parent.name)
+        return (int(found.group(1)) if found else -1, path.parent.name)
+
+    return sorted(files, key=version)
+
+
+def read_metrics(files: list[Path]) -> dict[str, dict[int, float]]:
+    """{metric: {optimizer step: value}} merged over the files in order, later files winning."""
+    merged: dict[str, dict[int, float]] = {name: {} for name in METRICS}
+    for path in files:
+        try:
+            with open(path, newline="", encoding="utf-8") as file:
+                rows = list(csv.DictReader(file))
+        except (OSError, UnicodeDecodeError, csv.Error) as error:
+            raise PicoGPTError(
+                f"cannot read {path} ({error}): the log is damaged; move that version folder out of the run"
+            ) from None
+        for row in rows:
+            try:
+                step = int(row["step"]) + 1
+            except (KeyError, TypeError, ValueError):
+                continue
+            for name in METRICS:
+                value = row.get(name)
+                if value not in (None, ""):
+                    merged[name][step] = float(value)
+    return merged
+
+
+def draw(metrics: dict[str, dict[int, float]], image: Path, title: str) -> None:
+    """Losses on top, learning rate below, sharing the step axis."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise PicoGPTError("plot needs matplotlib: pip install 'picogpt_lightning[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (losses, rates) = plt.subplots(2, 1, sharex=True, figsize=(8, 6), height_ratios=(3, 1))
+    for name, style in (("train_loss", {"linewidth": 1, "alpha": 0.8}), ("val_loss", {"marker": "o"})):
+        points = sorted(metrics[name].items())
+        if points:
+            losses.plot(*zip(*points), label=name.replace("_", " "), **style)
+    losses.set_ylabel("loss (nats/token)")
+    losses.set_title(title)
+    losses.grid(alpha=0.3)
+    losses.legend()
+    points = sorted(metrics["lr"].items())
+    if points:
+        rates.plot(*zip(*points), color="tab:green")
+    rates.set_ylabel("learning rate")
+    rates.set_xlabel("optimizer step")
+    rates.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(image, dpi=120)
+    plt.close(figure)
+
+
+def plot_command(run: str, out: str | None = None) -> None:
+    """Draw train loss, val loss and learning rate against steps into a PNG, and print where it went.
+
+    Args:
+        run: The run folder of `picogpt fit` (its --ckpt_dir, e.g. checkpoints/small); every
+            lightning_logs/version_*/metrics.csv in it is read, later versions (resumes) winning.
+        out: The PNG to write (default: RUN/training.png).
+    """
+    files = find_metric_files(run)
+    metrics = read_metrics(files)
+    if not metrics["train_loss"] and not metrics["val_loss"]:
+        raise PicoGPTError(f"no train_loss or val_loss in {', '.join(map(str, files))}: train for at least "
+                           f"log_every_n_steps steps first")
+    folder = Path(run) if Path(run).is_dir() else Path(run).parent
+    image = Path(out) if out else folder / DEFAULT_IMAGE
+    image.parent.mkdir(parents=True, exist_ok=True)
+    draw(metrics, image, title=folder.name)
+    last_step = max(max(values, default=0) for values in metrics.values())
+    val = metrics["val_loss"]
+    best = f", best val loss {min(val.values()):.4f}" if val else ""
+    print(f"plotted {last_step:,} steps from {len(files)} log file(s){best}: wrote {image}")

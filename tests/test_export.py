@@ -1,0 +1,154 @@
+"""`picogpt export`: Hugging Face transformers loads the folder and computes what our GPT computes."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from picogpt_lightning import cli
+from picogpt_lightning.checkpoint import load_checkpoint, save_checkpoint
+from picogpt_lightning.cli import main
+from picogpt_lightning.errors import PicoGPTError
+from picogpt_lightning.export import export_command, hf_tokenizer, load_safetensors_export
+from picogpt_lightning.generate import SamplingSettings, generate
+from picogpt_lightning.model import GPT, GPTConfig
+from picogpt_lightning.tokenizer import BPETokenizer, CharTokenizer, WordTokenizer
+
+dispatched = pytest.mark.skipif("export" not in cli.USAGE.splitlines()[0],
+                                reason="cli.py does not dispatch `picogpt export` yet")
+
+TEXT = "Q: What is truth?\nA: That which  remains,\twhen doubt is done.\n\nQ: Où est-il? — ¡Ünïcode!\n"
+TRICKY = "\n\n  A:  truth?\t\t. ,\n"
+
+
+def make_tokenizer(kind: str):
+    if kind == "char":
+        return CharTokenizer.train([TEXT])
+    if kind == "word":
+        return WordTokenizer.train([TEXT], vocab_size=40)
+    return BPETokenizer.train([TEXT * 10], vocab_size=300)
+
+
+def make_checkpoint(path, kind: str, bias: bool = True, tie_weights: bool = True):
+    """A tiny model whose weights are random and large, so that logits are far apart and greedy choices
+    cannot flip on rounding differences between two implementations."""
+    tokenizer = make_tokenizer(kind)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=16,
+                       bias=bias, tie_weights=tie_weights)
+    torch.manual_seed(0)
+    model = GPT(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)
+    save_checkpoint(path, model, tokenizer, global_step=7)
+    return path
+
+
+@pytest.fixture(scope="module")
+def transformers():
+    os.environ["HF_HUB_OFFLINE"] = "1"  # the test must never reach the network
+    return pytest.importorskip("transformers")
+
+
+CASES = [("char", True, True), ("bpe", True, True), ("char", False, False), ("bpe", False, False),
+         ("word", True, False)]
+
+
+@pytest.mark.parametrize("kind,bias,tied", CASES)
+def test_transformers_gives_our_logits_greedy_tokens_and_token_ids(tmp_path, transformers, kind, bias, tied):
+    ckpt = make_checkpoint(tmp_path / "model.ckpt", kind, bias, tied)
+    folder = tmp_path / "hf"
+    export_command(str(ckpt), str(folder))
+    ours = load_checkpoint(ckpt)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+    text = TEXT if kind != "word" else "Q: What is truth?\nA:"
+    ids = ours.tokenizer.encode(text)
+    assert tokenizer(text)["input_ids"] == ids
+    assert tokenizer.decode(ids) == ours.tokenizer.decode(ids)
+
+    window = torch.tensor([ids[:32]])
+    with torch.no_grad():
+        expected = ours.model(window)[0]
+        actual = theirs(window).logits
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+    prompt = ids[:8]
+    greedy = list(generate(ours.model, prompt, 20, SamplingSettings(temperature=0)))
+    with torch.no_grad():
+        output = theirs.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                 max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert output[0, len(prompt):].tolist() == greedy
+
+
+def test_exported_char_tokenizer_keeps_whitespace_and_newlines(tmp_path, transformers):
+    ckpt = make_checkpoint(tmp_path / "char.ckpt", "char")
+    export_command(str(ckpt), str(tmp_path / "hf"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    ours = load_checkpoint(ckpt).tokenizer
+    ids = tokenizer(TRICKY)["input_ids"]
+    assert ids == ours.encode(TRICKY)
+    assert tokenizer.decode(ids) == TRICKY
+
+
+def test_hf_config_uses_the_exact_gelu_and_the_checkpoint_shape(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "bpe.ckpt", "bpe", bias=False, tie_weights=False)
+    export_command(str(ckpt), str(tmp_path / "hf"))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["activation_function"] == "gelu"  # never GPT-2's tanh approximation "gelu_new"
+    assert (config["n_positions"], config["n_layer"], config["n_embd"]) == (32, 2, 16)
+    assert config["tie_word_embeddings"] is False
+    tokenizer_config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert tokenizer_config["eos_token"] == "<|endoftext|>" and tokenizer_config["model_max_length"] == 32
+    assert config["eos_token_id"] == load_checkpoint(ckpt).tokenizer.tokenizer.token_to_id("<|endoftext|>")
+
+
+def test_word_tokenizer_export_matches_our_ids_without_transformers(tmp_path):
+    tokenizer = make_tokenizer("word")
+    fast, special = hf_tokenizer(tokenizer)
+    text = "Q: What is doubt, friend?\n\n  A: zebra!"  # 'zebra' is not in the vocabulary: <unk>
+    assert fast.encode(text).ids == tokenizer.encode(text) and special is None
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_safetensors_format_loads_back_to_the_same_model(tmp_path, tied):
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", "char", tie_weights=tied)
+    export_command(str(ckpt), str(tmp_path / "st"), format="safetensors")
+    assert sorted(p.name for p in (tmp_path / "st").iterdir()) == ["model.safetensors", "picogpt.json"]
+    original, loaded = load_checkpoint(ckpt), load_safetensors_export(tmp_path / "st")
+    ids = torch.tensor([original.tokenizer.encode("What is truth?")])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids)[0], original.model(ids)[0], rtol=0, atol=0)
+    assert loaded.tokenizer.to_json() == original.tokenizer.to_json()
+    assert (loaded.model.lm_head.weight is loaded.model.wte.weight) == tied
+
+
+def test_a_damaged_safetensors_export_is_a_clear_error(tmp_path):
+    export_command(str(make_checkpoint(tmp_path / "m.ckpt", "char")), str(tmp_path / "st"), format="safetensors")
+    weights = tmp_path / "st" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(PicoGPTError, match="export the checkpoint again"):
+        load_safetensors_export(tmp_path / "st")
+
+
+def test_export_errors_say_what_to_fix(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", "char")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(PicoGPTError, match="is a file"):
+        export_command(str(ckpt), str(tmp_path / "file"))
+    with pytest.raises(PicoGPTError, match="does not exist"):
+        export_command(str(tmp_path / "missing.ckpt"), str(tmp_path / "out"))
+
+
+@dispatched
+def test_picogpt_export_command_line(tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", "bpe")
+    assert main(["export", "--ckpt", str(ckpt), "--out_dir", str(tmp_path / "hf")]) == 0
+    assert "AutoModelForCausalLM.from_pretrained" in capsys.readouterr().out
+    assert main(["export", "--ckpt", str(ckpt), "--out_dir", str(tmp_path / "st"), "--format", "safetensors"]) == 0
+    assert (tmp_path / "hf" / "tokenizer_config.json").is_file() and (tmp_path / "st" / "picogpt.json").is_file()
+    assert main(["export", "--ckpt", str(tmp_path / "missing.ckpt"), "--out_dir", str(tmp_path / "x")]) == 1
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and "does not exist" in error
