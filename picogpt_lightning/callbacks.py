@@ -149,7 +149,13 @@ class StepProgressBar(TQDMProgressBar):
         if step % self.refresh_rate == 0 or step >= trainer.max_steps:
             bar = self.train_progress_bar
             bar.n = step
-            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            metrics = self.get_metrics(trainer, pl_module)
+            # This step's loss (the module logs train_loss only at the logger's interval); Lightning divides
+            # it by the accumulation count.
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            if loss is not None:
+                metrics["train_loss"] = f"{float(loss) * trainer.accumulate_grad_batches:.3f}"
+            bar.set_postfix(metrics, refresh=False)
             bar.refresh()
 
 
