@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 import platform
 import statistics
@@ -16,8 +17,6 @@ import time
 from typing import Iterator, Sequence
 
 import torch
-
-CPU_THREADS_HELP = "torch CPU threads (torch.set_num_threads); null keeps torch's default (one per core)"
 
 
 def set_threads(threads: int | None) -> int:
@@ -81,6 +80,26 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = Non
     return 2 * size**3 / best
 
 
+# Dense (no sparsity) tensor-core peaks from the vendors' data sheets, by device name and dtype.
+SPEC_SHEET_PEAKS = (
+    ("H100 PCIe", torch.bfloat16, 756e12),
+    ("H100", torch.bfloat16, 989e12),
+    ("H200", torch.bfloat16, 989e12),
+    ("A100", torch.bfloat16, 312e12),
+)
+
+
+def spec_sheet_peak(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The vendor's dense peak for this GPU and dtype, where known (MFU is usually quoted against it)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, peak_dtype, peak in SPEC_SHEET_PEAKS:
+        if fragment in name and dtype == peak_dtype:
+            return peak
+    return None
+
+
 def training_dtype(precision: str) -> torch.dtype:
     """The dtype the matmuls of a Lightning precision setting run in."""
     if precision.startswith("bf16"):
@@ -139,3 +158,16 @@ def override_args(overrides: Sequence[str]) -> list[str]:
             raise SystemExit(f"override {item!r} is not KEY=VALUE (e.g. data.num_workers=1)")
         args += [f"--{key.lstrip('-')}", value]
     return args
+
+
+def run_cli(function) -> None:
+    """`python -m benchmarks.NAME --help`: a command line generated from `function`'s signature and docstring.
+
+    Not jsonargparse.auto_cli, because it reserves `--config` for its own config files and drops a parameter
+    of that name, and here `--config` is the picogpt recipe being measured.
+    """
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(description=inspect.getdoc(function).split("\n\n")[0])
+    parser.add_function_arguments(function, as_group=False)
+    function(**parser.parse_args().as_dict())
