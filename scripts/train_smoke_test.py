@@ -27,13 +27,7 @@ from picogpt_lightning.errors import PicoGPTError
 from picogpt_lightning.generate import encode_prompt, resolve_device
 from picogpt_lightning.model import GPT, GPTConfig
 from picogpt_lightning.tokenizer import CharTokenizer
-
-
-def read_text(text_path: str) -> str:
-    path = Path(text_path)
-    if not path.is_file():
-        raise PicoGPTError(f"text file {path} does not exist; pass --text_path with a UTF-8 text file")
-    return path.read_text(encoding="utf-8", errors="replace")
+from scripts.cpu_smoke_test import read_text
 
 
 def random_batch(
