@@ -2,6 +2,7 @@
 
     python -m benchmarks.quality                                   # nanoGPT's CPU recipe, target 1.88
     python -m benchmarks.quality --threads 1 --reference false     # ours only
+    python -m benchmarks.quality --seeds '[1337,1,2,3,4]'          # the spread over five seeds
     python -m benchmarks.quality --config configs/shakespeare-char.yaml --target 1.4697   # on a GPU
 
 The recipe runs through the real `picogpt fit` in this process (a callback only records each validation). The
@@ -13,6 +14,7 @@ shows that Lightning trains exactly what a hand-written loop trains.
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 
@@ -105,9 +107,29 @@ def train_reference(recorder: ValidationRecorder, steps: int, interval: int) -> 
     return curve, time.perf_counter() - start
 
 
+def run_recipe(config: str, overrides: list[str]) -> tuple[ValidationRecorder, float]:
+    """One `picogpt fit` of CONFIG; returns what the recorder saw and the command's wall time."""
+    recorder = ValidationRecorder()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="picogpt-quality-") as run_dir:
+        run_fit(["--config", config, "--ckpt_dir", run_dir, *override_args(overrides)], [recorder])
+    if not recorder.curve:
+        raise SystemExit("the run never validated: check trainer.val_check_interval and trainer.max_steps")
+    return recorder, time.perf_counter() - start
+
+
+def spread(values: list[float]) -> str:
+    """'1.9060 +- 0.0070 (min 1.8951, max 1.9114)' over several runs; the value alone for one."""
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return (f"{statistics.mean(values):.4f} +- {statistics.stdev(values):.4f} "
+            f"(min {min(values):.4f}, max {max(values):.4f})")
+
+
 def main(
     config: str = "configs/shakespeare-char-cpu.yaml",
     target: float = 1.88,
+    seeds: list[int] | None = None,
     threads: int | None = None,
     reference: bool = True,
     overrides: list[str] | None = None,
@@ -117,39 +139,51 @@ def main(
     Args:
         config: a picogpt YAML config, run as written (plus overrides).
         target: the val loss to reach (nanoGPT's published figure for the recipe).
+        seeds: train once per seed (seed_everything and data.seed); several seeds give the run-to-run spread
+            that a single published figure hides. Default: the config's own seed, once.
         threads: torch CPU threads (torch.set_num_threads); null keeps torch's default (one per core).
-        reference: also train the plain PyTorch loop from the same weights on the same batches.
+        reference: also train the plain PyTorch loop from the same weights on the same batches (first run only).
         overrides: extra `picogpt fit` settings as KEY=VALUE, e.g. trainer.max_steps=300.
     """
     overrides = list(overrides or [])
     set_threads(threads)
-    recorder = ValidationRecorder()
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="picogpt-quality-") as run_dir:
-        run_fit(["--config", config, "--ckpt_dir", run_dir, *override_args(overrides)], [recorder])
-    fit_seconds = time.perf_counter() - start
-    if not recorder.curve:
-        raise SystemExit("the run never validated: check trainer.val_check_interval and trainer.max_steps")
-    trainer = recorder.trainer
-    estimate = nanogpt_estimate(recorder.module)
-    steps = trainer.global_step
-    interval = int(trainer.val_check_interval) if trainer.val_check_interval > 1 else steps
-    ref_curve, ref_seconds = train_reference(recorder, steps, interval) if reference else ([], 0.0)
+    runs = []  # (seed, whole-split val loss, nanoGPT-style estimate, fit seconds)
+    ref_curve, ref_seconds, first = [], 0.0, None
+    for seed in seeds or [None]:
+        seed_overrides = [] if seed is None else [f"seed_everything={seed}", f"data.seed={seed}"]
+        recorder, fit_seconds = run_recipe(config, overrides + seed_overrides)
+        module = recorder.module
+        estimate = nanogpt_estimate(module, seed=module.trainer.datamodule.hparams.seed)
+        runs.append((module.trainer.datamodule.hparams.seed, recorder.curve[-1][1], estimate, fit_seconds))
+        print(f"seed {runs[-1][0]}: val_loss {runs[-1][1]:.4f} (whole split), nanoGPT-style estimate "
+              f"{estimate:.4f}, {fit_seconds:.1f} s", flush=True)
+        if first is None:
+            first = recorder
+            if reference:
+                steps = recorder.trainer.global_step
+                check = recorder.trainer.val_check_interval
+                ref_curve, ref_seconds = train_reference(recorder, steps, int(check) if check > 1 else steps)
 
-    print(f"{machine_line(recorder.module.device)}; lightning {L.__version__}")
+    print(f"{machine_line(first.module.device)}; lightning {L.__version__}")
     print(f"config: {config}" + (f" with {' '.join(overrides)}" if overrides else ""))
-    final = recorder.curve[-1][1]
-    print(f"ours val_loss at step {recorder.curve[-1][0]}: {final:.4f} (target {target}; "
+    final = first.curve[-1][1]
+    print(f"ours val_loss at step {first.curve[-1][0]}, seed {runs[0][0]}: {final:.4f} (target {target}; "
           f"{'met' if final <= target else 'NOT met'}; ratio target/ours {target / final:.3f})")
-    print(f"ours best val_loss: {min(loss for _, loss, _ in recorder.curve):.4f}")
-    print(f"ours val_loss as nanoGPT estimates it (mean of 20 random val batches, seed 1337): {estimate:.4f}")
-    print(f"ours wall time: {fit_seconds:.1f} s for `picogpt fit` (training and validation {recorder.train_seconds:.1f} s)")
+    print(f"ours best val_loss, seed {runs[0][0]}: {min(loss for _, loss, _ in first.curve):.4f}")
+    print(f"ours val_loss as nanoGPT estimates it (mean of 20 random val batches), seed {runs[0][0]}: {runs[0][2]:.4f}")
+    print(f"ours wall time: {runs[0][3]:.1f} s for `picogpt fit` (training and validation {first.train_seconds:.1f} s)")
+    if len(runs) > 1:
+        whole, estimates = [r[1] for r in runs], [r[2] for r in runs]
+        print(f"over {len(runs)} seeds ({', '.join(str(r[0]) for r in runs)}): val_loss {spread(whole)}; "
+              f"runs at or under the target: {sum(v <= target for v in whole)} of {len(runs)}")
+        print(f"over {len(runs)} seeds: nanoGPT-style estimate {spread(estimates)}; "
+              f"estimates at or under the target: {sum(v <= target for v in estimates)} of {len(runs)}")
     if ref_curve:
         ref_final = ref_curve[-1][1]
         print(f"reference val_loss at step {ref_curve[-1][0]}: {ref_final:.4f} "
               f"(ours - reference {final - ref_final:+.4f})")
         print(f"reference wall time: {ref_seconds:.1f} s (training and validation; "
-              f"ratio ours/reference in speed {ref_seconds / recorder.train_seconds:.3f})")
+              f"ratio ours/reference in speed {ref_seconds / first.train_seconds:.3f})")
 
 
 if __name__ == "__main__":

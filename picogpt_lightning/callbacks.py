@@ -11,10 +11,14 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from .errors import PicoGPTError
+
+
+SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
 
 @rank_zero_only
@@ -85,8 +89,10 @@ class GracefulInterrupt(Callback):
 class NonFiniteLossGuard(Callback):
     """Stops training when the loss becomes NaN or inf, before any checkpoint can store the broken weights.
 
-    On CPU the check costs nothing and runs every step. On accelerators it would force a host sync per step,
-    so the flag is accumulated on the device and read only at logging and validation boundaries.
+    On one CPU process the check costs nothing and runs every step. On accelerators it would force a host sync
+    per step, so the flag is accumulated on the device and read only at logging and validation boundaries.
+    With several processes the decision is reduced over all of them (any rank's NaN stops every rank), at
+    those same boundaries, so no rank is left waiting in a collective for one that stopped.
     """
 
     def __init__(self, ckpt_dir: str):
@@ -100,7 +106,8 @@ class NonFiniteLossGuard(Callback):
             return
         bad = ~torch.isfinite(loss.detach())
         self.bad = bad if self.bad is None else self.bad | bad
-        if loss.device.type == "cpu" or trainer.global_step % trainer.log_every_n_steps == 0:
+        every_step = loss.device.type == "cpu" and trainer.world_size == 1
+        if every_step or trainer.global_step % trainer.log_every_n_steps == 0:
             self.check(trainer)
 
     def on_validation_start(self, trainer, pl_module) -> None:
@@ -111,9 +118,10 @@ class NonFiniteLossGuard(Callback):
         self.check(trainer)
 
     def check(self, trainer: L.Trainer) -> None:
-        if self.bad is None:
-            return
-        if bool(self.bad):
+        bad = self.bad is not None and bool(self.bad)
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
             last = self.ckpt_dir / "last.ckpt"
             where = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved yet"
             steps = (f"step {trainer.global_step}" if trainer.global_step - self.first_checked_step <= 1
@@ -162,13 +170,24 @@ class StepProgressBar(TQDMProgressBar):
 class ValidationSample(Callback):
     """After each validation, a short continuation of a fixed prompt (fixed seed), so progress can be read as
     well as measured: printed on rank 0 and kept in the log folder (samples.txt, and TensorBoard's text tab
-    when that logger is used)."""
+    when that logger is used).
+
+    Strategies that shard the weights over ranks (FSDP, DeepSpeed, model parallel) leave rank 0 without a
+    whole model to sample from, so there the samples are off; `picogpt sample` reads the checkpoints instead.
+    """
 
     def __init__(self, prompt: str, max_new_tokens: int, seed: int = 1337):
         self.prompt, self.max_new_tokens, self.seed = prompt, max_new_tokens, seed
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if isinstance(trainer.strategy, SHARDED_STRATEGIES):
+            say(f"live samples are off under {type(trainer.strategy).__name__} (the weights are sharded over "
+                f"ranks); sample from a checkpoint with `picogpt sample --ckpt ...`")
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn != "fit" or not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        if isinstance(trainer.strategy, SHARDED_STRATEGIES):
             return
         from .generate import SamplingSettings, encode_prompt, make_generator, stream_text
 

@@ -72,7 +72,7 @@ class GPTLightningModule(L.LightningModule):
             label_smoothing: label smoothing of the training loss (validation reports plain cross-entropy).
             learning_rate: peak learning rate.
             min_lr: final learning rate of the cosine schedule.
-            weight_decay: AdamW weight decay on matrices (not on biases, norms or embeddings' positions).
+            weight_decay: AdamW weight decay on matrices and embeddings (not on biases or norm gains).
             beta1: AdamW beta1.
             beta2: AdamW beta2.
             cosine_lr: cosine decay after warmup; false keeps the peak rate constant after warmup.
@@ -91,6 +91,10 @@ class GPTLightningModule(L.LightningModule):
         except ValueError as error:
             raise PicoGPTError(f"invalid model settings: {error}") from None
         self.model = GPT(config)
+        # Decided here, on the unwrapped model, by name: strategies that shard parameters (FSDP keeps the
+        # original parameters as flattened 1-D shards) hand configure_optimizers shapes that no longer tell
+        # a matrix from a bias.
+        self.decayed_names = {name for name, param in self.model.named_parameters() if param.dim() >= 2}
         self.val_loss = MeanMetric()
         self._tokens_at_last_log = 0
         self._time_at_last_log = None
@@ -171,9 +175,10 @@ class GPTLightningModule(L.LightningModule):
         hp = self.hparams
         # Decay matrices (weights of linear layers and embeddings); leave biases and norm gains alone, since
         # shrinking them toward zero only fights the normalisation.
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
+        named = [(unwrapped_name(n), p) for n, p in self.model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        decay = [p for n, p in named if n in self.decayed_names]
+        no_decay = [p for n, p in named if n not in self.decayed_names]
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         fused = all(p.device.type == "cuda" for p in params)
         optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), fused=fused or None)
@@ -214,6 +219,17 @@ class GPTLightningModule(L.LightningModule):
         if state is not None:
             torch.set_rng_state(state)
             self._rng_state_to_restore = None
+
+
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name as the plain GPT has it, without the prefixes that FSDP wrapping, activation
+    checkpointing or torch.compile insert."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
 
 
 SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "tie_weights")

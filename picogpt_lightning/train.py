@@ -20,6 +20,7 @@ from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from .callbacks import GracefulInterrupt, LastCheckpoint, NonFiniteLossGuard, StepProgressBar, ValidationSample
 from .checkpoint import read_checkpoint
@@ -44,6 +45,7 @@ QUIET_WARNINGS = (
     "Checkpoint directory",  # reported by our own message, which says how to resume instead
     "Your `IterableDataset` has `__len__`",  # the val dataset shards itself per rank and worker
     "`isinstance(treespec, LeafSpec)`",  # inside Lightning, not actionable
+    "It is recommended to use `self.log('val_",  # val_loss comes from torchmetrics, already reduced over ranks
 )
 
 
@@ -159,6 +161,17 @@ class PicoGPTCLI(LightningCLI):
 
 def run_lightning_cli(command: str, args: list[str]) -> int:
     """Runs `picogpt fit|validate ARGS`; returns the process exit code."""
+    try:
+        return _run_lightning_cli(command, args)
+    except PicoGPTError:
+        # Every rank meets the same error (same settings and data; the NaN check is reduced over ranks), so
+        # under a multi-process strategy rank 0 alone reports it, in one line.
+        if rank_zero_only.rank != 0:
+            return 1
+        raise
+
+
+def _run_lightning_cli(command: str, args: list[str]) -> int:
     # Lightning's start-up banners (GPU/TPU availability, tips) say nothing a user of this tool needs.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)

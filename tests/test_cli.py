@@ -52,6 +52,14 @@ def test_fit_writes_best_and_a_last_checkpoint_at_the_final_step(trained):
     assert best["picogpt"]["best_val_loss"] == pytest.approx(min(losses.values()), rel=1e-5)
 
 
+def test_each_validation_writes_a_sample_to_the_log_folder(trained):
+    _, _, _, run = trained
+    samples = next(run.glob("lightning_logs/version_*/samples.txt")).read_text(encoding="utf-8")
+    assert samples.count("--- step ") == 2 and "--- step 10 ---" in samples and "--- step 20 ---" in samples
+    after_step_10 = samples.split("--- step 10 ---\n", 1)[1].split("--- step 20 ---", 1)[0]
+    assert after_step_10.strip(), "the sample after step 10 is empty"
+
+
 def test_training_lowers_the_val_loss_below_the_untrained_loss(trained):
     _, _, _, run = trained
     loaded = load_checkpoint(run / "last.ckpt")

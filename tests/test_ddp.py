@@ -17,11 +17,11 @@ from helpers import make_config, make_text
 TESTS = Path(__file__).resolve().parent
 
 
-def picogpt(*args):
+def picogpt(*args, expect: int = 0):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
     result = subprocess.run([sys.executable, "-m", "picogpt_lightning.cli", *args], capture_output=True,
                             text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == expect, result.stderr[-3000:]
     return result
 
 
@@ -54,3 +54,20 @@ def test_two_process_ddp_fit_validate_and_resume(tmp_path, capsys):
 
     picogpt("fit", "--config", str(config), "--ckpt_path", "last", "--additional_steps", "4")
     assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 14
+
+
+def test_nan_on_one_rank_stops_every_rank_with_one_line(tmp_path):
+    """A NaN seen by rank 1 only must stop both ranks at the same check (no rank left waiting in a collective,
+    no traceback), say so once, and leave the last good checkpoint alone."""
+    text = make_text(tmp_path / "t.txt")
+    config = make_config(
+        tmp_path, text, name="nan",
+        trainer={"max_steps": 20, "val_check_interval": 5, "strategy": "ddp", "devices": 2,
+                 "callbacks": [{"class_path": "record_batches.PoisonRank", "init_args": {"rank": 1, "step": 7}}]},
+    )
+    result = picogpt("fit", "--config", str(config), expect=1)
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "NaN or inf at steps 6-10" in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = torch.load(tmp_path / "checkpoints" / "nan" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 5

@@ -36,12 +36,12 @@ def test_auto_tie_ties_small_corpora_only():
     assert not tiny_module(train_tokens=10_000, auto_tie_weights=False).model.config.tie_weights
 
 
+class FakeTrainer:
+    max_steps = 100
+
+
 def test_optimizer_decays_matrices_only():
     module = tiny_module()
-
-    class FakeTrainer:
-        max_steps = 100
-
     module._trainer = FakeTrainer()
     optimizer = module.configure_optimizers()["optimizer"]
     decay, no_decay = optimizer.param_groups
@@ -49,6 +49,27 @@ def test_optimizer_decays_matrices_only():
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() < 2 for p in no_decay["params"])
     counted = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     assert counted == sum(p.numel() for p in module.parameters())
+
+
+def test_decay_groups_survive_sharded_parameters():
+    """FSDP (use_orig_params) shows configure_optimizers 1-D shards inside wrapper modules; the groups must
+    still be the plain model's: matrices decayed, biases and norm gains not."""
+    module = tiny_module()
+    module._trainer = FakeTrainer()
+    expected = [{id(p) for p in group["params"]} for group in module.configure_optimizers()["optimizer"].param_groups]
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self._fsdp_wrapped_module = inner
+
+    module.model.blocks[0] = Wrapper(module.model.blocks[0])
+    with torch.no_grad():
+        for param in module.model.parameters():
+            param.data = param.data.reshape(-1)
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    assert [{id(p) for p in group["params"]} for group in groups] == expected
+    assert len(expected[0]) > 0 and len(expected[1]) > 0
 
 
 def test_invalid_shape_is_a_user_error():
