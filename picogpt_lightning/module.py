@@ -8,6 +8,7 @@ import time
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torchmetrics import MeanMetric
 
 from . import __version__
@@ -124,7 +125,7 @@ class GPTLightningModule(L.LightningModule):
         message = f"warm start: loaded {len(loadable)} tensors from {path}"
         if skipped:
             message += f"; kept fresh initialisation for {len(skipped)}: {', '.join(skipped)}"
-        print(message)
+        rank_zero_only(print)(message)  # every rank loads; one says so
 
     def setup(self, stage: str) -> None:
         if self.trainer.strategy.root_device.type == "cuda":

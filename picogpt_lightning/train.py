@@ -199,7 +199,7 @@ def _run_lightning_cli(command: str, args: list[str]) -> int:
         vocab = cli.model.model.config.vocab_size
         print(f"best val_loss {best:.4f} (perplexity {math.exp(best):.1f}; untrained ~ ln({vocab}) = "
               f"{math.log(vocab):.2f}) in {trainer.checkpoint_callback.best_model_path}")
-    if command == "validate":
+    if command == "validate" and trainer.is_global_zero:
         metrics = cli.trainer.callback_metrics
         if "val_loss" in metrics:
             print(f"val_loss {float(metrics['val_loss']):.4f}  val_ppl {float(metrics['val_ppl']):.2f}")

@@ -56,6 +56,20 @@ def test_two_process_ddp_fit_validate_and_resume(tmp_path, capsys):
     assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 14
 
 
+def test_two_process_validate_and_warm_start_speak_once(tmp_path):
+    """Every rank runs the command; rank 0 alone prints its result lines."""
+    text = make_text(tmp_path / "t.txt")
+    config = make_config(tmp_path, text, name="ddp", trainer={"max_steps": 4, "val_check_interval": 4,
+                                                              "strategy": "ddp", "devices": 2})
+    picogpt("fit", "--config", str(config))
+    last = tmp_path / "checkpoints" / "ddp" / "last.ckpt"
+    validated = picogpt("validate", "--config", str(config), "--ckpt_path", str(last))
+    assert len([line for line in validated.stdout.splitlines() if line.startswith("val_loss")]) == 1
+    warm = picogpt("fit", "--config", str(config), "--model.init_from", str(last), "--trainer.max_steps", "2",
+                   "--ckpt_dir", str(tmp_path / "warm"))
+    assert len([line for line in warm.stdout.splitlines() if line.startswith("warm start: loaded")]) == 1
+
+
 def test_nan_on_one_rank_stops_every_rank_with_one_line(tmp_path):
     """A NaN seen by rank 1 only must stop both ranks at the same check (no rank left waiting in a collective,
     no traceback), say so once, and leave the last good checkpoint alone."""
