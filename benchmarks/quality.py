@@ -3,6 +3,7 @@
     python -m benchmarks.quality                                   # nanoGPT's CPU recipe, target 1.88
     python -m benchmarks.quality --threads 1 --reference false     # ours only
     python -m benchmarks.quality --seeds '[1337,1,2,3,4]'          # the spread over five seeds
+    python -m benchmarks.quality --reference false --nanogpt_replay true   # also nanoGPT's own protocol
     python -m benchmarks.quality --config configs/shakespeare-char.yaml --target 1.4697   # on a GPU
 
 The recipe runs through the real `picogpt fit` in this process (a callback only records each validation). The
@@ -25,6 +26,7 @@ from lightning.pytorch.callbacks import Callback
 
 from benchmarks.common import machine_line, override_args, run_cli, run_fit, set_threads
 from benchmarks.train_speed import ReferenceLoop
+from picogpt_lightning.model import GPT
 
 
 class ValidationRecorder(Callback):
@@ -68,25 +70,83 @@ def evaluate(loop: ReferenceLoop, batches) -> float:
     return total / tokens
 
 
+def random_blocks(tokens: np.ndarray, block: int, batch: int, device: torch.device,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch` blocks at uniform random starts drawn with torch's RNG, as nanoGPT's get_batch draws them."""
+    starts = torch.randint(len(tokens) - block, (batch,), generator=generator).tolist()
+    rows = torch.from_numpy(np.stack([tokens[s : s + block + 1] for s in starts]).astype(np.int64)).to(device)
+    return rows[:, :-1], rows[:, 1:]
+
+
+def split_tokens(module, split: str) -> np.ndarray:
+    folder, meta, _ = module.trainer.datamodule.prepared
+    return np.memmap(folder / f"{split}.bin", dtype=meta["dtype"], mode="r")
+
+
 @torch.no_grad()
 def nanogpt_estimate(module, iters: int = 20, seed: int = 1337) -> float:
     """The val loss as nanoGPT's estimate_loss reports it: the mean loss of `iters` batches of random blocks
     (nanoGPT's CPU recipe uses 20). A noisier figure than the whole-split loss; printed to compare like with
     like against nanoGPT's published number."""
-    data = module.trainer.datamodule
-    folder, meta, _ = data.prepared
-    val = np.memmap(folder / "val.bin", dtype=meta["dtype"], mode="r")
-    block, batch = data.hparams.block_size, data.hparams.batch_size
+    hp = module.trainer.datamodule.hparams
+    val = split_tokens(module, "val")
     generator = torch.Generator().manual_seed(seed)
-    model = module.model
-    model.eval()
-    losses = []
-    for _ in range(iters):
-        starts = torch.randint(len(val) - block, (batch,), generator=generator).tolist()
-        rows = torch.from_numpy(np.stack([val[s : s + block + 1] for s in starts]).astype(np.int64)).to(module.device)
-        losses.append(float(model(rows[:, :-1], rows[:, 1:])[1]))
-    model.train()
+    module.model.eval()
+    losses = [float(module.model(*random_blocks(val, hp.block_size, hp.batch_size, module.device, generator))[1])
+              for _ in range(iters)]
+    module.model.train()
     return sum(losses) / len(losses)
+
+
+class NanoGPTReplay:
+    """nanoGPT's train.py protocol, replayed with our GPT class and the run's hyperparameters.
+
+    As nanoGPT does: seed torch, build the model (its initialisation draws from torch's global RNG), then draw
+    every batch from that same RNG: the first training batch before the loop, then at each evaluation
+    `eval_iters` train batches and `eval_iters` val batches, and the next training batch at each step. The
+    printed val loss is that evaluation's 20-batch mean, the figure nanoGPT's README quotes. (nanoGPT draws the
+    next batch after the forward pass; the same thing with dropout 0, when the forward pass draws nothing.)
+    """
+
+    def __init__(self, trainer, module, seed: int, eval_iters: int = 20):
+        hp = trainer.datamodule.hparams
+        self.block, self.batch, self.eval_iters = hp.block_size, hp.batch_size, eval_iters
+        self.tokens = {split: split_tokens(module, split) for split in ("train", "val")}
+        self.device = module.device
+        torch.manual_seed(seed)
+        initial = GPT(module.model.config).state_dict()
+        rng_after_init = torch.get_rng_state()
+        self.loop = ReferenceLoop(trainer, module, compile=False, batches=self)
+        self.loop.model.load_state_dict(initial)
+        torch.set_rng_state(rng_after_init)
+        self.pending = self.draw("train")
+
+    def draw(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return random_blocks(self.tokens[split], self.block, self.batch, self.device)
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, self.pending = self.pending, self.draw("train")
+        return batch
+
+    @torch.no_grad()
+    def estimate(self, split: str) -> float:
+        model = self.loop.model
+        model.eval()
+        with self.loop.autocast():
+            losses = [float(model(*self.draw(split))[1]) for _ in range(self.eval_iters)]
+        model.train()
+        return sum(losses) / len(losses)
+
+    def run(self, steps: int, interval: int) -> list[tuple[int, float, float]]:
+        """(step, val estimate, train estimate) at step 0, every `interval` steps and at the end."""
+        curve = []
+        for step in range(steps + 1):
+            if step % interval == 0 or step == steps:
+                train = self.estimate("train")  # nanoGPT evaluates the train split first
+                curve.append((step, self.estimate("val"), train))
+            if step < steps:
+                self.loop.step()
+        return curve
 
 
 def train_reference(recorder: ValidationRecorder, steps: int, interval: int) -> tuple[list[tuple[int, float, float]], float]:
@@ -126,12 +186,18 @@ def spread(values: list[float]) -> str:
             f"(min {min(values):.4f}, max {max(values):.4f})")
 
 
+def validation_interval(trainer) -> int:
+    check = trainer.val_check_interval
+    return int(check) if check > 1 else trainer.global_step
+
+
 def main(
     config: str = "configs/shakespeare-char-cpu.yaml",
     target: float = 1.88,
     seeds: list[int] | None = None,
     threads: int | None = None,
     reference: bool = True,
+    nanogpt_replay: bool = False,
     overrides: list[str] | None = None,
 ) -> None:
     """Train CONFIG with `picogpt fit`; print its val loss against TARGET and its wall time (and the reference's).
@@ -143,26 +209,34 @@ def main(
             that a single published figure hides. Default: the config's own seed, once.
         threads: torch CPU threads (torch.set_num_threads); null keeps torch's default (one per core).
         reference: also train the plain PyTorch loop from the same weights on the same batches (first run only).
+        nanogpt_replay: also train with nanoGPT's own protocol (its seeding, its torch-RNG batches, its 20-batch
+            val estimate) for each seed: the figure nanoGPT's README quotes, from our GPT class.
         overrides: extra `picogpt fit` settings as KEY=VALUE, e.g. trainer.max_steps=300.
     """
     overrides = list(overrides or [])
     set_threads(threads)
-    runs = []  # (seed, whole-split val loss, nanoGPT-style estimate, fit seconds)
-    ref_curve, ref_seconds, first = [], 0.0, None
+    runs, replays = [], []  # (seed, whole-split val loss, 20-batch estimate)
+    ref_curve, ref_seconds, first, first_seconds = [], 0.0, None, 0.0
     for seed in seeds or [None]:
         seed_overrides = [] if seed is None else [f"seed_everything={seed}", f"data.seed={seed}"]
         recorder, fit_seconds = run_recipe(config, overrides + seed_overrides)
-        module = recorder.module
-        estimate = nanogpt_estimate(module, seed=module.trainer.datamodule.hparams.seed)
-        runs.append((module.trainer.datamodule.hparams.seed, recorder.curve[-1][1], estimate, fit_seconds))
-        print(f"seed {runs[-1][0]}: val_loss {runs[-1][1]:.4f} (whole split), nanoGPT-style estimate "
-              f"{estimate:.4f}, {fit_seconds:.1f} s", flush=True)
+        trainer, module = recorder.trainer, recorder.module
+        run_seed, steps, interval = trainer.datamodule.hparams.seed, trainer.global_step, validation_interval(trainer)
+        runs.append((run_seed, recorder.curve[-1][1], nanogpt_estimate(module, seed=run_seed)))
+        print(f"seed {run_seed}: val_loss {runs[-1][1]:.4f} (whole split), nanoGPT-style estimate "
+              f"{runs[-1][2]:.4f}, {fit_seconds:.1f} s", flush=True)
         if first is None:
-            first = recorder
+            first, first_seconds = recorder, fit_seconds
             if reference:
-                steps = recorder.trainer.global_step
-                check = recorder.trainer.val_check_interval
-                ref_curve, ref_seconds = train_reference(recorder, steps, int(check) if check > 1 else steps)
+                ref_curve, ref_seconds = train_reference(recorder, steps, interval)
+        if nanogpt_replay:
+            replay = NanoGPTReplay(trainer, module, seed=run_seed)
+            curve = replay.run(steps, interval)
+            whole = evaluate(replay.loop, list(trainer.datamodule.val_dataloader()))
+            replays.append((run_seed, whole, curve[-1][1]))
+            print(f"seed {run_seed}: nanoGPT protocol replayed with our GPT: step {curve[-1][0]}: train loss "
+                  f"{curve[-1][2]:.4f}, val loss {curve[-1][1]:.4f} (its 20-batch estimate); whole split "
+                  f"{whole:.4f}", flush=True)
 
     print(f"{machine_line(first.module.device)}; lightning {L.__version__}")
     print(f"config: {config}" + (f" with {' '.join(overrides)}" if overrides else ""))
@@ -171,13 +245,15 @@ def main(
           f"{'met' if final <= target else 'NOT met'}; ratio target/ours {target / final:.3f})")
     print(f"ours best val_loss, seed {runs[0][0]}: {min(loss for _, loss, _ in first.curve):.4f}")
     print(f"ours val_loss as nanoGPT estimates it (mean of 20 random val batches), seed {runs[0][0]}: {runs[0][2]:.4f}")
-    print(f"ours wall time: {runs[0][3]:.1f} s for `picogpt fit` (training and validation {first.train_seconds:.1f} s)")
-    if len(runs) > 1:
-        whole, estimates = [r[1] for r in runs], [r[2] for r in runs]
-        print(f"over {len(runs)} seeds ({', '.join(str(r[0]) for r in runs)}): val_loss {spread(whole)}; "
-              f"runs at or under the target: {sum(v <= target for v in whole)} of {len(runs)}")
-        print(f"over {len(runs)} seeds: nanoGPT-style estimate {spread(estimates)}; "
-              f"estimates at or under the target: {sum(v <= target for v in estimates)} of {len(runs)}")
+    print(f"ours wall time: {first_seconds:.1f} s for `picogpt fit` (training and validation {first.train_seconds:.1f} s)")
+    summaries = [("ours", runs)] if len(runs) > 1 else []
+    summaries += [("nanoGPT protocol replayed", replays)] if replays else []
+    for name, results in summaries:
+        whole, estimates = [r[1] for r in results], [r[2] for r in results]
+        print(f"{name}, {len(results)} seed(s) ({', '.join(str(r[0]) for r in results)}): whole-split val_loss "
+              f"{spread(whole)}, at or under the target: {sum(v <= target for v in whole)} of {len(results)}")
+        print(f"{name}, {len(results)} seed(s): 20-batch estimate {spread(estimates)}, at or under the target: "
+              f"{sum(v <= target for v in estimates)} of {len(results)}")
     if ref_curve:
         ref_final = ref_curve[-1][1]
         print(f"reference val_loss at step {ref_curve[-1][0]}: {ref_final:.4f} "

@@ -28,6 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import lightning as L
 import torch
@@ -54,7 +55,9 @@ from picogpt_lightning.module import lr_at
 class ReferenceLoop:
     """nanoGPT's training step in plain PyTorch, set up like the Lightning run it is compared with."""
 
-    def __init__(self, trainer: L.Trainer, module: L.LightningModule, compile: bool):
+    def __init__(self, trainer: L.Trainer, module: L.LightningModule, compile: bool,
+                 batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None):
+        """`batches` replaces the run's own random blocks (benchmarks.quality replays nanoGPT's sampling)."""
         hp = module.hparams
         self.device = module.device
         self.model = GPT(module.model.config).to(self.device)
@@ -75,11 +78,12 @@ class ReferenceLoop:
         self.clip = trainer.gradient_clip_val
         self.accumulate = trainer.accumulate_grad_batches
         self.autocast = self._autocast(str(trainer.precision))
-        data = trainer.datamodule
-        folder, meta, _ = data.prepared
-        blocks = RandomBlocks(str(folder / "train.bin"), meta["dtype"], data.hparams.block_size,
-                              data.hparams.batch_size, data.hparams.seed, rank=0)
-        self.batches = iter(blocks)
+        if batches is None:
+            data = trainer.datamodule
+            folder, meta, _ = data.prepared
+            batches = iter(RandomBlocks(str(folder / "train.bin"), meta["dtype"], data.hparams.block_size,
+                                        data.hparams.batch_size, data.hparams.seed, rank=0))
+        self.batches = batches
         self.pin = self.device.type == "cuda"
         self.step_index = 0
 
