@@ -53,9 +53,11 @@ def read_checkpoint(path: str | Path) -> dict:
             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}); use a .ckpt written by `picogpt fit`"
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise PicoGPTError(f"{path} is a PyTorch file but not a picogpt checkpoint (no state_dict)")
+        raise PicoGPTError(f"{path} is a PyTorch file but not a picogpt checkpoint (no state_dict); "
+                           f"pass a best.ckpt or last.ckpt written by `picogpt fit`")
     if "picogpt" not in checkpoint:
-        raise PicoGPTError(f"{path} is a Lightning checkpoint but not one written by `picogpt fit` (no picogpt entry)")
+        raise PicoGPTError(f"{path} is a Lightning checkpoint but not one written by `picogpt fit` (no picogpt entry); "
+                           f"pass a best.ckpt or last.ckpt written by `picogpt fit`")
     return checkpoint
 
 
