@@ -27,9 +27,11 @@ def train_losses(run: Path) -> dict[int, float]:
     return losses
 
 
-def test_n_steps_plus_resume_equals_2n_steps_exactly(tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 2], ids=["plain", "accumulating"])
+def test_n_steps_plus_resume_equals_2n_steps_exactly(tmp_path, accumulate):
     text = make_text(tmp_path / "t.txt")
-    settings = dict(trainer={"max_steps": 16, "val_check_interval": 8, "log_every_n_steps": 1},
+    settings = dict(trainer={"max_steps": 16, "val_check_interval": 8 * accumulate, "log_every_n_steps": 1,
+                             "accumulate_grad_batches": accumulate},
                     model={"dropout": 0.1})
     straight = make_config(tmp_path, text, name="straight", **settings)
     split = make_config(tmp_path, text, name="split", **settings)
