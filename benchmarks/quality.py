@@ -10,9 +10,10 @@ The recipe runs through the real `picogpt fit` in this process (a callback only 
 target is the figure nanoGPT publishes for the same recipe. As a same-run reference, the plain PyTorch loop of
 `benchmarks.train_speed` then trains from the same initial weights on the same batches for the same steps, and
 is evaluated on the same validation blocks: with dropout 0 the two curves should agree to a few decimals, which
-shows that Lightning trains exactly what a hand-written loop trains. `--seeds` repeats all of it per seed and
-prints the spread; `--nanogpt_replay` also trains our GPT the way nanoGPT's train.py does and prints the noisy
-20-batch estimate its README quotes, next to the same model's loss on the whole val split.
+shows that Lightning trains exactly what a hand-written loop trains. `--seeds` trains once per seed (the
+reference only for the first) and prints the spread; `--nanogpt_replay` also trains our GPT the way nanoGPT's
+train.py does and prints the noisy 20-batch estimate its README quotes, next to the same model's loss on the
+whole val split.
 """
 
 from __future__ import annotations
