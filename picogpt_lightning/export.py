@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 from .errors import PicoGPTError
-from .tokenizer import ENDOFTEXT, UNKNOWN, CharTokenizer, WordTokenizer
+from .tokenizer import ENDOFTEXT, UNKNOWN, CharTokenizer, WordTokenizer, save_atomically
 
 HF_WEIGHTS = "model.safetensors"
 PICOGPT_CONFIG = "picogpt.json"  # --format safetensors: our own config beside the weights
@@ -32,20 +30,9 @@ EXPORT_FORMAT = 1
 # ---------------------------------------------------------------------------------------------------- writing
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename, so a crash never leaves half a file."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
 def _write_json(path: Path, content: dict) -> None:
     text = json.dumps(content, indent=2, ensure_ascii=False) + "\n"
-    _write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    save_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
 def _safetensors_torch():
@@ -63,7 +50,7 @@ def _write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> N
 
     contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
     data = save(contiguous, metadata=metadata)
-    _write_atomically(path, lambda temporary: temporary.write_bytes(data))
+    save_atomically(path, lambda temporary: temporary.write_bytes(data))
 
 
 def _output_folder(out_dir: str) -> Path:
@@ -217,7 +204,7 @@ def export_hf(ckpt: str, out_dir: str) -> list[Path]:
     _write_json(written[0], hf_gpt2_config(config, _dtype_name(state), endoftext_id))
     _write_json(written[1], {"bos_token_id": endoftext_id, "eos_token_id": endoftext_id})
     _write_safetensors(written[2], hf_gpt2_state_dict(state, config), {"format": "pt"})
-    _write_atomically(written[3], lambda temporary: fast_tokenizer.save(str(temporary)))
+    save_atomically(written[3], lambda temporary: fast_tokenizer.save(str(temporary)))
     _write_json(written[4], hf_tokenizer_config(tokenizer.kind, special, config.block_size))
     specials = {"bos_token": special, "eos_token": special} if special else {}
     if tokenizer.kind == "word":

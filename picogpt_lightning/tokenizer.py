@@ -92,7 +92,7 @@ def _checked_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
     return checked
 
 
-def _save_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+def save_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     """Write through a temporary file in the same folder, then rename: readers never see half a file."""
     temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # unique, so writers never collide
     try:
@@ -166,7 +166,7 @@ class CharTokenizer:
         return json.dumps({"kind": self.kind, "chars": self.chars})
 
     def save(self, folder: str | os.PathLike) -> Path:
-        return _save_atomically(Path(folder) / VOCAB_FILE, lambda path: path.write_text(self.to_json(), "utf-8"))
+        return save_atomically(Path(folder) / VOCAB_FILE, lambda path: path.write_text(self.to_json(), "utf-8"))
 
 
 class BPETokenizer:
@@ -224,7 +224,7 @@ class BPETokenizer:
         return json.dumps({"kind": self.kind, "tokenizer": json.loads(self.tokenizer.to_str())})
 
     def save(self, folder: str | os.PathLike) -> Path:
-        return _save_atomically(Path(folder) / BPE_FILE, lambda path: self.tokenizer.save(str(path)))
+        return save_atomically(Path(folder) / BPE_FILE, lambda path: self.tokenizer.save(str(path)))
 
 
 class WordTokenizer:
@@ -276,7 +276,7 @@ class WordTokenizer:
         return json.dumps({"kind": self.kind, "tokens": self.tokens})
 
     def save(self, folder: str | os.PathLike) -> Path:
-        return _save_atomically(Path(folder) / VOCAB_FILE, lambda path: path.write_text(self.to_json(), "utf-8"))
+        return save_atomically(Path(folder) / VOCAB_FILE, lambda path: path.write_text(self.to_json(), "utf-8"))
 
 
 def _bpe_from_str(text: str, source: str) -> BPETokenizer:
