@@ -125,7 +125,7 @@ def si(value: float, unit: str) -> str:
 def extra_fit_callbacks(callbacks: list) -> Iterator[None]:
     """While active, `picogpt fit` adds `callbacks` to the ones it builds (through LightningCLI's trainer
     defaults), so a benchmark measures the real command and only observes it."""
-    from picogpt_lightning import train
+    from picogpt_lightning.cli import fit as train
 
     original = train.TRAINER_DEFAULTS
     train.TRAINER_DEFAULTS = {**original, "callbacks": list(callbacks)}
@@ -138,7 +138,7 @@ def extra_fit_callbacks(callbacks: list) -> Iterator[None]:
 def run_fit(args: list[str], callbacks: list) -> None:
     """`picogpt fit ARGS` in this process, with `callbacks` observing it."""
     from picogpt_lightning.errors import PicoGPTError
-    from picogpt_lightning.train import run_lightning_cli
+    from picogpt_lightning.cli.fit import run_lightning_cli
 
     with extra_fit_callbacks(callbacks):
         try:

@@ -19,8 +19,9 @@ import time
 import torch
 
 from benchmarks.common import machine_line, median, set_threads, synchronize
-from picogpt_lightning.generate import SamplingSettings, generate_batch, make_generator, resolve_device
+from picogpt_lightning.generate import generate_batch, make_generator, resolve_device
 from picogpt_lightning.model import GPT, GPTConfig
+from picogpt_lightning.settings import SamplingSettings
 
 
 def tokens_per_second(

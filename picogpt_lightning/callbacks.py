@@ -16,6 +16,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from .errors import PicoGPTError
+from .generate import make_generator, stream_text
+from .prompt import encode_prompt
+from .settings import SamplingSettings
 
 
 SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
@@ -189,8 +192,6 @@ class ValidationSample(Callback):
             return
         if isinstance(trainer.strategy, SHARDED_STRATEGIES):
             return
-        from .generate import SamplingSettings, encode_prompt, make_generator, stream_text
-
         model, tokenizer = pl_module.model, trainer.datamodule.tokenizer
         _, prompt_ids = encode_prompt(self.prompt, tokenizer, warn=False)
         was_training = model.training

@@ -12,32 +12,23 @@ A conversation is rendered as plain text in the corpus' own form, by default
 
 and the model continues it until it writes the next user marker ("\\nQ:"), the end-of-text token or a stop
 string. The prompt is rebuilt from the history at each turn; when it no longer fits the model's context the
-oldest turns are dropped, never the system prompt. Like generate.py, nothing here imports Lightning.
+oldest turns are dropped, never the system prompt. The REPL around a session is `picogpt chat` (cli/chat.py).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
+
+import torch
 
 from .errors import PicoGPTError
-from .generate import (
-    SamplingSettings,
-    encode_prompt,
-    fit_to_vocabulary,
-    make_generator,
-    read_escapes,
-    read_stop_strings,
-    resolve_device,
-    stream_text,
-    with_evaluated_annotations,
-)
+from .generate import stream_text
+from .prompt import encode_prompt, fit_to_vocabulary, read_escapes
+from .settings import SamplingSettings
 from .tokenizer import ENDOFTEXT
-
-if TYPE_CHECKING:
-    import torch
 
 COMMANDS_HELP = "commands: /reset (forget the conversation), /system TEXT, /temp X, /exit (or Ctrl-D)"
 
@@ -212,90 +203,3 @@ class ChatSession:
             return
         self.settings.temperature = temperature
         self.note(f"(temperature {temperature})")
-
-
-def run_repl(session: ChatSession, lines: Iterable[str] | None = None) -> None:
-    """Feed `lines` (e.g. a piped file, one message per line) to the session, or read a terminal when None."""
-    if lines is not None:
-        for line in lines:
-            if not session.handle(line.rstrip("\r\n")):
-                return
-        return
-    try:
-        import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
-    except ImportError:
-        pass
-    session.note(COMMANDS_HELP)
-    user_prompt = session.chat_format.user_prefix or "> "
-    while True:
-        try:
-            line = input(user_prompt)
-        except EOFError:
-            session.output.write("\n")
-            return
-        except KeyboardInterrupt:
-            session.note("\n(Ctrl-C stops an answer; to quit use /exit or Ctrl-D)")
-            continue
-        if line.strip() and not line.strip().startswith("/"):
-            session.output.write(session.chat_format.assistant_prefix)
-            session.output.flush()
-        if not session.handle(line):
-            return
-
-
-@with_evaluated_annotations
-def chat_command(
-    ckpt: str,
-    system_prompt: str = "",
-    user_prefix: str = "Q: ",
-    assistant_prefix: str = "A: ",
-    turn_separator: str = "\\n\\n",
-    max_new_tokens: int = 256,
-    temperature: float = 0.8,
-    top_k: int | None = 200,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    seed: int | None = 1337,
-    stop: list[str] | str | None = None,
-    device: str = "auto",
-) -> None:
-    """Chat with a checkpoint: type a message, the model answers token by token.
-
-    Commands: /reset, /system TEXT, /temp X, /exit (or Ctrl-D); Ctrl-C stops the current answer. With input
-    piped from a file, each line is one message and only the answers are printed.
-
-    Args:
-        ckpt: Checkpoint written by `picogpt fit` (e.g. checkpoints/small/best.ckpt).
-        system_prompt: Text placed before the conversation (e.g. "You are picoGPT, a helpful assistant.");
-            it is kept when old turns are dropped to fit the context.
-        user_prefix: Marks a user turn; the model's answer ends where it starts a new one.
-        assistant_prefix: Marks the model's turn; a turn is USER_PREFIX message \\n ASSISTANT_PREFIX answer.
-        turn_separator: Text between turns (\\n and \\t are read as escapes).
-        max_new_tokens: Longest answer, in tokens.
-        temperature: Randomness; 0 always takes the most likely token (greedy). /temp X changes it.
-        top_k: Sample only among the k likeliest tokens; null for all.
-        top_p: Nucleus sampling: only the likeliest tokens whose probabilities add up to p; null for off.
-        repetition_penalty: Above 1 makes tokens already in the context less likely; 1 is off.
-        seed: Random seed, for reproducible conversations; null for a random one.
-        stop: One more stop string, or a list of them, that end an answer (e.g. --stop "\\n\\n").
-        device: cpu, cuda, cuda:N, mps, or auto (cuda, then mps, then cpu).
-    """
-    from .checkpoint import load_checkpoint  # imports torch and the model: not needed for --help
-
-    if max_new_tokens < 1:
-        raise PicoGPTError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    settings = SamplingSettings(temperature, top_k, top_p, repetition_penalty)
-    target = resolve_device(device)
-    loaded = load_checkpoint(ckpt, target)
-    chat_format = ChatFormat(read_escapes(user_prefix), read_escapes(assistant_prefix), read_escapes(turn_separator))
-    session = ChatSession(
-        loaded.model,
-        loaded.tokenizer,
-        system_prompt=read_escapes(system_prompt),
-        chat_format=chat_format,
-        settings=settings,
-        max_new_tokens=max_new_tokens,
-        stop=read_stop_strings(stop),
-        generator=make_generator(seed, target),
-    )
-    run_repl(session, None if sys.stdin.isatty() else sys.stdin)

@@ -14,20 +14,25 @@ Layout of a checkpoint (a Lightning checkpoint with one extra entry):
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from .errors import PicoGPTError
+from .files import write_atomically
 from .model import GPT, GPTConfig
 from .tokenizer import Tokenizer, tokenizer_from_json
 
 MODEL_PREFIX = "model."
 COMPILE_PREFIX = "_orig_mod."
+EXPORT_WEIGHTS = "model.safetensors"  # `picogpt export` writes the weights under this name in both formats
+EXPORT_CONFIG = "picogpt.json"  # --format safetensors: our own config beside the weights
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -77,6 +82,8 @@ def model_config(checkpoint: dict) -> GPTConfig:
 
 @dataclass
 class LoadedCheckpoint:
+    """A model ready to use (eval mode, on its device), its tokenizer, and the facts stored beside them."""
+
     model: GPT
     tokenizer: Tokenizer
     meta: dict
@@ -88,14 +95,43 @@ class LoadedCheckpoint:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """A ready-to-use model (eval mode, on `device`) and its tokenizer from a checkpoint file."""
+    """The one way to load a model for use: a `picogpt fit` checkpoint file, or a folder written by
+    `picogpt export --format safetensors`."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / EXPORT_CONFIG).is_file():
+            raise PicoGPTError(f"{path} is a folder without {EXPORT_CONFIG}: pass a .ckpt file, or a folder "
+                               f"written by `picogpt export --format safetensors`")
+        return _load_safetensors_export(path, device)
     checkpoint = read_checkpoint(path)
     meta = checkpoint["picogpt"]
+    if not meta.get("tokenizer"):
+        raise PicoGPTError(f"{path} holds no tokenizer; use a checkpoint written by `picogpt fit`")
     model = GPT(model_config(checkpoint))
     model.load_state_dict(model_state_dict(checkpoint))
     model.to(device).eval()
-    tokenizer = tokenizer_from_json(meta["tokenizer"])
-    return LoadedCheckpoint(model, tokenizer, meta, int(checkpoint.get("global_step", 0)))
+    return LoadedCheckpoint(model, tokenizer_from_json(meta["tokenizer"]), meta, int(checkpoint.get("global_step", 0)))
+
+
+def _load_safetensors_export(folder: Path, device: str | torch.device) -> LoadedCheckpoint:
+    """Model and tokenizer from a `--format safetensors` folder: our parameter names, a tied output layer
+    stored once (as wte.weight), and picogpt.json with the model config and tokenizer."""
+    try:
+        description = json.loads((folder / EXPORT_CONFIG).read_text(encoding="utf-8"))
+        state = safetensors.torch.load_file(str(folder / EXPORT_WEIGHTS))
+        model = GPT(GPTConfig.from_dict(description["model_config"]))
+        if model.config.tie_weights:
+            state["lm_head.weight"] = state["wte.weight"]
+        model.load_state_dict(state)
+        tokenizer = tokenizer_from_json(json.dumps(description["tokenizer"]))
+    except PicoGPTError:
+        raise
+    except Exception as error:  # unreadable or damaged files: safetensors raises its own Exception subclass
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise PicoGPTError(f"{folder} is not a complete `picogpt export --format safetensors` folder ({reason}); "
+                           f"export the checkpoint again") from None
+    model.to(device).eval()
+    return LoadedCheckpoint(model, tokenizer, description, 0)
 
 
 def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, **meta) -> None:
@@ -112,6 +148,4 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, **meta) 
         "global_step": int(meta.pop("global_step", 0)),
         "picogpt": {"format": 1, "model_config": model.config.to_dict(), "tokenizer": tokenizer.to_json(), **meta},
     }
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(payload, temporary)
-    temporary.replace(path)
+    write_atomically(path, lambda temporary: torch.save(payload, temporary))

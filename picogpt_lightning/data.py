@@ -19,10 +19,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import PicoGPTError
-from .prepare import DEFAULT_CACHE_DIR, cached_prepare, load_prepared, open_bins
+from .prepare import DEFAULT_CACHE_DIR, PrepareSettings, cached_prepare, load_prepared
 from .tokenizer import Tokenizer
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+PREPARE = PrepareSettings()  # the preparation defaults, defined once in prepare.py
 
 
 def _blocks(data: np.ndarray, starts: np.ndarray, block_size: int) -> Batch:
@@ -95,12 +96,12 @@ class GPTDataModule(L.LightningDataModule):
     def __init__(
         self,
         text_path: str = "data/philosophy.txt",
-        mode: Literal["char", "token"] = "token",
-        backend: Literal["bpe", "word"] = "bpe",
-        vocab_size: int = 8000,
-        val_fraction: float = 0.1,
-        random_split: bool = False,
-        split_seed: int = 1337,
+        mode: Literal["char", "token"] = PREPARE.mode,
+        backend: Literal["bpe", "word"] = PREPARE.backend,
+        vocab_size: int = PREPARE.vocab_size,
+        val_fraction: float = PREPARE.val_fraction,
+        random_split: bool = PREPARE.random_split,
+        split_seed: int = PREPARE.split_seed,
         block_size: int = 256,
         batch_size: int = 16,
         eval_iters: int = 50,
@@ -141,11 +142,8 @@ class GPTDataModule(L.LightningDataModule):
         if hp.prepared_dir is not None:
             folder = Path(hp.prepared_dir)
         else:
-            folder = cached_prepare(
-                hp.text_path, hp.cache_dir, is_writer=_local_rank() == 0, mode=hp.mode, backend=hp.backend,
-                vocab_size=hp.vocab_size, val_fraction=hp.val_fraction, random_split=hp.random_split,
-                split_seed=hp.split_seed,
-            )
+            settings = {name: hp[name] for name in PrepareSettings.__dataclass_fields__}
+            folder = cached_prepare(hp.text_path, hp.cache_dir, is_writer=_local_rank() == 0, **settings)
         meta, tokenizer = load_prepared(folder)
         for split in ("train", "val"):
             tokens = meta[f"{split}_tokens"]

@@ -1,4 +1,4 @@
-"""`picogpt evaluate`: loss, perplexity and bits per byte of a checkpoint on any text, streamed.
+"""Loss, perplexity and bits per byte of a model on any text, streamed (`picogpt evaluate`).
 
 Loss and perplexity are per token, so they cannot compare a char model with a BPE model: a BPE token covers
 several characters. Bits per byte can: the total negative log-likelihood of the text in bits, divided by the
@@ -13,19 +13,20 @@ The first token of the text is context only; its bytes are not counted. The last
 
 Characters a char model never saw are mapped as `picogpt sample` maps them (a close stand-in, else dropped),
 with a warning; bytes are counted on the text as scored.
-
-torch is imported only when an evaluation runs, so `picogpt evaluate --help` answers at once.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
+import torch
+import torch.nn.functional as F
+
 from .errors import PicoGPTError
+from .prompt import fit_to_vocabulary
 
 ENCODE_BATCH_CHARS = 1 << 16  # text is encoded 64 KB at a time: batches for BPE, and a progress bar that keeps up
 LOGITS_PER_BATCH = 1 << 24  # the automatic batch size keeps a batch's logits near 64 MB (float32)
@@ -101,9 +102,6 @@ def _batches(windows: Iterable[tuple[list[int], int]], batch_size: int) -> Itera
 
 def score_batch(model, batch: list[tuple[list[int], int]], device) -> float:
     """Summed negative log-likelihood (nats) of the scored targets of windows of equal length."""
-    import torch
-    import torch.nn.functional as F
-
     tokens = torch.tensor([window for window, _ in batch], dtype=torch.long, device=device)
     with torch.no_grad():
         logits = model(tokens[:, :-1])[0].float()
@@ -129,8 +127,6 @@ class _TextMeter:
         self.replacements: dict[str, str | None] = {}
 
     def encode(self, pieces: Iterable[str]) -> Iterator[list[int]]:
-        from .generate import fit_to_vocabulary
-
         batch: list[str] = []
         size = 0
         for piece in pieces:
@@ -201,68 +197,3 @@ def evaluate_text(
 ) -> EvaluationResult:
     """Loss, perplexity and bits per byte of `text` (a string held in memory)."""
     return evaluate_pieces(model, tokenizer, [text], stride, batch_size)[0]
-
-
-# ----------------------------------------------------------------------------------------------- the command
-
-
-def _progress_bar(total_bytes: int, quiet: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="evaluating", file=sys.stderr,
-                disable=quiet or not sys.stderr.isatty(), leave=False)
-
-
-def evaluate_command(
-    ckpt: str,
-    text_path: str,
-    stride: int | None = None,
-    batch_size: int | None = None,
-    device: str = "auto",
-    json: bool = False,
-    quiet: bool = False,
-) -> None:
-    """Loss, perplexity and bits per byte of a checkpoint on any text, so char and BPE models compare fairly.
-
-    The text is streamed (any size) in windows of the model's block_size; bits per byte = total loss in bits
-    / UTF-8 bytes of the text scored, which does not depend on the tokenizer.
-
-    Args:
-        ckpt: Checkpoint written by `picogpt fit` (e.g. checkpoints/small/best.ckpt).
-        text_path: A UTF-8 text file, or a folder whose .txt files are joined with a blank line (as prepare does).
-        stride: Tokens between window starts, from 1 to block_size (default block_size: windows do not
-            overlap, as in training). Smaller gives each token more context: lower loss, more time.
-        batch_size: Windows evaluated at once (default: up to 64, fewer for large block_size x vocab_size,
-            so that a batch's logits take about 64 MB).
-        device: cpu, cuda, cuda:N, mps, or auto (cuda, then mps, then cpu).
-        json: Print one JSON object on stdout instead of the table.
-        quiet: No progress bar (it is also off when stderr is not a terminal).
-    """
-    from .checkpoint import load_checkpoint
-    from .generate import describe_replacements, resolve_device
-    from .prepare import _chunks, find_text_files
-
-    files = find_text_files(text_path)
-    loaded = load_checkpoint(ckpt, resolve_device(device))
-    total = sum(path.stat().st_size for path in files)
-    with _progress_bar(total, quiet) as bar:
-        result, replacements, counts = evaluate_pieces(
-            loaded.model, loaded.tokenizer, _chunks(files, warn=not json), stride, batch_size, bar.update
-        )
-    if result.tokens == 0:
-        raise PicoGPTError(f"{text_path} has fewer than 2 tokens for this model: nothing to score")
-    if replacements:
-        print(f"warning: {sum(counts.values()):,} {describe_replacements(replacements)}", file=sys.stderr)
-    report = {"checkpoint": ckpt, "text_path": text_path, "files": len(files), "tokenizer": loaded.tokenizer.kind,
-              **result.to_dict(), "unknown_chars": sum(counts.values())}
-    if json:
-        import json as json_module
-
-        print(json_module.dumps(report))
-        return
-    print(f"text:           {text_path} ({len(files)} file(s), {result.bytes:,} bytes scored)")
-    print(f"tokens scored:  {result.tokens:,} ({loaded.tokenizer.kind} tokenizer, window {result.block_size}, "
-          f"stride {result.stride})")
-    print(f"loss:           {result.loss:.4f} nats/token")
-    print(f"perplexity:     {result.perplexity:.2f}")
-    print(f"bits per byte:  {result.bits_per_byte:.4f}")

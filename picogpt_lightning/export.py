@@ -1,4 +1,4 @@
-"""`picogpt export`: a checkpoint as a Hugging Face GPT-2 folder, or as plain safetensors weights.
+"""A checkpoint as a Hugging Face GPT-2 folder, or as plain safetensors weights (`picogpt export`).
 
 Our GPT is GPT-2's architecture with two switches GPT-2 lacks (no biases, untied output layer) and the exact
 erf GELU where GPT-2 uses the tanh approximation. So the Hugging Face export writes a `GPT2LMHeadModel` with
@@ -9,48 +9,34 @@ checkpoint has it. GPT-2's `Conv1D` layers store weights as (in, out), the trans
 The tokenizer goes along as a standard `tokenizer.json`: byte-level BPE is already one; char and word
 tokenizers are rebuilt as a `tokenizers` WordLevel model whose pre-tokenizer cuts the text exactly as ours
 does, with a decoder that concatenates (the library's default decoder would put spaces between tokens).
-
-Neither torch nor safetensors is imported until an export runs, so `picogpt export --help` answers at once.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Literal
 
+import safetensors.torch
+import tokenizers as tk
+import torch
+
+from .checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS, LoadedCheckpoint, load_checkpoint
 from .errors import PicoGPTError
-from .tokenizer import ENDOFTEXT, UNKNOWN, CharTokenizer, WordTokenizer, save_atomically
+from .files import write_atomically, write_json_atomically
+from .tokenizer import ENDOFTEXT, UNKNOWN, CharTokenizer, WordTokenizer
 
-HF_WEIGHTS = "model.safetensors"
-PICOGPT_CONFIG = "picogpt.json"  # --format safetensors: our own config beside the weights
 EXPORT_FORMAT = 1
+FORMATS = ("hf", "safetensors")
 
 # ---------------------------------------------------------------------------------------------------- writing
-
-
-def _write_json(path: Path, content: dict) -> None:
-    text = json.dumps(content, indent=2, ensure_ascii=False) + "\n"
-    save_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
-
-
-def _safetensors_torch():
-    try:
-        import safetensors.torch
-    except ImportError:
-        raise PicoGPTError("export needs the safetensors package: pip install safetensors") from None
-    return safetensors.torch
 
 
 def _write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
     # Serialised to bytes and written by us: safetensors' own save_file creates files readable by their owner
     # only (mode 600), whatever the umask, which breaks sharing an export folder.
-    save = _safetensors_torch().save
-
     contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
-    data = save(contiguous, metadata=metadata)
-    save_atomically(path, lambda temporary: temporary.write_bytes(data))
+    data = safetensors.torch.save(contiguous, metadata=metadata)
+    write_atomically(path, lambda temporary: temporary.write_bytes(data))
 
 
 def _output_folder(out_dir: str) -> Path:
@@ -69,8 +55,6 @@ def _output_folder(out_dir: str) -> Path:
 
 def hf_gpt2_state_dict(state: dict, config) -> dict:
     """Our GPT's weights under GPT-2's names and layouts (`state` as from `checkpoint.model_state_dict`)."""
-    import torch
-
     width = config.n_embd
 
     def bias(name: str, size: int):
@@ -135,8 +119,6 @@ def hf_gpt2_config(config, dtype: str, endoftext_id: int | None) -> dict:
 
 def _concatenating_tokenizer(vocab: dict[str, int], pattern: str, unknown: str):
     """A `tokenizers` WordLevel tokenizer that cuts text by `pattern` and decodes by plain concatenation."""
-    import tokenizers as tk
-
     tokenizer = tk.Tokenizer(tk.models.WordLevel(vocab=vocab, unk_token=unknown))
     tokenizer.pre_tokenizer = tk.pre_tokenizers.Split(tk.Regex(pattern), behavior="isolated")
     tokenizer.decoder = tk.decoders.Fuse()  # the default decoder joins tokens with spaces
@@ -182,100 +164,52 @@ def hf_tokenizer_config(tokenizer_kind: str, special: str | None, block_size: in
 # ---------------------------------------------------------------------------------------------------- formats
 
 
-def _read(ckpt: str):
-    from .checkpoint import model_config, model_state_dict, read_checkpoint
-    from .tokenizer import tokenizer_from_json
-
-    checkpoint = read_checkpoint(ckpt)
-    meta = checkpoint["picogpt"]
-    if not meta.get("tokenizer"):
-        raise PicoGPTError(f"{ckpt} holds no tokenizer; export a checkpoint written by `picogpt fit`")
-    return model_config(checkpoint), model_state_dict(checkpoint), tokenizer_from_json(meta["tokenizer"]), meta
+def _state(loaded: LoadedCheckpoint) -> dict:
+    return {name: tensor.detach() for name, tensor in loaded.model.state_dict().items()}
 
 
 def export_hf(ckpt: str, out_dir: str) -> list[Path]:
     """Write a folder that `transformers` loads with AutoModelForCausalLM / AutoTokenizer.from_pretrained."""
-    config, state, tokenizer, _ = _read(ckpt)
+    loaded = load_checkpoint(ckpt)
+    config, state, tokenizer = loaded.config, _state(loaded), loaded.tokenizer
     fast_tokenizer, special = hf_tokenizer(tokenizer)
     endoftext_id = fast_tokenizer.token_to_id(special) if special else None
     folder = _output_folder(out_dir)
-    written = [folder / name for name in ("config.json", "generation_config.json", HF_WEIGHTS, "tokenizer.json",
+    written = [folder / name for name in ("config.json", "generation_config.json", EXPORT_WEIGHTS, "tokenizer.json",
                                           "tokenizer_config.json", "special_tokens_map.json")]
-    _write_json(written[0], hf_gpt2_config(config, _dtype_name(state), endoftext_id))
-    _write_json(written[1], {"bos_token_id": endoftext_id, "eos_token_id": endoftext_id})
+    write_json_atomically(written[0], hf_gpt2_config(config, _dtype_name(state), endoftext_id))
+    write_json_atomically(written[1], {"bos_token_id": endoftext_id, "eos_token_id": endoftext_id})
     _write_safetensors(written[2], hf_gpt2_state_dict(state, config), {"format": "pt"})
-    save_atomically(written[3], lambda temporary: fast_tokenizer.save(str(temporary)))
-    _write_json(written[4], hf_tokenizer_config(tokenizer.kind, special, config.block_size))
+    write_atomically(written[3], lambda temporary: fast_tokenizer.save(str(temporary)))
+    write_json_atomically(written[4], hf_tokenizer_config(tokenizer.kind, special, config.block_size))
     specials = {"bos_token": special, "eos_token": special} if special else {}
     if tokenizer.kind == "word":
         specials["unk_token"] = UNKNOWN
-    _write_json(written[5], specials)
+    write_json_atomically(written[5], specials)
     return written
 
 
 def export_safetensors(ckpt: str, out_dir: str) -> list[Path]:
-    """Write our weights (our names; a tied output layer once, as wte.weight) and picogpt.json beside them."""
-    config, state, tokenizer, meta = _read(ckpt)
+    """Write our weights (our names; a tied output layer once, as wte.weight) and picogpt.json beside them;
+    `checkpoint.load_checkpoint` reads the folder back."""
+    loaded = load_checkpoint(ckpt)
+    config, state = loaded.config, _state(loaded)
     if config.tie_weights:
         state = {name: tensor for name, tensor in state.items() if name != "lm_head.weight"}
     folder = _output_folder(out_dir)
-    weights, description = folder / HF_WEIGHTS, folder / PICOGPT_CONFIG
+    weights, description = folder / EXPORT_WEIGHTS, folder / EXPORT_CONFIG
     _write_safetensors(weights, state, {"format": "pt", "picogpt_format": str(EXPORT_FORMAT)})
-    _write_json(description, {
+    write_json_atomically(description, {
         "format": EXPORT_FORMAT,
         "model_config": config.to_dict(),
-        "tokenizer": json.loads(tokenizer.to_json()),
-        **{key: meta.get(key) for key in ("data", "best_val_loss", "versions")},
+        "tokenizer": json.loads(loaded.tokenizer.to_json()),
+        **{key: loaded.meta.get(key) for key in ("data", "best_val_loss", "versions")},
     })
     return [weights, description]
 
 
-def load_safetensors_export(folder: str | os.PathLike, device="cpu"):
-    """Model and tokenizer from a `--format safetensors` folder, as a `checkpoint.LoadedCheckpoint`."""
-    from .checkpoint import LoadedCheckpoint
-    from .model import GPT, GPTConfig
-    from .tokenizer import tokenizer_from_json
-
-    folder = Path(folder)
-    safetensors_torch = _safetensors_torch()
-    try:
-        description = json.loads((folder / PICOGPT_CONFIG).read_text(encoding="utf-8"))
-        state = safetensors_torch.load_file(str(folder / HF_WEIGHTS))
-        model = GPT(GPTConfig.from_dict(description["model_config"]))
-        if model.config.tie_weights:
-            state["lm_head.weight"] = state["wte.weight"]
-        model.load_state_dict(state)
-        tokenizer = tokenizer_from_json(json.dumps(description["tokenizer"]))
-    except PicoGPTError:
-        raise
-    except Exception as error:  # unreadable or damaged files: safetensors raises its own Exception subclass
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise PicoGPTError(f"{folder} is not a complete `picogpt export --format safetensors` folder ({reason}); "
-                           f"export the checkpoint again") from None
-    model.to(device).eval()
-    return LoadedCheckpoint(model, tokenizer, description, 0)
-
-
-def export_command(ckpt: str, out_dir: str, format: Literal["hf", "safetensors"] = "hf") -> None:
-    """Export a checkpoint for use outside picogpt: a Hugging Face GPT-2 folder, or plain safetensors weights.
-
-    With --format hf (the default), `transformers` loads the folder as it loads any model:
-    AutoModelForCausalLM.from_pretrained(OUT_DIR) and AutoTokenizer.from_pretrained(OUT_DIR) give the same
-    logits and token ids as picogpt (char, word and bpe tokenizers alike).
-
-    Args:
-        ckpt: Checkpoint written by `picogpt fit` (e.g. checkpoints/small/best.ckpt).
-        out_dir: Folder to write into (created if missing; files of an earlier export are replaced).
-        format: hf: config.json, model.safetensors, tokenizer.json and tokenizer_config.json for `transformers`.
-            safetensors: model.safetensors under our own parameter names plus picogpt.json (model config and
-            tokenizer), which picogpt_lightning.load() reads.
-    """
-    if format not in ("hf", "safetensors"):
+def export(ckpt: str, out_dir: str, format: str = "hf") -> list[Path]:
+    """Export in one of FORMATS; returns the files written."""
+    if format not in FORMATS:
         raise PicoGPTError(f"unknown --format {format!r}; use hf or safetensors")
-    written = export_hf(ckpt, out_dir) if format == "hf" else export_safetensors(ckpt, out_dir)
-    size = sum(path.stat().st_size for path in written)
-    print(f"exported {ckpt} ({format}) to {out_dir}: {', '.join(path.name for path in written)} "
-          f"({size / 1e6:.1f} MB)")
-    if format == "hf":
-        print(f'load it with: AutoModelForCausalLM.from_pretrained("{out_dir}"), '
-              f'AutoTokenizer.from_pretrained("{out_dir}")')
+    return export_hf(ckpt, out_dir) if format == "hf" else export_safetensors(ckpt, out_dir)

@@ -1,4 +1,4 @@
-"""`picogpt info`: what a checkpoint is, from the plain facts `picogpt fit` stores in it.
+"""What a checkpoint is, from the plain facts `picogpt fit` stores in it (`picogpt info`).
 
 Model shape and parameter count, tokenizer, training data (name, size, sha256), steps, best val loss, the
 resolved config and library versions. Nothing is built: the counts come from the weights' shapes. A fact a
@@ -10,7 +10,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import yaml
+
+from .checkpoint import model_state_dict, read_checkpoint
 from .errors import PicoGPTError
+from .tokenizer import tokenizer_from_json
 
 UNKNOWN = "unknown"
 LIGHTNING_INTERNALS = ("_instantiator", "_class_path")
@@ -27,8 +31,6 @@ def _count_parameters(state: dict, model_config: dict | None) -> tuple[int, int]
 def _tokenizer_facts(tokenizer_json: str | None) -> dict | None:
     if not tokenizer_json:
         return None
-    from .tokenizer import tokenizer_from_json
-
     try:
         tokenizer = tokenizer_from_json(tokenizer_json)
     except PicoGPTError:
@@ -56,8 +58,6 @@ def _resolved_config(checkpoint: dict) -> tuple[dict | None, str | None]:
 
 def describe_checkpoint(path: str | Path) -> dict:
     """Everything `info` reports, as plain JSON-ready values (None for what the checkpoint does not say)."""
-    from .checkpoint import model_state_dict, read_checkpoint
-
     path = Path(path)
     checkpoint = read_checkpoint(path)
     meta = checkpoint["picogpt"]
@@ -121,8 +121,6 @@ def _training_line(facts: dict) -> str:
 
 def format_description(facts: dict) -> str:
     """The human-readable report of `describe_checkpoint`'s facts."""
-    import yaml
-
     tokenizer = facts["tokenizer"]
     versions = facts["versions"]
     total, without = facts["parameters"], facts["parameters_without_position_embeddings"]
@@ -152,20 +150,3 @@ def format_description(facts: dict) -> str:
     Dumper.add_representer(str, quoted_if_multiline)
     dumped = yaml.dump(facts["config"], Dumper=Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
     return text + f"\nconfig{note}:\n" + "".join(f"  {line}\n" for line in dumped.splitlines()).rstrip("\n")
-
-
-def info_command(ckpt: str, json: bool = False) -> None:
-    """Show what a checkpoint is: model shape and size, tokenizer, training data, steps, best val loss,
-    the resolved config and library versions.
-
-    Args:
-        ckpt: Checkpoint written by `picogpt fit` (or by checkpoint.save_checkpoint).
-        json: Print one JSON object instead of the table; facts the checkpoint lacks are null.
-    """
-    facts = describe_checkpoint(ckpt)
-    if json:
-        import json as json_module
-
-        print(json_module.dumps(facts, indent=2))
-    else:
-        print(format_description(facts))

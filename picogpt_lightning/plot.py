@@ -1,4 +1,4 @@
-"""`picogpt plot`: train and val loss and the learning rate of a run against steps, as a PNG.
+"""Train and val loss and the learning rate of a run against steps, as a PNG (`picogpt plot`).
 
 Reads the CSV logs Lightning's CSVLogger writes, `<run>/lightning_logs/version_N/metrics.csv`. Each resume
 starts a new version, so all of them are merged by step; where two versions logged the same metric at the
@@ -93,26 +93,3 @@ def draw(metrics: dict[str, dict[int, float]], image: Path, title: str) -> None:
     figure.tight_layout()
     figure.savefig(image, dpi=120)
     plt.close(figure)
-
-
-def plot_command(run: str, out: str | None = None) -> None:
-    """Draw train loss, val loss and learning rate against steps into a PNG, and print where it went.
-
-    Args:
-        run: The run folder of `picogpt fit` (its --ckpt_dir, e.g. checkpoints/small); every
-            lightning_logs/version_*/metrics.csv in it is read, later versions (resumes) winning.
-        out: The PNG to write (default: RUN/training.png).
-    """
-    files = find_metric_files(run)
-    metrics = read_metrics(files)
-    if not metrics["train_loss"] and not metrics["val_loss"]:
-        raise PicoGPTError(f"no train_loss or val_loss in {', '.join(map(str, files))}: train for at least "
-                           f"log_every_n_steps steps first")
-    folder = Path(run) if Path(run).is_dir() else Path(run).parent
-    image = Path(out) if out else folder / DEFAULT_IMAGE
-    image.parent.mkdir(parents=True, exist_ok=True)
-    draw(metrics, image, title=folder.name)
-    last_step = max(max(values, default=0) for values in metrics.values())
-    val = metrics["val_loss"]
-    best = f", best val loss {min(val.values()):.4f}" if val else ""
-    print(f"plotted {last_step:,} steps from {len(files)} log file(s){best}: wrote {image}")

@@ -1,8 +1,8 @@
-"""Text files -> a tokenizer, train.bin/val.bin of token ids and meta.json, the way nanoGPT prepares data.
+"""Text -> a tokenizer, train.bin/val.bin of token ids and meta.json, the way nanoGPT prepares data.
 
-Everything streams, so a text far larger than memory prepares in a few hundred MB:
-pass 1 reads the text and trains the tokenizer; pass 2 reads it again, splits it into train and val,
-encodes it piece by piece and appends the ids to the bins. Files are written under temporary names and
+Everything streams (corpus.py reads the text in chunks), so a text far larger than memory prepares in a few
+hundred MB: pass 1 reads the text and trains the tokenizer; pass 2 reads it again, splits it into train and
+val, encodes it piece by piece and appends the ids to the bins. Files are written under temporary names and
 renamed into place, and meta.json is written last: a folder with meta.json is a finished preparation.
 
 `cached_prepare` keeps one folder per (text, settings), named by their hash, so `picogpt fit` prepares
@@ -11,297 +11,41 @@ a text once and reuses it on every later run and on every rank of a distributed 
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
-import re
-import sys
 import time
-import uuid
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict
 from pathlib import Path
-from typing import BinaryIO, Literal
-
 import numpy as np
 
-from picogpt_lightning.errors import PicoGPTError
-from picogpt_lightning.tokenizer import (
-    BPETokenizer,
-    CharTokenizer,
-    Tokenizer,
-    WordTokenizer,
-    bpe_available,
-    load_tokenizer,
-)
+from .corpus import TextStats, chunks, find_text_files, source_sha256, split_parts
+from .errors import PicoGPTError
+from .files import commit, temporary_path, write_json_atomically
+from .settings import PrepareSettings
+from .tokenizer import BPETokenizer, CharTokenizer, Tokenizer, WordTokenizer, load_tokenizer
 
 DEFAULT_CACHE_DIR = "data/prepared"
 FORMAT = 1  # bump when the layout of a prepared folder changes; old caches are then prepared again
-READ_BYTES = 1 << 20  # files are read in pieces of about 1 MB that end at a newline
-LONGEST_LINE_BYTES = 16 << 20  # a line longer than this is cut anyway, so memory stays bounded
-CHUNK_CHARS = 4096  # the unit that is encoded, and that random_split assigns to train or val
-CHUNK_LOOKAHEAD = 17 * CHUNK_CHARS  # how much text _chunk_end may look at
 ENCODE_BATCH_CHARS = 4 << 20  # chunks are encoded about 1,000 at a time: enough for every core
-FILE_SEPARATOR = "\n\n"  # the files of a folder are joined with a blank line
-
-# Cuts that the byte-level BPE pre-tokenizer (GPT-2's regex) never joins across, so encoding the pieces
-# one by one gives the same ids as encoding the text at once: after a newline between two non-spaces, or
-# before the last newline of a whitespace run that ends at a non-space (other than <|endoftext|>); within a
-# long line, before a single space between two non-spaces. (The word tokenizer may split such a run in two.)
-_SAFE_LINE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=\s)(?=\n[^\s<])")
-_SAFE_SPACE_CUT = re.compile(r"(?<=\S)(?= \S)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reading the text
+# Tokenizer and ids
 
 
-def find_text_files(text_path: str) -> list[Path]:
-    """The file itself, or the .txt files of a folder (not its subfolders, not hidden files), sorted by name."""
-    path = Path(text_path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise PicoGPTError(f"{text_path} does not exist: pass a UTF-8 text file or a folder of .txt files")
-    files = sorted(file for file in path.glob("*.txt") if file.is_file() and not file.name.startswith("."))
-    if not files:
-        raise PicoGPTError(f"{text_path} has no .txt files: put your text in files ending in .txt, or pass a file")
-    return files
-
-
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
-def _decode(data: bytes) -> tuple[str, bool]:
-    """The text, and whether undecodable bytes had to be replaced."""
-    try:
-        return data.decode("utf-8"), False
-    except UnicodeDecodeError:
-        return data.decode("utf-8", errors="replace"), True
-
-
-def _last_char_start(data: bytes) -> int:
-    """Where the last UTF-8 character of data begins: cutting there never splits a character."""
-    start = len(data) - 1
-    while start > 0 and len(data) - start < 4 and data[start] & 0xC0 == 0x80:
-        start -= 1
-    return start
-
-
-def _byte_pieces(file) -> Iterator[bytes]:
-    """Pieces of about READ_BYTES that end at a newline, or at a character edge inside a very long line."""
-    pending = b""
-    while block := file.read(READ_BYTES):
-        pending += block
-        cut = pending.rfind(b"\n") + 1
-        if cut == 0 and len(pending) >= LONGEST_LINE_BYTES:
-            cut = _last_char_start(pending)
-        if cut:
-            yield pending[:cut]
-            pending = pending[cut:]
-    if pending:
-        yield pending
-
-
-def _read_file(path: Path, warn: bool) -> Iterator[str]:
-    warned = False
-    try:
-        with open(path, "rb") as file:
-            for data in _byte_pieces(file):
-                text, replaced = _decode(data)
-                if replaced and warn and not warned:
-                    _warn(f"{path} is not valid UTF-8; undecodable bytes were replaced with U+FFFD")
-                    warned = True
-                yield text
-    except OSError as error:
-        raise PicoGPTError(f"cannot read {path} ({error.strerror}): check the file and its permissions") from None
-
-
-def _read_text(files: list[Path], warn: bool) -> Iterator[str]:
-    for index, path in enumerate(files):
-        if index:
-            yield FILE_SEPARATOR
-        yield from _read_file(path, warn)
-
-
-def _chunks(files: list[Path], warn: bool = False) -> Iterator[str]:
-    """The joined text of the files in chunks of about CHUNK_CHARS characters, each ending at a safe cut.
-
-    Encoding the chunks one by one gives the same ids as encoding the whole text at once, and lets
-    `encode_batch` encode many of them in parallel.
-    """
-    text = ""
-    for piece in _read_text(files, warn):
-        text += piece
-        start = 0
-        while len(text) - start >= CHUNK_LOOKAHEAD:
-            cut = _chunk_end(text, start)
-            yield text[start:cut]
-            start = cut
-        text = text[start:]
-    start = 0
-    while start < len(text):
-        cut = _chunk_end(text, start)
-        yield text[start:cut]
-        start = cut
-
-
-def _chunk_end(text: str, start: int) -> int:
-    """Where the chunk that begins at start ends: a safe line cut, else any newline, else a safe space cut."""
-    low = start + CHUNK_CHARS
-    if low >= len(text):
-        return len(text)
-    safe = _SAFE_LINE_CUT.search(text, low, low + CHUNK_CHARS)
-    if safe:
-        return safe.start()
-    newline = text.find("\n", low, start + CHUNK_LOOKAHEAD)
-    if newline != -1:
-        return newline + 1
-    space = _SAFE_SPACE_CUT.search(text, low, low + CHUNK_CHARS)
-    return space.start() if space else min(low + CHUNK_CHARS, len(text))
-
-
-def _source_sha256(files: list[Path], extra: bytes = b"") -> str:
-    """sha256 over each file's name and bytes (then extra), so renaming or editing a file changes it."""
-    digest = hashlib.sha256()
-    for path in files:
-        try:
-            digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
-            with open(path, "rb") as file:
-                while block := file.read(READ_BYTES):
-                    digest.update(block)
-        except OSError as error:
-            raise PicoGPTError(f"cannot read {path} ({error.strerror}): check the file and its permissions") from None
-    digest.update(extra)
-    return digest.hexdigest()
-
-
-class _TextStats:
-    """Counts what pass 1 streams past: characters, UTF-8 bytes, chunks, and whether any is not whitespace."""
-
-    def __init__(self) -> None:
-        self.chars = 0
-        self.bytes = 0
-        self.chunks = 0
-        self.has_text = False
-
-    def observe(self, chunks: Iterable[str]) -> Iterator[str]:
-        for chunk in chunks:
-            self.chars += len(chunk)
-            self.bytes += len(chunk.encode("utf-8"))
-            self.chunks += 1
-            self.has_text = self.has_text or not chunk.isspace()
-            yield chunk
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Settings, tokenizer and split
-
-
-def _check_settings(mode: str, backend: str, vocab_size: int, val_fraction: float) -> None:
-    if mode not in ("char", "token"):
-        raise PicoGPTError(f"mode {mode!r} is unknown: use 'char' or 'token'")
-    if mode == "token" and backend not in ("bpe", "word"):
-        raise PicoGPTError(f"backend {backend!r} is unknown: use 'bpe' or 'word'")
-    if mode == "token":
-        (BPETokenizer if backend == "bpe" else WordTokenizer).check_vocab_size(vocab_size)
-    if not 0 < val_fraction <= 0.5:
-        raise PicoGPTError(f"val_fraction {val_fraction} is out of range: choose a value in (0, 0.5], e.g. 0.1")
-
-
-def _usable_backend(mode: str, backend: str, quiet: bool = False) -> str:
-    """The tokenizer kind that will be built: BPE falls back to words when `tokenizers` is not installed."""
-    if mode == "char":
-        return "char"
-    if backend == "bpe" and not bpe_available():
-        if not quiet:
-            _warn("`tokenizers` is not installed, so the word tokenizer is used instead of BPE: pip install tokenizers")
-        return "word"
-    return backend
-
-
-def _train_tokenizer(kind: str, vocab_size: int, chunks: Iterable[str]) -> Tokenizer:
+def _train_tokenizer(kind: str, vocab_size: int, text_chunks: Iterable[str]) -> Tokenizer:
     if kind == "char":
-        return CharTokenizer.train(chunks)
+        return CharTokenizer.train(text_chunks)
     if kind == "bpe":
-        return BPETokenizer.train(chunks, vocab_size)
-    return WordTokenizer.train(chunks, vocab_size)
+        return BPETokenizer.train(text_chunks, vocab_size)
+    return WordTokenizer.train(text_chunks, vocab_size)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 halves the bins whenever every id fits in it, which covers GPT-2's 50,257 tokens."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
-def _random_val_chunks(chunk_count: int, val_fraction: float, split_seed: int) -> np.ndarray:
-    """For each chunk, whether it goes to val; at least one chunk goes to each side."""
-    draws = np.random.default_rng(split_seed).random(chunk_count)
-    in_val = draws < val_fraction
-    if not in_val.any():
-        in_val[draws.argmin()] = True
-    if in_val.all():
-        in_val[draws.argmax()] = False
-    return in_val
-
-
-def _snap_to_line(data: bytes, local: int, is_last: bool) -> int:
-    """A cut near byte `local` of one chunk: the next line end, else the previous one, else a character edge."""
-    forward = data.find(b"\n", local)
-    if forward != -1 and (forward + 1 < len(data) or not is_last):
-        return forward + 1
-    backward = data.rfind(b"\n", 0, local)
-    if backward != -1:
-        return backward + 1
-    while local > 1 and data[local] & 0xC0 == 0x80:  # never split a character
-        local -= 1
-    return local
-
-
-def _sequential_parts(chunks: Iterable[str], val_start: int, total_bytes: int) -> Iterator[tuple[str, bool]]:
-    """(text, is_val) with everything from about byte val_start, snapped to a line boundary, going to val."""
-    offset = 0
-    for chunk in chunks:
-        data = chunk.encode("utf-8")
-        end = offset + len(data)
-        if end <= val_start or offset >= val_start:
-            yield chunk, offset >= val_start
-        else:
-            cut = _snap_to_line(data, val_start - offset, is_last=end == total_bytes)
-            yield data[:cut].decode("utf-8"), False
-            yield data[cut:].decode("utf-8"), True
-        offset = end
-
-
-def _split_parts(
-    files: list[Path], stats: _TextStats, val_fraction: float, random_split: bool, split_seed: int
-) -> Iterator[tuple[str, bool]]:
-    if random_split:
-        return zip(_chunks(files), _random_val_chunks(stats.chunks, val_fraction, split_seed).tolist())
-    val_start = min(max(int(stats.bytes * (1 - val_fraction)), 1), stats.bytes - 1)
-    return _sequential_parts(_chunks(files), val_start, stats.bytes)
-
-
-def _check_text(text_path: str, stats: _TextStats, random_split: bool) -> None:
-    if not stats.has_text:
-        raise PicoGPTError(f"{text_path} is empty or only whitespace: give it some text to learn from")
-    if stats.chars < 2:
-        raise PicoGPTError(f"{text_path} has a single character: it needs two or more, for train and for val")
-    if random_split and stats.chunks < 2:
-        raise PicoGPTError(
-            f"{text_path} is too short for random_split ({stats.chars} characters make one "
-            f"{CHUNK_CHARS // 1024} KB chunk): use random_split=False or give more text"
-        )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Writing
-
-
-def _temp_file(folder: Path, name: str) -> tuple[BinaryIO, Path]:
-    """A new file to write `name` under a unique temporary name, renamed into place once complete."""
-    temp = folder / f".{name}.{uuid.uuid4().hex[:12]}.tmp"
-    return open(temp, "xb"), temp
 
 
 def _batches(parts: Iterable[tuple[str, bool]]) -> Iterator[list[tuple[str, bool]]]:
@@ -326,23 +70,24 @@ def _encode(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> np.ndarr
     return np.fromiter(itertools.chain.from_iterable(tokenizer.encode_batch(texts)), dtype=dtype)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+
+
 def _write_bins(
     folder: Path, tokenizer: Tokenizer, parts: Iterable[tuple[str, bool]], dtype: np.dtype
 ) -> tuple[dict[str, Path], dict[str, int]]:
     """Encode the parts into temporary train and val files; returns their paths and token counts."""
-    temps: dict[str, Path] = {}
+    temps = {split: temporary_path(folder / f"{split}.bin") for split in ("train", "val")}
     counts = {"train": 0, "val": 0}
     try:
-        train_file, temps["train"] = _temp_file(folder, "train.bin")
-        with train_file:
-            val_file, temps["val"] = _temp_file(folder, "val.bin")
-            with val_file:
-                for batch in _batches(parts):
-                    for split, file in (("train", train_file), ("val", val_file)):
-                        texts = [text for text, is_val in batch if is_val == (split == "val") and text]
-                        tokens = _encode(tokenizer, texts, dtype)
-                        tokens.tofile(file)
-                        counts[split] += len(tokens)
+        with open(temps["train"], "xb") as train_file, open(temps["val"], "xb") as val_file:
+            for batch in _batches(parts):
+                for split, file in (("train", train_file), ("val", val_file)):
+                    texts = [text for text, is_val in batch if is_val == (split == "val") and text]
+                    tokens = _encode(tokenizer, texts, dtype)
+                    tokens.tofile(file)
+                    counts[split] += len(tokens)
     except BaseException:
         for path in temps.values():
             path.unlink(missing_ok=True)
@@ -350,24 +95,13 @@ def _write_bins(
     return temps, counts
 
 
-def _write_json(path: Path, content: dict) -> None:
-    file, temp = _temp_file(path.parent, path.name)
-    try:
-        with file:
-            file.write(json.dumps(content, indent=2).encode("utf-8"))
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
-def _source_meta(text_path: str, files: list[Path], stats: _TextStats) -> dict:
+def _source_meta(text_path: str, files: list[Path], stats: TextStats) -> dict:
     return {
         "name": Path(text_path).name,
         "files": [path.name for path in files],
         "bytes": sum(path.stat().st_size for path in files),
         "chars": stats.chars,
-        "sha256": _source_sha256(files),
+        "sha256": source_sha256(files),
     }
 
 
@@ -376,9 +110,9 @@ def _make_writable_folder(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "meta.json").unlink(missing_ok=True)
-        probe, probe_path = _temp_file(folder, "probe")
-        probe.close()
-        probe_path.unlink()
+        probe = temporary_path(folder / "probe")
+        probe.touch(exist_ok=False)
+        probe.unlink()
     except OSError as error:
         raise _write_failed(folder, error) from None
 
@@ -394,36 +128,29 @@ def _write_failed(folder: Path, error: OSError) -> PicoGPTError:
 # Public API
 
 
-def prepare(
-    text_path: str,
-    out_dir: str,
-    mode: str = "token",
-    backend: str = "bpe",
-    vocab_size: int = 8000,
-    val_fraction: float = 0.1,
-    random_split: bool = False,
-    split_seed: int = 1337,
-) -> dict:
-    """Prepare text_path into out_dir (see `prepare_cli` for the settings) and return the meta it wrote."""
-    _check_settings(mode, backend, vocab_size, val_fraction)
+def prepare(text_path: str, out_dir: str, **settings) -> dict:
+    """Prepare text_path into out_dir with the given `PrepareSettings` fields; returns the meta it wrote."""
+    checked = PrepareSettings(**settings)
+    return _prepare(text_path, Path(out_dir), checked, checked.tokenizer_kind())
+
+
+def _prepare(text_path: str, folder: Path, settings: PrepareSettings, kind: str) -> dict:
     files = find_text_files(text_path)
-    kind = _usable_backend(mode, backend)
-    folder = Path(out_dir)
     _make_writable_folder(folder)
-    stats = _TextStats()
-    tokenizer = _train_tokenizer(kind, vocab_size, stats.observe(_chunks(files, warn=True)))
-    _check_text(text_path, stats, random_split)
+    stats = TextStats()
+    tokenizer = _train_tokenizer(kind, settings.vocab_size, stats.observe(chunks(files, warn_on_bad_bytes=True)))
+    stats.check(text_path, settings.random_split)
     dtype = token_dtype(tokenizer.vocab_size)
-    parts = _split_parts(files, stats, val_fraction, random_split, split_seed)
+    parts = split_parts(files, stats, settings.val_fraction, settings.random_split, settings.split_seed)
     temps: dict[str, Path] = {}
     try:
         temps, counts = _write_bins(folder, tokenizer, parts, dtype)
         tokenizer_path = tokenizer.save(folder)
         for split, temp in temps.items():
-            os.replace(temp, folder / f"{split}.bin")
+            commit(temp, folder / f"{split}.bin")
         meta = {
             "format": FORMAT,
-            "mode": mode,
+            "mode": settings.mode,
             "backend": kind,
             "vocab_size": tokenizer.vocab_size,
             "dtype": dtype.name,
@@ -431,14 +158,9 @@ def prepare(
             "val_tokens": counts["val"],
             "tokenizer_file": tokenizer_path.name,
             "source": _source_meta(text_path, files, stats),
-            "settings": {
-                "val_fraction": val_fraction,
-                "random_split": random_split,
-                "split_seed": split_seed,
-                "vocab_size": vocab_size,
-            },
+            "settings": {key: value for key, value in asdict(settings).items() if key not in ("mode", "backend")},
         }
-        _write_json(folder / "meta.json", meta)  # last: its presence marks a finished preparation
+        write_json_atomically(folder / "meta.json", meta)  # last: its presence marks a finished preparation
     except OSError as error:
         raise _write_failed(folder, error) from None
     finally:
@@ -447,17 +169,17 @@ def prepare(
     return meta
 
 
-def _cache_key(files: list[Path], kind: str, settings: dict) -> str:
+def _cache_key(files: list[Path], kind: str, settings: PrepareSettings) -> str:
     """12 hex digits of sha256 over the files and the settings that change the result (not the ignored ones)."""
     relevant = {
         "format": FORMAT,
         "kind": kind,
-        "vocab_size": None if kind == "char" else settings["vocab_size"],
-        "val_fraction": settings["val_fraction"],
-        "random_split": settings["random_split"],
-        "split_seed": settings["split_seed"] if settings["random_split"] else None,
+        "vocab_size": None if kind == "char" else settings.vocab_size,
+        "val_fraction": settings.val_fraction,
+        "random_split": settings.random_split,
+        "split_seed": settings.split_seed if settings.random_split else None,
     }
-    return _source_sha256(files, json.dumps(relevant, sort_keys=True).encode())[:12]
+    return source_sha256(files, json.dumps(relevant, sort_keys=True).encode())[:12]
 
 
 def _is_prepared(folder: Path) -> bool:
@@ -470,26 +192,6 @@ def _is_prepared(folder: Path) -> bool:
     return True
 
 
-def _settings(
-    mode: str = "token",
-    backend: str = "bpe",
-    vocab_size: int = 8000,
-    val_fraction: float = 0.1,
-    random_split: bool = False,
-    split_seed: int = 1337,
-) -> dict:
-    """prepare's settings with their defaults filled in; an unknown name is a TypeError, as in a call."""
-    _check_settings(mode, backend, vocab_size, val_fraction)
-    return {
-        "mode": mode,
-        "backend": backend,
-        "vocab_size": vocab_size,
-        "val_fraction": val_fraction,
-        "random_split": random_split,
-        "split_seed": split_seed,
-    }
-
-
 def cached_prepare(
     text_path: str,
     cache_dir: str = DEFAULT_CACHE_DIR,
@@ -498,13 +200,12 @@ def cached_prepare(
     wait_timeout: float = 3600.0,
     **settings,
 ) -> Path:
-    """The folder under cache_dir that holds text_path prepared with these settings, preparing it if needed.
-
-    Only the writer (rank 0 of a distributed job) prepares; the other ranks wait for its meta.json.
+    """The folder under cache_dir that holds text_path prepared with these `PrepareSettings` fields, preparing
+    it if needed. Only the writer (rank 0 of a distributed job) prepares; the other ranks wait for its meta.json.
     """
-    settings = _settings(**settings)
+    settings = PrepareSettings(**settings)
     files = find_text_files(text_path)
-    kind = _usable_backend(settings["mode"], settings["backend"], quiet=not is_writer)
+    kind = settings.tokenizer_kind(quiet=not is_writer)
     path = Path(text_path)
     name = path.stem if path.is_file() else path.name
     folder = Path(cache_dir) / f"{name}-{_cache_key(files, kind, settings)}"
@@ -512,9 +213,7 @@ def cached_prepare(
         return folder
     if is_writer:
         print(f"preparing {text_path} into {folder} (once: later runs with the same text and settings reuse it)")
-        if kind == "word":  # the fallback has been announced already
-            settings["backend"] = "word"
-        prepare(text_path, str(folder), **settings)
+        _prepare(text_path, folder, settings, kind)
         return folder
     deadline = time.monotonic() + wait_timeout
     while not _is_prepared(folder):
@@ -557,46 +256,3 @@ def load_prepared(folder: str | os.PathLike) -> tuple[dict, Tokenizer]:
                 "the preparation is damaged; delete the folder and run again"
             )
     return meta, tokenizer
-
-
-def open_bins(folder: str | os.PathLike, meta: dict) -> tuple[np.memmap, np.memmap]:
-    """Read-only memory maps of train.bin and val.bin: the OS pages in only the blocks that are sampled."""
-    folder = Path(folder)
-    train = np.memmap(folder / "train.bin", dtype=meta["dtype"], mode="r")
-    val = np.memmap(folder / "val.bin", dtype=meta["dtype"], mode="r")
-    return train, val
-
-
-def prepare_cli(
-    text_path: str,
-    out_dir: str | None = None,
-    mode: Literal["char", "token"] = "token",
-    backend: Literal["bpe", "word"] = "bpe",
-    vocab_size: int = 8000,
-    val_fraction: float = 0.1,
-    random_split: bool = False,
-    split_seed: int = 1337,
-) -> None:
-    """Turn text into a tokenizer and train.bin/val.bin of token ids, ready for `picogpt fit`.
-
-    Args:
-        text_path: A UTF-8 text file, or a folder whose .txt files are joined with a blank line between them.
-        out_dir: Where to write. By default the cache folder that `picogpt fit` looks for, so fit reuses it.
-        mode: 'char' for one token per character (vocab_size and backend are ignored), 'token' for subwords.
-        backend: In token mode, 'bpe' (byte-level BPE, needs `tokenizers`) or 'word' (pure Python fallback).
-        vocab_size: The number of tokens to learn in token mode (bpe: 258 or more, word: 2 or more).
-        val_fraction: The share of the text held out for validation, in (0, 0.5].
-        random_split: Hold out random 4 KB chunks instead of the end of the text.
-        split_seed: The seed that picks the chunks when random_split is on.
-    """
-    settings = _settings(mode, backend, vocab_size, val_fraction, random_split, split_seed)
-    if out_dir is None:
-        folder = cached_prepare(text_path, **settings)
-        meta, _ = load_prepared(folder)
-    else:
-        folder, meta = Path(out_dir), prepare(text_path, out_dir, **settings)
-    source = meta["source"]
-    print(f"text:      {text_path} ({len(source['files'])} file(s), {source['chars']:,} characters)")
-    print(f"tokenizer: {meta['backend']}, {meta['vocab_size']:,} tokens ({meta['tokenizer_file']})")
-    print(f"tokens:    {meta['train_tokens']:,} train, {meta['val_tokens']:,} val, stored as {meta['dtype']}")
-    print(f"saved to:  {folder}")

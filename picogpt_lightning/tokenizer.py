@@ -17,15 +17,15 @@ import heapq
 import json
 import os
 import re
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from picogpt_lightning.errors import PicoGPTError
+from picogpt_lightning.files import write_atomically, write_text_atomically
 
 if TYPE_CHECKING:
     import tokenizers
@@ -92,18 +92,6 @@ def _checked_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
     return checked
 
 
-def save_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # unique, so writers never collide
-    try:
-        write(temp)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _code_points(text: str) -> np.ndarray:
     """The code points of `text` as a uint32 array (lone surrogates included, as `ord` gives them)."""
     return np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
@@ -166,7 +154,7 @@ class CharTokenizer:
         return json.dumps({"kind": self.kind, "chars": self.chars})
 
     def save(self, folder: str | os.PathLike) -> Path:
-        return save_atomically(Path(folder) / VOCAB_FILE, lambda path: path.write_text(self.to_json(), "utf-8"))
+        return write_text_atomically(Path(folder) / VOCAB_FILE, self.to_json())
 
 
 class BPETokenizer:
@@ -224,7 +212,7 @@ class BPETokenizer:
         return json.dumps({"kind": self.kind, "tokenizer": json.loads(self.tokenizer.to_str())})
 
     def save(self, folder: str | os.PathLike) -> Path:
-        return save_atomically(Path(folder) / BPE_FILE, lambda path: self.tokenizer.save(str(path)))
+        return write_atomically(Path(folder) / BPE_FILE, lambda path: self.tokenizer.save(str(path)))
 
 
 class WordTokenizer:
@@ -276,7 +264,7 @@ class WordTokenizer:
         return json.dumps({"kind": self.kind, "tokens": self.tokens})
 
     def save(self, folder: str | os.PathLike) -> Path:
-        return save_atomically(Path(folder) / VOCAB_FILE, lambda path: path.write_text(self.to_json(), "utf-8"))
+        return write_text_atomically(Path(folder) / VOCAB_FILE, self.to_json())
 
 
 def _bpe_from_str(text: str, source: str) -> BPETokenizer:

@@ -20,8 +20,10 @@ if __package__ in (None, ""):  # run as `python scripts/cpu_smoke_test.py`: make
 import torch
 
 from picogpt_lightning.errors import PicoGPTError
-from picogpt_lightning.generate import SamplingSettings, encode_prompt, make_generator, read_escapes, stream_text
+from picogpt_lightning.generate import make_generator, stream_text
 from picogpt_lightning.model import GPT, GPTConfig
+from picogpt_lightning.prompt import encode_prompt, read_escapes
+from picogpt_lightning.settings import SamplingSettings
 from picogpt_lightning.tokenizer import CharTokenizer
 
 

@@ -24,8 +24,9 @@ import torch
 
 from picogpt_lightning.checkpoint import load_checkpoint, save_checkpoint
 from picogpt_lightning.errors import PicoGPTError
-from picogpt_lightning.generate import encode_prompt, resolve_device
+from picogpt_lightning.generate import resolve_device
 from picogpt_lightning.model import GPT, GPTConfig
+from picogpt_lightning.prompt import encode_prompt
 from picogpt_lightning.tokenizer import CharTokenizer
 from scripts.cpu_smoke_test import read_text
 

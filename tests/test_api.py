@@ -11,8 +11,8 @@ from picogpt_lightning.api import PicoGPT, load
 from picogpt_lightning.checkpoint import save_checkpoint
 from picogpt_lightning.errors import PicoGPTError
 from picogpt_lightning.evaluate import evaluate_text
-from picogpt_lightning.export import export_command
-from picogpt_lightning.generate import sample_command
+from picogpt_lightning.cli.export import export_command
+from picogpt_lightning.cli.sample import sample_command
 from picogpt_lightning.model import GPT, GPTConfig
 from picogpt_lightning.tokenizer import CharTokenizer
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from picogpt_lightning.chat import ChatFormat, ChatSession, run_repl
+from picogpt_lightning.chat import ChatFormat, ChatSession
 from picogpt_lightning.checkpoint import save_checkpoint
-from picogpt_lightning.generate import SamplingSettings
+from picogpt_lightning.cli.chat import run_repl
 from picogpt_lightning.model import GPT, GPTConfig
+from picogpt_lightning.settings import SamplingSettings
 from picogpt_lightning.tokenizer import CharTokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

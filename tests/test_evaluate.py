@@ -11,22 +11,18 @@ import torch
 import torch.nn.functional as F
 from jsonargparse import auto_cli
 
-from picogpt_lightning import cli
 from picogpt_lightning.checkpoint import load_checkpoint, save_checkpoint
 from picogpt_lightning.cli import main
+from picogpt_lightning.cli.evaluate import evaluate_command
 from picogpt_lightning.errors import PicoGPTError
 from picogpt_lightning.evaluate import (
     auto_batch_size,
-    evaluate_command,
     evaluate_pieces,
     evaluate_text,
     scored_windows,
 )
 from picogpt_lightning.model import GPT, GPTConfig
 from picogpt_lightning.tokenizer import BPETokenizer, CharTokenizer
-
-dispatched = pytest.mark.skipif("evaluate" not in cli.USAGE.splitlines()[0],
-                                reason="cli.py does not dispatch `picogpt evaluate` yet")
 
 TEXT = "What is truth? The mind asks, and the mind doubts.\nWhy? Because reason is a small light.\n" * 3
 
@@ -172,7 +168,6 @@ def test_bad_settings_are_errors_that_say_what_to_use(checkpoint, tmp_path):
         evaluate_command(str(checkpoint), str(text))
 
 
-@dispatched
 def test_picogpt_evaluate_command_line(checkpoint, tmp_path, capsys):
     text = tmp_path / "eval.txt"
     text.write_text(TEXT)
@@ -182,7 +177,6 @@ def test_picogpt_evaluate_command_line(checkpoint, tmp_path, capsys):
     assert "stride must be from 1" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not hasattr(cli, "expand_bare_flags"), reason="cli.py does not expand bare bool flags yet")
 def test_a_bare_json_flag_means_true(checkpoint, tmp_path, capsys):
     text = tmp_path / "eval.txt"
     text.write_text(TEXT)

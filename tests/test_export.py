@@ -6,17 +6,15 @@ import os
 import pytest
 import torch
 
-from picogpt_lightning import cli
 from picogpt_lightning.checkpoint import load_checkpoint, save_checkpoint
 from picogpt_lightning.cli import main
+from picogpt_lightning.cli.export import export_command
 from picogpt_lightning.errors import PicoGPTError
-from picogpt_lightning.export import export_command, hf_tokenizer, load_safetensors_export
-from picogpt_lightning.generate import SamplingSettings, generate
+from picogpt_lightning.export import hf_tokenizer
+from picogpt_lightning.generate import generate
 from picogpt_lightning.model import GPT, GPTConfig
+from picogpt_lightning.settings import SamplingSettings
 from picogpt_lightning.tokenizer import BPETokenizer, CharTokenizer, WordTokenizer
-
-dispatched = pytest.mark.skipif("export" not in cli.USAGE.splitlines()[0],
-                                reason="cli.py does not dispatch `picogpt export` yet")
 
 TEXT = "Q: What is truth?\nA: That which  remains,\twhen doubt is done.\n\nQ: Où est-il? — ¡Ünïcode!\n"
 TRICKY = "\n\n  A:  truth?\t\t. ,\n"
@@ -117,7 +115,7 @@ def test_safetensors_format_loads_back_to_the_same_model(tmp_path, tied):
     ckpt = make_checkpoint(tmp_path / "m.ckpt", "char", tie_weights=tied)
     export_command(str(ckpt), str(tmp_path / "st"), format="safetensors")
     assert sorted(p.name for p in (tmp_path / "st").iterdir()) == ["model.safetensors", "picogpt.json"]
-    original, loaded = load_checkpoint(ckpt), load_safetensors_export(tmp_path / "st")
+    original, loaded = load_checkpoint(ckpt), load_checkpoint(tmp_path / "st")
     ids = torch.tensor([original.tokenizer.encode("What is truth?")])
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(ids)[0], original.model(ids)[0], rtol=0, atol=0)
@@ -130,7 +128,7 @@ def test_a_damaged_safetensors_export_is_a_clear_error(tmp_path):
     weights = tmp_path / "st" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(PicoGPTError, match="export the checkpoint again"):
-        load_safetensors_export(tmp_path / "st")
+        load_checkpoint(tmp_path / "st")
 
 
 def test_export_errors_say_what_to_fix(tmp_path):
@@ -142,7 +140,6 @@ def test_export_errors_say_what_to_fix(tmp_path):
         export_command(str(tmp_path / "missing.ckpt"), str(tmp_path / "out"))
 
 
-@dispatched
 def test_picogpt_export_command_line(tmp_path, capsys):
     ckpt = make_checkpoint(tmp_path / "m.ckpt", "bpe")
     assert main(["export", "--ckpt", str(ckpt), "--out_dir", str(tmp_path / "hf")]) == 0

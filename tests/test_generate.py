@@ -11,23 +11,19 @@ import torch
 
 from picogpt_lightning.checkpoint import save_checkpoint
 from picogpt_lightning.errors import PicoGPTError
+from picogpt_lightning.cli.sample import check_tokenizer_options, sample_command
 from picogpt_lightning.generate import (
-    SamplingSettings,
-    StreamingDecoder,
-    check_tokenizer_options,
-    encode_prompt,
     generate,
     generate_batch,
     keep_top_p,
     make_generator,
     penalize_repetition,
-    read_escapes,
-    read_stop_strings,
     resolve_device,
-    sample_command,
     sample_next_token,
     stream_text,
 )
+from picogpt_lightning.prompt import StreamingDecoder, encode_prompt, read_escapes, read_stop_strings
+from picogpt_lightning.settings import SamplingSettings
 from picogpt_lightning.model import GPT, GPTConfig
 from picogpt_lightning.tokenizer import BPETokenizer, CharTokenizer
 

@@ -6,18 +6,15 @@ import pytest
 import torch
 from jsonargparse import auto_cli
 
-from picogpt_lightning import cli
 from picogpt_lightning.checkpoint import load_checkpoint, save_checkpoint
 from picogpt_lightning.cli import main
+from picogpt_lightning.cli.info import info_command
 from picogpt_lightning.errors import PicoGPTError
-from picogpt_lightning.info import describe_checkpoint, info_command
+from picogpt_lightning.info import describe_checkpoint
 from picogpt_lightning.model import GPT, GPTConfig
 from picogpt_lightning.tokenizer import CharTokenizer
 
 from helpers import make_config, make_text
-
-dispatched = pytest.mark.skipif("info" not in cli.USAGE.splitlines()[0],
-                                reason="cli.py does not dispatch `picogpt info` yet")
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +83,6 @@ def test_a_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
         info_command(str(tmp_path / "notes.ckpt"))
 
 
-@dispatched
 def test_picogpt_info_command_line(fitted, tmp_path, capsys):
     assert main(["info", "--ckpt", str(fitted), "--json", "true"]) == 0
     assert json.loads(capsys.readouterr().out)["model_config"]["n_embd"] == 16

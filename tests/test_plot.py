@@ -4,15 +4,12 @@ import sys
 
 import pytest
 
-from picogpt_lightning import cli
 from picogpt_lightning.cli import main
+from picogpt_lightning.cli.plot import plot_command
 from picogpt_lightning.errors import PicoGPTError
-from picogpt_lightning.plot import find_metric_files, plot_command, read_metrics
+from picogpt_lightning.plot import find_metric_files, read_metrics
 
 from helpers import make_config, make_text
-
-dispatched = pytest.mark.skipif("plot" not in cli.USAGE.splitlines()[0],
-                                reason="cli.py does not dispatch `picogpt plot` yet")
 
 HEADER = "epoch,lr,step,tokens_per_s,train_loss,val_loss,val_ppl\n"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -77,7 +74,6 @@ def test_a_folder_without_logs_is_a_clear_error(tmp_path):
         plot_command(str(tmp_path))
 
 
-@dispatched
 def test_picogpt_plot_command_line(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     write_version(tmp_path, 0, "0,0.1,9,,3.0,,\n0,,9,,,2.9,18.2\n")

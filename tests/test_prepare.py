@@ -4,17 +4,12 @@ import os
 import numpy as np
 import pytest
 
+from picogpt_lightning import corpus as corpus_module
 from picogpt_lightning import prepare as prepare_module
+from picogpt_lightning.cli.prepare import prepare_command as prepare_cli
+from picogpt_lightning.corpus import find_text_files
 from picogpt_lightning.errors import PicoGPTError
-from picogpt_lightning.prepare import (
-    cached_prepare,
-    find_text_files,
-    load_prepared,
-    open_bins,
-    prepare,
-    prepare_cli,
-    token_dtype,
-)
+from picogpt_lightning.prepare import cached_prepare, load_prepared, prepare, token_dtype
 
 WORDS = ["the", "king", "queen", "speak", "hear", "me", "café", "日本", "😀", ",", "."]
 
@@ -29,6 +24,10 @@ def write(folder, name, text):
     path = folder / name
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def open_bins(folder, meta):
+    return tuple(np.memmap(folder / f"{split}.bin", dtype=meta["dtype"], mode="r") for split in ("train", "val"))
 
 
 def decoded_splits(folder):
@@ -66,8 +65,8 @@ def test_val_is_the_end_of_the_text_from_a_line_start(tmp_path):
 
 def test_prepared_bpe_ids_are_what_the_tokenizer_gives_the_same_text(tmp_path, monkeypatch):
     # Small chunks, so the text is cut and encoded in many pieces: the cuts must not change the ids.
-    monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 64)
-    monkeypatch.setattr(prepare_module, "CHUNK_LOOKAHEAD", 17 * 64)
+    monkeypatch.setattr(corpus_module, "CHUNK_CHARS", 64)
+    monkeypatch.setattr(corpus_module, "CHUNK_LOOKAHEAD", 17 * 64)
     text = sample_text() + "  indented\n\n\n  \t lines\r\n<|endoftext|>\n" + sample_text(seed=1)
     path = write(tmp_path, "input.txt", text)
     prepare(str(path), str(tmp_path / "out"), vocab_size=300)
@@ -156,15 +155,6 @@ def test_load_prepared_detects_a_truncated_bin(tmp_path):
 def test_load_prepared_without_meta_is_unfinished(tmp_path):
     with pytest.raises(PicoGPTError, match="no meta.json"):
         load_prepared(tmp_path)
-
-
-def test_open_bins_are_read_only(tmp_path):
-    path = write(tmp_path, "input.txt", sample_text())
-    meta = prepare(str(path), str(tmp_path / "out"), mode="char")
-    train, val = open_bins(tmp_path / "out", meta)
-    assert (len(train), len(val)) == (meta["train_tokens"], meta["val_tokens"])
-    with pytest.raises(ValueError):
-        train[0] = 1
 
 
 def test_missing_path_empty_text_and_folder_without_txt_are_explained(tmp_path):

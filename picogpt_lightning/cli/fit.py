@@ -22,12 +22,12 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from .callbacks import GracefulInterrupt, LastCheckpoint, NonFiniteLossGuard, StepProgressBar, ValidationSample
-from .checkpoint import read_checkpoint
-from .data import GPTDataModule
-from .errors import PicoGPTError
-from .generate import read_escapes
-from .module import GPTLightningModule, model_mismatch_message
+from ..callbacks import GracefulInterrupt, LastCheckpoint, NonFiniteLossGuard, StepProgressBar, ValidationSample
+from ..checkpoint import read_checkpoint
+from ..data import GPTDataModule
+from ..errors import PicoGPTError
+from ..module import GPTLightningModule, model_mismatch_message
+from ..prompt import read_escapes
 
 TRAINER_DEFAULTS = {
     "max_steps": 2000,

@@ -1,0 +1,98 @@
+"""`picogpt chat`: a REPL over a ChatSession (chat.py), or one message per line from a pipe."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+
+from ..errors import PicoGPTError
+from ..settings import SamplingSettings
+from .common import run_function
+
+
+def chat_command(
+    ckpt: str,
+    system_prompt: str = "",
+    user_prefix: str = "Q: ",
+    assistant_prefix: str = "A: ",
+    turn_separator: str = "\\n\\n",
+    max_new_tokens: int = 256,
+    seed: int | None = 1337,
+    stop: list[str] | str | None = None,
+    device: str = "auto",
+    **sampling,
+) -> None:
+    """Chat with a checkpoint: type a message, the model answers token by token.
+
+    Commands: /reset, /system TEXT, /temp X, /exit (or Ctrl-D); Ctrl-C stops the current answer. With input
+    piped from a file, each line is one message and only the answers are printed.
+
+    Args:
+        ckpt: Checkpoint written by `picogpt fit` (e.g. checkpoints/small/best.ckpt).
+        system_prompt: Text placed before the conversation (e.g. "You are picoGPT, a helpful assistant.");
+            it is kept when old turns are dropped to fit the context.
+        user_prefix: Marks a user turn; the model's answer ends where it starts a new one.
+        assistant_prefix: Marks the model's turn; a turn is USER_PREFIX message \\n ASSISTANT_PREFIX answer.
+        turn_separator: Text between turns (\\n and \\t are read as escapes).
+        max_new_tokens: Longest answer, in tokens.
+        seed: Random seed, for reproducible conversations; null for a random one.
+        stop: One more stop string, or a list of them, that end an answer (e.g. --stop "\\n\\n").
+        device: cpu, cuda, cuda:N, mps, or auto (cuda, then mps, then cpu).
+    """
+    from ..chat import ChatFormat, ChatSession
+    from ..checkpoint import load_checkpoint
+    from ..generate import make_generator, resolve_device
+    from ..prompt import read_escapes, read_stop_strings
+
+    if max_new_tokens < 1:
+        raise PicoGPTError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    settings = SamplingSettings(**sampling)
+    target = resolve_device(device)
+    loaded = load_checkpoint(ckpt, target)
+    chat_format = ChatFormat(read_escapes(user_prefix), read_escapes(assistant_prefix), read_escapes(turn_separator))
+    session = ChatSession(
+        loaded.model,
+        loaded.tokenizer,
+        system_prompt=read_escapes(system_prompt),
+        chat_format=chat_format,
+        settings=settings,
+        max_new_tokens=max_new_tokens,
+        stop=read_stop_strings(stop),
+        generator=make_generator(seed, target),
+    )
+    run_repl(session, None if sys.stdin.isatty() else sys.stdin)
+
+
+def run_repl(session, lines: Iterable[str] | None = None) -> None:
+    """Feed `lines` (e.g. a piped file, one message per line) to the session, or read a terminal when None."""
+    from ..chat import COMMANDS_HELP
+
+    if lines is not None:
+        for line in lines:
+            if not session.handle(line.rstrip("\r\n")):
+                return
+        return
+    try:
+        import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
+    except ImportError:
+        pass
+    session.note(COMMANDS_HELP)
+    user_prompt = session.chat_format.user_prefix or "> "
+    while True:
+        try:
+            line = input(user_prompt)
+        except EOFError:
+            session.output.write("\n")
+            return
+        except KeyboardInterrupt:
+            session.note("\n(Ctrl-C stops an answer; to quit use /exit or Ctrl-D)")
+            continue
+        if line.strip() and not line.strip().startswith("/"):
+            session.output.write(session.chat_format.assistant_prefix)
+            session.output.flush()
+        if not session.handle(line):
+            return
+
+
+def main(args: list[str]) -> None:
+    run_function("chat", chat_command, args, settings=(SamplingSettings,))

@@ -1,0 +1,66 @@
+"""What every plain command shares: a parser built from the command function's signature (and from the
+settings dataclasses it takes as keyword arguments), and the one-line form of its errors.
+
+The command functions themselves import torch and the model inside their bodies, so `--help` only pays for
+jsonargparse and these signatures.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from dataclasses import fields
+
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
+
+from ..errors import PicoGPTError
+
+
+def bool_flags(parameters: dict[str, object]) -> set[str]:
+    """The `--name` flags whose type is bool (or bool | None)."""
+    return {
+        f"--{name}"
+        for name, hint in parameters.items()
+        if bool in (set(typing.get_args(hint)) or {hint}) <= {bool, types.NoneType}
+    }
+
+
+def expand_bare_flags(flags: set[str], args: list[str]) -> list[str]:
+    """`--json` alone means `--json true`: jsonargparse wants a value after every bool option."""
+    expanded = []
+    for index, arg in enumerate(args):
+        expanded.append(arg)
+        following = args[index + 1] if index + 1 < len(args) else "--"
+        if arg in flags and following.startswith("--"):
+            expanded.append("true")
+    return expanded
+
+
+def _description(function) -> str:
+    """The docstring above its Args section."""
+    return (inspect.getdoc(function) or "").split("\nArgs:", 1)[0].strip()
+
+
+def run_function(name: str, function, args: list[str], settings: tuple[type, ...] = ()) -> None:
+    """Parse `args` for `picogpt NAME` and call `function` with them.
+
+    The options are the function's parameters, plus the fields of each dataclass in `settings`, which the
+    function receives as keyword arguments (its `**` parameter): one definition of, say, the sampling options
+    serves every command that samples.
+    """
+    parser = ArgumentParser(prog=f"picogpt {name}", description=_description(function), exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file with the options below.")
+    settings_fields = {field.name for dataclass in settings for field in fields(dataclass)}
+    # skip: jsonargparse would also find the settings by following `**settings` into the function's body.
+    parser.add_function_arguments(function, as_group=False, skip=settings_fields)
+    hints = typing.get_type_hints(function)
+    for dataclass in settings:
+        parser.add_class_arguments(dataclass, nested_key=None, as_group=False)
+        hints.update(typing.get_type_hints(dataclass))
+    try:
+        values = parser.parse_args(expand_bare_flags(bool_flags(hints), args)).as_dict()
+    except ArgumentError as error:
+        raise PicoGPTError(f"{error} (see `picogpt {name} --help`)") from None
+    values.pop("config", None)
+    function(**values)

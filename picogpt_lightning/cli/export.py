@@ -1,0 +1,36 @@
+"""`picogpt export`: a checkpoint as a Hugging Face folder or as plain safetensors weights."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from .common import run_function
+
+
+def export_command(ckpt: str, out_dir: str, format: Literal["hf", "safetensors"] = "hf") -> None:
+    """Export a checkpoint for use outside picogpt: a Hugging Face GPT-2 folder, or plain safetensors weights.
+
+    With --format hf (the default), `transformers` loads the folder as it loads any model:
+    AutoModelForCausalLM.from_pretrained(OUT_DIR) and AutoTokenizer.from_pretrained(OUT_DIR) give the same
+    logits and token ids as picogpt (char, word and bpe tokenizers alike).
+
+    Args:
+        ckpt: Checkpoint written by `picogpt fit` (e.g. checkpoints/small/best.ckpt).
+        out_dir: Folder to write into (created if missing; files of an earlier export are replaced).
+        format: hf: config.json, model.safetensors, tokenizer.json and tokenizer_config.json for `transformers`.
+            safetensors: model.safetensors under our own parameter names plus picogpt.json (model config and
+            tokenizer), which picogpt_lightning.load() reads.
+    """
+    from ..export import export
+
+    written = export(ckpt, out_dir, format)
+    size = sum(path.stat().st_size for path in written)
+    print(f"exported {ckpt} ({format}) to {out_dir}: {', '.join(path.name for path in written)} "
+          f"({size / 1e6:.1f} MB)")
+    if format == "hf":
+        print(f'load it with: AutoModelForCausalLM.from_pretrained("{out_dir}"), '
+              f'AutoTokenizer.from_pretrained("{out_dir}")')
+
+
+def main(args: list[str]) -> None:
+    run_function("export", export_command, args)

@@ -1,0 +1,72 @@
+"""`picogpt`: one command, several subcommands, each in its own module of this package.
+
+`fit` and `validate` go to a LightningCLI (cli/fit.py: configs, `--print_config`, trainer flags); the others
+are plain functions whose parsers come from their signatures (cli/common.py). Only the chosen command's module
+is imported, and each imports torch (let alone Lightning) only when it runs, so `picogpt sample --help`
+answers in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from ..errors import PicoGPTError
+
+USAGE = """usage: picogpt {fit,validate,prepare,sample,chat,evaluate,export,info,plot} [options]
+
+  fit        train a GPT (picogpt fit --config configs/tiny.yaml)
+  validate   val loss and perplexity of a checkpoint (picogpt validate --config ... --ckpt_path best.ckpt)
+  prepare    tokenize text into train.bin/val.bin (picogpt prepare --text_path data/philosophy.txt)
+  sample     generate text from a checkpoint (picogpt sample --ckpt checkpoints/tiny/best.ckpt)
+  chat       talk to a checkpoint in a REPL (picogpt chat --ckpt checkpoints/tiny/best.ckpt)
+  evaluate   loss, perplexity and bits per byte of a checkpoint on any text
+  export     write a Hugging Face (GPT-2) folder or a safetensors file from a checkpoint
+  info       what a checkpoint holds: model, tokenizer, data, steps, config, versions
+  plot       draw a run's loss and learning-rate curves into a PNG
+
+Run `picogpt COMMAND --help` for the options of each command."""
+
+LIGHTNING_COMMANDS = ("fit", "validate")
+# Plain commands: each is the module of this package with the same name, whose `main(args)` runs it.
+FUNCTION_COMMANDS = ("prepare", "sample", "chat", "evaluate", "export", "info", "plot")
+
+
+def run(command: str, args: list[str]) -> int:
+    if command in LIGHTNING_COMMANDS:
+        from .fit import run_lightning_cli
+
+        return run_lightning_cli(command, args)
+    importlib.import_module(f"{__package__}.{command}").main(args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in (*LIGHTNING_COMMANDS, *FUNCTION_COMMANDS):
+        choices = ", ".join((*LIGHTNING_COMMANDS, *FUNCTION_COMMANDS))
+        print(f"picogpt: unknown command {command!r}; choose one of {choices}", file=sys.stderr)
+        return 2
+    try:
+        return run(command, rest)
+    except PicoGPTError as error:
+        print(f"picogpt {command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (e.g. `picogpt sample ... | head`): nothing is wrong, and nothing more to print.
+        sys.stderr.close()
+        return 0
+    except OSError as error:
+        # Disk full, permissions, a vanished folder: files are written to temporary names and renamed, so what
+        # was saved before is intact.
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"picogpt {command}: error: could not write or read a file{where}: {error.strerror or error}; "
+              f"free some space or choose another output folder; earlier checkpoints are intact", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\npicogpt {command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,237 @@
+"""The text a model learns from: finding the files, reading them in pieces, and splitting train from val.
+
+Nothing here holds a whole text in memory. Files are read in pieces of about a megabyte that end at a newline,
+joined (the files of a folder with a blank line between them) and cut into chunks of about CHUNK_CHARS
+characters at places where the byte-level BPE pre-tokenizer never joins two tokens, so that encoding chunk by
+chunk gives the same ids as encoding the whole text. The split assigns chunks (random split) or a byte offset
+snapped to a line end (sequential split) to val.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .errors import PicoGPTError, warn
+
+READ_BYTES = 1 << 20  # files are read in pieces of about 1 MB that end at a newline
+LONGEST_LINE_BYTES = 16 << 20  # a line longer than this is cut anyway, so memory stays bounded
+CHUNK_CHARS = 4096  # the unit that is encoded, and that random_split assigns to train or val
+CHUNK_LOOKAHEAD = 17 * CHUNK_CHARS  # how much text _chunk_end may look at
+FILE_SEPARATOR = "\n\n"  # the files of a folder are joined with a blank line
+
+# Cuts that the byte-level BPE pre-tokenizer (GPT-2's regex) never joins across, so encoding the pieces
+# one by one gives the same ids as encoding the text at once: after a newline between two non-spaces, or
+# before the last newline of a whitespace run that ends at a non-space (other than <|endoftext|>); within a
+# long line, before a single space between two non-spaces. (The word tokenizer may split such a run in two.)
+_SAFE_LINE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=\s)(?=\n[^\s<])")
+_SAFE_SPACE_CUT = re.compile(r"(?<=\S)(?= \S)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finding and reading
+
+
+def find_text_files(text_path: str) -> list[Path]:
+    """The file itself, or the .txt files of a folder (not its subfolders, not hidden files), sorted by name."""
+    path = Path(text_path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise PicoGPTError(f"{text_path} does not exist: pass a UTF-8 text file or a folder of .txt files")
+    files = sorted(file for file in path.glob("*.txt") if file.is_file() and not file.name.startswith("."))
+    if not files:
+        raise PicoGPTError(f"{text_path} has no .txt files: put your text in files ending in .txt, or pass a file")
+    return files
+
+
+def _decode(data: bytes) -> tuple[str, bool]:
+    """The text, and whether undecodable bytes had to be replaced."""
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return data.decode("utf-8", errors="replace"), True
+
+
+def _last_char_start(data: bytes) -> int:
+    """Where the last UTF-8 character of data begins: cutting there never splits a character."""
+    start = len(data) - 1
+    while start > 0 and len(data) - start < 4 and data[start] & 0xC0 == 0x80:
+        start -= 1
+    return start
+
+
+def _byte_pieces(file) -> Iterator[bytes]:
+    """Pieces of about READ_BYTES that end at a newline, or at a character edge inside a very long line."""
+    pending = b""
+    while block := file.read(READ_BYTES):
+        pending += block
+        cut = pending.rfind(b"\n") + 1
+        if cut == 0 and len(pending) >= LONGEST_LINE_BYTES:
+            cut = _last_char_start(pending)
+        if cut:
+            yield pending[:cut]
+            pending = pending[cut:]
+    if pending:
+        yield pending
+
+
+def _read_file(path: Path, warn_on_bad_bytes: bool) -> Iterator[str]:
+    warned = False
+    try:
+        with open(path, "rb") as file:
+            for data in _byte_pieces(file):
+                text, replaced = _decode(data)
+                if replaced and warn_on_bad_bytes and not warned:
+                    warn(f"{path} is not valid UTF-8; undecodable bytes were replaced with U+FFFD")
+                    warned = True
+                yield text
+    except OSError as error:
+        raise PicoGPTError(f"cannot read {path} ({error.strerror}): check the file and its permissions") from None
+
+
+def _read_text(files: list[Path], warn_on_bad_bytes: bool) -> Iterator[str]:
+    for index, path in enumerate(files):
+        if index:
+            yield FILE_SEPARATOR
+        yield from _read_file(path, warn_on_bad_bytes)
+
+
+def chunks(files: list[Path], warn_on_bad_bytes: bool = False) -> Iterator[str]:
+    """The joined text of the files in chunks of about CHUNK_CHARS characters, each ending at a safe cut.
+
+    Encoding the chunks one by one gives the same ids as encoding the whole text at once, and lets
+    `encode_batch` encode many of them in parallel.
+    """
+    text = ""
+    for piece in _read_text(files, warn_on_bad_bytes):
+        text += piece
+        start = 0
+        while len(text) - start >= CHUNK_LOOKAHEAD:
+            cut = _chunk_end(text, start)
+            yield text[start:cut]
+            start = cut
+        text = text[start:]
+    start = 0
+    while start < len(text):
+        cut = _chunk_end(text, start)
+        yield text[start:cut]
+        start = cut
+
+
+def _chunk_end(text: str, start: int) -> int:
+    """Where the chunk that begins at start ends: a safe line cut, else any newline, else a safe space cut."""
+    low = start + CHUNK_CHARS
+    if low >= len(text):
+        return len(text)
+    safe = _SAFE_LINE_CUT.search(text, low, low + CHUNK_CHARS)
+    if safe:
+        return safe.start()
+    newline = text.find("\n", low, start + CHUNK_LOOKAHEAD)
+    if newline != -1:
+        return newline + 1
+    space = _SAFE_SPACE_CUT.search(text, low, low + CHUNK_CHARS)
+    return space.start() if space else min(low + CHUNK_CHARS, len(text))
+
+
+def source_sha256(files: list[Path], extra: bytes = b"") -> str:
+    """sha256 over each file's name and bytes (then extra), so renaming or editing a file changes it."""
+    digest = hashlib.sha256()
+    for path in files:
+        try:
+            digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+            with open(path, "rb") as file:
+                while block := file.read(READ_BYTES):
+                    digest.update(block)
+        except OSError as error:
+            raise PicoGPTError(f"cannot read {path} ({error.strerror}): check the file and its permissions") from None
+    digest.update(extra)
+    return digest.hexdigest()
+
+
+class TextStats:
+    """Counts what a pass over the chunks streams past: characters, UTF-8 bytes, chunks, and whether any
+    chunk is not whitespace."""
+
+    def __init__(self) -> None:
+        self.chars = 0
+        self.bytes = 0
+        self.chunks = 0
+        self.has_text = False
+
+    def observe(self, chunks: Iterable[str]) -> Iterator[str]:
+        for chunk in chunks:
+            self.chars += len(chunk)
+            self.bytes += len(chunk.encode("utf-8"))
+            self.chunks += 1
+            self.has_text = self.has_text or not chunk.isspace()
+            yield chunk
+
+    def check(self, text_path: str, random_split: bool) -> None:
+        """Refuse a text that cannot give both a train and a val split."""
+        if not self.has_text:
+            raise PicoGPTError(f"{text_path} is empty or only whitespace: give it some text to learn from")
+        if self.chars < 2:
+            raise PicoGPTError(f"{text_path} has a single character: it needs two or more, for train and for val")
+        if random_split and self.chunks < 2:
+            raise PicoGPTError(
+                f"{text_path} is too short for random_split ({self.chars} characters make one "
+                f"{CHUNK_CHARS // 1024} KB chunk): use random_split=False or give more text"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Splitting
+
+
+def _random_val_chunks(chunk_count: int, val_fraction: float, split_seed: int) -> np.ndarray:
+    """For each chunk, whether it goes to val; at least one chunk goes to each side."""
+    draws = np.random.default_rng(split_seed).random(chunk_count)
+    in_val = draws < val_fraction
+    if not in_val.any():
+        in_val[draws.argmin()] = True
+    if in_val.all():
+        in_val[draws.argmax()] = False
+    return in_val
+
+
+def _snap_to_line(data: bytes, local: int, is_last: bool) -> int:
+    """A cut near byte `local` of one chunk: the next line end, else the previous one, else a character edge."""
+    forward = data.find(b"\n", local)
+    if forward != -1 and (forward + 1 < len(data) or not is_last):
+        return forward + 1
+    backward = data.rfind(b"\n", 0, local)
+    if backward != -1:
+        return backward + 1
+    while local > 1 and data[local] & 0xC0 == 0x80:  # never split a character
+        local -= 1
+    return local
+
+
+def _sequential_parts(chunks: Iterable[str], val_start: int, total_bytes: int) -> Iterator[tuple[str, bool]]:
+    """(text, is_val) with everything from about byte val_start, snapped to a line boundary, going to val."""
+    offset = 0
+    for chunk in chunks:
+        data = chunk.encode("utf-8")
+        end = offset + len(data)
+        if end <= val_start or offset >= val_start:
+            yield chunk, offset >= val_start
+        else:
+            cut = _snap_to_line(data, val_start - offset, is_last=end == total_bytes)
+            yield data[:cut].decode("utf-8"), False
+            yield data[cut:].decode("utf-8"), True
+        offset = end
+
+
+def split_parts(
+    files: list[Path], stats: TextStats, val_fraction: float, random_split: bool, split_seed: int
+) -> Iterator[tuple[str, bool]]:
+    """The text again, as (text, is_val) parts: the last val_fraction of it, or seeded random chunks."""
+    if random_split:
+        return zip(chunks(files), _random_val_chunks(stats.chunks, val_fraction, split_seed).tolist())
+    val_start = min(max(int(stats.bytes * (1 - val_fraction)), 1), stats.bytes - 1)
+    return _sequential_parts(chunks(files), val_start, stats.bytes)

@@ -1,0 +1,92 @@
+"""Settings that the commands and the library share, as plain dataclasses: the one place their defaults live.
+
+`picogpt sample`, `chat` and `serve` and the Python API take their sampling options from `SamplingSettings`;
+`picogpt prepare` and the data module take the preparation options from `PrepareSettings`. The model's own
+defaults live in `model.GPTConfig`, the training recipe's in the LightningModule's signature (module.py), and
+each config in configs/ sets what differs for its recipe. Nothing here imports torch, so a command can build its
+`--help` from these classes in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import PicoGPTError, warn
+from .tokenizer import BPETokenizer, WordTokenizer, bpe_available
+
+
+@dataclass
+class SamplingSettings:
+    """How the next token is chosen from the model's logits.
+
+    temperature 0 takes the most likely token; top_k and top_p (nucleus) keep only the likeliest tokens before
+    sampling; repetition_penalty > 1 makes tokens already in the context less likely (CTRL, Keskar et al.).
+
+    Args:
+        temperature: Randomness; 0 always takes the most likely token (greedy).
+        top_k: Sample only among the k likeliest tokens; null for all.
+        top_p: Nucleus sampling: only the likeliest tokens whose probabilities add up to p; null for off.
+        repetition_penalty: Above 1 makes tokens already in the context less likely; 1 is off.
+    """
+
+    temperature: float = 0.8
+    top_k: int | None = 200
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise PicoGPTError(f"temperature must be a number >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise PicoGPTError(f"top_k must be a positive number of tokens (or null for all), got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise PicoGPTError(f"top_p must be in (0, 1] (or null for no nucleus filter), got {self.top_p}")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            raise PicoGPTError(f"repetition_penalty must be > 0 (1 is none), got {self.repetition_penalty}")
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """How a text becomes token ids (`picogpt prepare` and the data module).
+
+    Args:
+        mode: 'char' for one token per character (vocab_size and backend are ignored), 'token' for subwords.
+        backend: In token mode, 'bpe' (byte-level BPE, Hugging Face tokenizers) or 'word' (pure Python; used
+            automatically, with a warning, when tokenizers cannot be imported).
+        vocab_size: The number of tokens to learn in token mode (bpe: 258 or more, word: 2 or more).
+        val_fraction: The share of the text held out for validation, in (0, 0.5].
+        random_split: Hold out random 4 KB chunks instead of the end of the text.
+        split_seed: The seed that picks the chunks when random_split is on.
+    """
+
+    mode: Literal["char", "token"] = "token"
+    backend: Literal["bpe", "word"] = "bpe"
+    vocab_size: int = 8000
+    val_fraction: float = 0.1
+    random_split: bool = False
+    split_seed: int = 1337
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("char", "token"):
+            raise PicoGPTError(f"mode {self.mode!r} is unknown: use 'char' or 'token'")
+        if self.mode == "token" and self.backend not in ("bpe", "word"):
+            raise PicoGPTError(f"backend {self.backend!r} is unknown: use 'bpe' or 'word'")
+        if self.mode == "token":
+            (BPETokenizer if self.backend == "bpe" else WordTokenizer).check_vocab_size(self.vocab_size)
+        if not 0 < self.val_fraction <= 0.5:
+            raise PicoGPTError(
+                f"val_fraction {self.val_fraction} is out of range: choose a value in (0, 0.5], e.g. 0.1"
+            )
+
+    def tokenizer_kind(self, quiet: bool = False) -> str:
+        """The tokenizer that will be built: BPE falls back to words when `tokenizers` cannot be imported."""
+        if self.mode == "char":
+            return "char"
+        if self.backend == "bpe" and not bpe_available():
+            if not quiet:
+                warn("`tokenizers` is not installed, so the word tokenizer is used instead of BPE: "
+                     "pip install tokenizers")
+            return "word"
+        return self.backend
