@@ -1,4 +1,4 @@
-"""`picogpt chat`: a REPL on top of generate.py.
+"""Conversations with a model: turns rendered as text, history trimmed to the context, streamed answers.
 
 A conversation is rendered as plain text in the corpus' own form, by default
 

@@ -30,7 +30,6 @@ from .model import GPT, GPTConfig
 from .tokenizer import Tokenizer, tokenizer_from_json
 
 MODEL_PREFIX = "model."
-COMPILE_PREFIX = "_orig_mod."
 EXPORT_WEIGHTS = "model.safetensors"  # `picogpt export` writes the weights under this name in both formats
 EXPORT_CONFIG = "picogpt.json"  # --format safetensors: our own config beside the weights
 
@@ -67,13 +66,9 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def model_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
-    """The GPT's own weights: the Lightning prefix and any torch.compile prefix removed."""
-    state = {}
-    for key, value in checkpoint["state_dict"].items():
-        if key.startswith(MODEL_PREFIX):
-            key = key[len(MODEL_PREFIX) :]
-            state[key.replace(COMPILE_PREFIX, "")] = value
-    return state
+    """The GPT's own weights, without the LightningModule's prefix."""
+    return {key.removeprefix(MODEL_PREFIX): value for key, value in checkpoint["state_dict"].items()
+            if key.startswith(MODEL_PREFIX)}
 
 
 def model_config(checkpoint: dict) -> GPTConfig:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import platform
 import time
+from typing import Literal
 
 import lightning as L
 import torch
@@ -17,6 +18,15 @@ from .errors import PicoGPTError
 from .model import GPT, GPTConfig
 
 AUTO_TIE_MAX_TOKENS = 1_000_000
+
+
+def resolve_tie_weights(tie_weights: bool | str, train_tokens: int) -> bool:
+    """`auto` ties the embeddings when the training split is known and below AUTO_TIE_MAX_TOKENS."""
+    if tie_weights == "auto":
+        return 0 < train_tokens < AUTO_TIE_MAX_TOKENS
+    if isinstance(tie_weights, bool):
+        return tie_weights
+    raise PicoGPTError(f"tie_weights {tie_weights!r} is unknown; choose true, false or auto")
 
 
 def lr_at(step: int, learning_rate: float, min_lr: float, warmup_iters: int, decay_iters: int, cosine: bool) -> float:
@@ -36,14 +46,13 @@ class GPTLightningModule(L.LightningModule):
     def __init__(
         self,
         vocab_size: int = 0,
-        block_size: int = 256,
-        n_layer: int = 6,
-        n_head: int = 6,
-        n_embd: int = 384,
-        dropout: float = 0.0,
-        bias: bool = True,
-        tie_weights: bool = False,
-        auto_tie_weights: bool = True,
+        block_size: int = GPTConfig.block_size,
+        n_layer: int = GPTConfig.n_layer,
+        n_head: int = GPTConfig.n_head,
+        n_embd: int = GPTConfig.n_embd,
+        dropout: float = GPTConfig.dropout,
+        bias: bool = GPTConfig.bias,
+        tie_weights: bool | Literal["auto"] = "auto",
         train_tokens: int = 0,
         label_smoothing: float = 0.0,
         learning_rate: float = 6e-4,
@@ -67,8 +76,8 @@ class GPTLightningModule(L.LightningModule):
             n_embd: width of the residual stream.
             dropout: dropout on attention, residual branches and embeddings (0 for large data, 0.1-0.2 small).
             bias: biases in linear layers and layer norms.
-            tie_weights: share the token embedding with the output layer.
-            auto_tie_weights: tie when the training split has fewer than 1M tokens (overrides tie_weights then).
+            tie_weights: share the token embedding with the output layer: true, false, or auto (tie when the
+                training split has fewer than 1M tokens, where the embeddings are most of the model).
             train_tokens: training split size in tokens (set from the prepared data by the CLI).
             label_smoothing: label smoothing of the training loss (validation reports plain cross-entropy).
             learning_rate: peak learning rate.
@@ -79,16 +88,16 @@ class GPTLightningModule(L.LightningModule):
             cosine_lr: cosine decay after warmup; false keeps the peak rate constant after warmup.
             warmup_iters: optimizer steps of linear warmup.
             lr_decay_iters: step at which the cosine reaches min_lr (default: trainer.max_steps).
-            init_from: warm start: load weights (only) from this checkpoint before training.
+            init_from: warm start: load weights (only) from this checkpoint when a new run starts (not on resume).
             init_strict: with init_from, require every weight to match; false loads what matches and lists the rest.
             compile: torch.compile the GPT (in place, so checkpoints keep plain parameter names).
         """
         super().__init__()
         self.save_hyperparameters()
-        tied = tie_weights or (auto_tie_weights and 0 < train_tokens < AUTO_TIE_MAX_TOKENS)
         try:
             config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
-                               n_embd=n_embd, dropout=dropout, bias=bias, tie_weights=tied)
+                               n_embd=n_embd, dropout=dropout, bias=bias,
+                               tie_weights=resolve_tie_weights(tie_weights, train_tokens))
         except ValueError as error:
             raise PicoGPTError(f"invalid model settings: {error}") from None
         self.model = GPT(config)
@@ -99,11 +108,12 @@ class GPTLightningModule(L.LightningModule):
         self.val_loss = MeanMetric()
         self._tokens_at_last_log = 0
         self._time_at_last_log = None
-        if init_from:
-            self.warm_start(init_from, init_strict)
 
     def warm_start(self, path: str, strict: bool) -> None:
-        """Load weights only (no optimizer, no step) from a checkpoint, opened with weights_only=True."""
+        """Load weights only (no optimizer, no step) from a checkpoint, opened with weights_only=True.
+
+        The CLI calls it once, when a new run starts; resuming a run (or rebuilding the module from one of its
+        checkpoints) never loads the warm-start weights again."""
         source = model_state_dict(read_checkpoint(path))
         target = self.model.state_dict()
         mismatched = [k for k in source if k in target and source[k].shape != target[k].shape]
@@ -156,8 +166,9 @@ class GPTLightningModule(L.LightningModule):
         self.log("val_ppl", torch.exp(loss))
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        """Train loss, learning rate and tokens/s, at the logger's interval only: a `self.log` call costs about
-        0.3 ms of Python (docs/benchmarks.md), so logging every step made training measurably slower."""
+        """Train loss and tokens/s, at the logger's interval only: a `self.log` call costs about 0.3 ms of
+        Python (docs/benchmarks.md), so logging every step made training measurably slower. The learning rate
+        is logged by Lightning's LearningRateMonitor, at the same interval."""
         trainer = self.trainer
         # With gradient accumulation this hook runs for every micro-batch; log once, after the optimizer step.
         if (batch_idx + 1) % trainer.accumulate_grad_batches or trainer.global_step % trainer.log_every_n_steps:
@@ -170,7 +181,6 @@ class GPTLightningModule(L.LightningModule):
             rate = (tokens - self._tokens_at_last_log) / (now - self._time_at_last_log)
             self.log("tokens_per_s", float(rate), prog_bar=True)
         self._tokens_at_last_log, self._time_at_last_log = tokens, now
-        self.log("lr", float(trainer.optimizers[0].param_groups[0]["lr"]))
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -180,7 +190,8 @@ class GPTLightningModule(L.LightningModule):
         params = [p for _, p in named]
         decay = [p for n, p in named if n in self.decayed_names]
         no_decay = [p for n, p in named if n not in self.decayed_names]
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay, "weight_decay": hp.weight_decay, "name": "decay"},
+                  {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
         fused = all(p.device.type == "cuda" for p in params)
         optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), fused=fused or None)
         decay_iters = hp.lr_decay_iters or max(1, self.trainer.max_steps)
@@ -188,7 +199,8 @@ class GPTLightningModule(L.LightningModule):
             optimizer,
             lambda step: lr_at(step, 1.0, hp.min_lr / hp.learning_rate, hp.warmup_iters, decay_iters, hp.cosine_lr),
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        # "name" is the metric LearningRateMonitor logs (one per parameter group: lr/decay, lr/no_decay).
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "lr"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Everything needed to use the weights without Lightning, as plain types (weights_only-loadable)."""
@@ -209,10 +221,6 @@ class GPTLightningModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = checkpoint.get("picogpt", {}).get("model_config")
-        message = model_mismatch_message(saved, self.model.config.to_dict()) if saved else None
-        if message:
-            raise PicoGPTError(message)
         self._rng_state_to_restore = checkpoint.get("picogpt", {}).get("torch_rng_state")
 
     def on_train_start(self) -> None:
@@ -222,12 +230,12 @@ class GPTLightningModule(L.LightningModule):
             self._rng_state_to_restore = None
 
 
-WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
 def unwrapped_name(name: str) -> str:
-    """A parameter's name as the plain GPT has it, without the prefixes that FSDP wrapping, activation
-    checkpointing or torch.compile insert."""
+    """A parameter's name as the plain GPT has it, without the prefixes that FSDP wrapping and activation
+    checkpointing insert (torch.compile is applied in place and keeps the names)."""
     for prefix in WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
     return name

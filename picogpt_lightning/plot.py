@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import PicoGPTError
 
-METRICS = ("train_loss", "val_loss", "lr")
+LOSSES = ("train_loss", "val_loss")
 DEFAULT_IMAGE = "training.png"
 
 
@@ -43,9 +43,15 @@ def find_metric_files(run: str | Path) -> list[Path]:
     return sorted(files, key=version)
 
 
+def _is_lr(name: str) -> bool:
+    """The learning-rate columns: `lr` (older runs) and LearningRateMonitor's `lr/<parameter group>`."""
+    return name == "lr" or name.startswith("lr/")
+
+
 def read_metrics(files: list[Path]) -> dict[str, dict[int, float]]:
-    """{metric: {optimizer step: value}} merged over the files in order, later files winning."""
-    merged: dict[str, dict[int, float]] = {name: {} for name in METRICS}
+    """{metric: {optimizer step: value}} merged over the files in order, later files winning. The metrics are
+    train_loss, val_loss and every learning-rate column."""
+    merged: dict[str, dict[int, float]] = {name: {} for name in LOSSES}
     for path in files:
         try:
             with open(path, newline="", encoding="utf-8") as file:
@@ -54,15 +60,18 @@ def read_metrics(files: list[Path]) -> dict[str, dict[int, float]]:
             raise PicoGPTError(
                 f"cannot read {path} ({error}): the log is damaged; move that version folder out of the run"
             ) from None
-        for row in rows:
+        for line, row in enumerate(rows, start=2):
             try:
                 step = int(row["step"]) + 1
             except (KeyError, TypeError, ValueError):
                 continue
-            for name in METRICS:
-                value = row.get(name)
-                if value not in (None, ""):
-                    merged[name][step] = float(value)
+            for name, value in row.items():
+                if (name in LOSSES or (name and _is_lr(name))) and value not in (None, ""):
+                    try:
+                        merged.setdefault(name, {})[step] = float(value)
+                    except ValueError:
+                        raise PicoGPTError(f"{path}:{line}: {name} is {value!r}, not a number: the log is damaged; "
+                                           f"fix or delete that line") from None
     return merged
 
 
@@ -84,9 +93,12 @@ def draw(metrics: dict[str, dict[int, float]], image: Path, title: str) -> None:
     losses.set_title(title)
     losses.grid(alpha=0.3)
     losses.legend()
-    points = sorted(metrics["lr"].items())
-    if points:
-        rates.plot(*zip(*points), color="tab:green")
+    for name in sorted(name for name in metrics if _is_lr(name)):
+        points = sorted(metrics[name].items())
+        if points:
+            rates.plot(*zip(*points), label=name.removeprefix("lr/") if name != "lr" else None)
+    if rates.get_legend_handles_labels()[1]:
+        rates.legend()
     rates.set_ylabel("learning rate")
     rates.set_xlabel("optimizer step")
     rates.grid(alpha=0.3)

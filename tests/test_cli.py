@@ -9,6 +9,7 @@ import torch
 
 from picogpt_lightning.cli import main
 from picogpt_lightning.checkpoint import load_checkpoint
+from picogpt_lightning.module import GPTLightningModule
 
 from helpers import make_config, make_text
 
@@ -142,3 +143,21 @@ def test_prepare_command_writes_bins_and_tokenizer(workspace, tmp_path):
                  "--vocab_size", "300"]) == 0
     for name in ("train.bin", "val.bin", "meta.json", "tokenizer.json"):
         assert (out / name).is_file()
+
+
+def test_warm_start_runs_once_not_again_on_resume_or_reload(trained, workspace, capsys):
+    root, text = workspace
+    _, _, _, run = trained
+    source = root / "warm-source.ckpt"
+    source.write_bytes((run / "best.ckpt").read_bytes())
+    config = make_config(root, text, name="warm-once", trainer={"max_steps": 4, "val_check_interval": 2},
+                         model={"init_from": str(source)})
+    assert main(["fit", "--config", str(config)]) == 0
+    assert capsys.readouterr().out.count("warm start: loaded") == 1
+    source.unlink()  # the warm-start file is gone: resuming and reloading must not need it
+    assert main(["fit", "--config", str(config), "--ckpt_path", "last", "--additional_steps", "2"]) == 0
+    assert "warm start" not in capsys.readouterr().out
+    resumed = root / "checkpoints" / "warm-once" / "last.ckpt"
+    assert step_of(resumed) == 6
+    module = GPTLightningModule.load_from_checkpoint(resumed, weights_only=True)
+    assert module.hparams.init_from == str(source)

@@ -15,6 +15,7 @@ from picogpt_lightning.cli.sample import check_tokenizer_options, sample_command
 from picogpt_lightning.generate import (
     generate,
     generate_batch,
+    keep_top_k,
     keep_top_p,
     make_generator,
     penalize_repetition,
@@ -283,3 +284,10 @@ def test_stop_strings_may_be_one_or_a_list_with_escapes():
     assert read_stop_strings(r"\nQ:") == ["\nQ:"]
     assert read_stop_strings(["a", r"\n\n"]) == ["a", "\n\n"]
     assert read_stop_strings(None) == []
+
+
+def test_top_k_keeps_exactly_k_tokens_when_logits_tie():
+    logits = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0], [3.0, 3.0, 3.0, 3.0, 3.0]])
+    kept = torch.isfinite(keep_top_k(logits, 2))
+    assert kept.sum(dim=-1).tolist() == [2, 2]
+    assert not kept[0, [0, 4]].any()  # only the tied best ones, never a worse one

@@ -33,7 +33,9 @@ def test_auto_tie_ties_small_corpora_only():
     assert tiny_module(train_tokens=10_000).model.config.tie_weights
     assert not tiny_module(train_tokens=5_000_000).model.config.tie_weights
     assert tiny_module(train_tokens=5_000_000, tie_weights=True).model.config.tie_weights
-    assert not tiny_module(train_tokens=10_000, auto_tie_weights=False).model.config.tie_weights
+    assert not tiny_module(train_tokens=10_000, tie_weights=False).model.config.tie_weights
+    with pytest.raises(PicoGPTError, match="choose true, false or auto"):
+        tiny_module(tie_weights="sometimes")
 
 
 class FakeTrainer:

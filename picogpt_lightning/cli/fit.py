@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 from jsonargparse import ArgumentError
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -119,6 +119,9 @@ class PicoGPTCLI(LightningCLI):
             if message:
                 raise PicoGPTError(message)
             self.resume_from = None  # the weights are loaded again by Lightning; free this copy
+        elif self.subcommand == "fit" and self.model.hparams.init_from:
+            # A new run: the warm start happens here, once; a resume continues from its own weights.
+            self.model.warm_start(self.model.hparams.init_from, self.model.hparams.init_strict)
         # The whole resolved config, as plain types, goes into every checkpoint (`picogpt info` shows it).
         self.model.run_config = yaml.safe_load(self.parser.dump(self.config))[self.subcommand]
 
@@ -135,6 +138,8 @@ class PicoGPTCLI(LightningCLI):
             GracefulInterrupt(),
             NonFiniteLossGuard(ckpt_dir),
         ]
+        if trainer_config.get("logger", True) is not False:
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
         if config.sample_tokens > 0:
             callbacks.append(ValidationSample(read_escapes(config.sample_prompt), config.sample_tokens))
         if trainer_config.get("enable_progress_bar", True) is not False:
