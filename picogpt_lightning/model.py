@@ -1,7 +1,14 @@
 """A GPT language model in plain PyTorch.
 
-Reads top to bottom: the configuration, the attention layer, the MLP, the transformer block, the model.
-Nothing here knows about Lightning, tokenizers or files, so the model can be used from any PyTorch code.
+Reads top to bottom: the configuration, the KV cache, rotary positions, the attention layer, the MLPs, the
+transformer block, the model. Nothing here knows about Lightning, tokenizers or files, so the model can be used
+from any PyTorch code.
+
+The architecture options span GPT-2's 2019 design (learned positions, LayerNorm, GELU: the "classic" values,
+which old checkpoints were trained with) and the 2024 one that modded-nanogpt and nanochat train faster with
+(rotary positions, RMSNorm, QK-norm, ReLU^2 or SwiGLU, zero-initialised output projections). Parameter names
+follow the classic model, so its checkpoints load unchanged; the modern options add or drop parameters without
+renaming the others.
 """
 
 from __future__ import annotations
@@ -13,9 +20,31 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+CHOICES = {"position": ("learned", "rotary"), "norm": ("layer", "rms"), "mlp": ("gelu", "relu2", "swiglu")}
+
+# GPT-2's architecture. Checkpoints written before the options existed lack these keys and were trained with
+# these values, whatever the dataclass defaults become.
+CLASSIC = {"position": "learned", "norm": "layer", "qk_norm": False, "mlp": "gelu", "zero_init": False}
+
+RMS_NORM_EPS = 1e-6  # Llama's and Qwen3's value, so exported models normalise identically
+
 
 @dataclass
 class GPTConfig:
+    """The model's shape and architecture.
+
+    position: "learned" (GPT-2's table of block_size vectors, `wpe`) or "rotary" (RoPE on queries and keys,
+        Llama's rotate-half layout; no position parameters). rope_theta is RoPE's base wavelength.
+    norm: "layer" (LayerNorm, with a bias when `bias`) or "rms" (RMSNorm with a learned gain, no bias).
+    qk_norm: RMSNorm over each head's queries and keys before rotary (Qwen3's q_norm/k_norm), which bounds the
+        attention logits and lets higher learning rates train stably.
+    mlp: "gelu" (4x wide, exact GELU), "relu2" (4x wide, relu(x)^2) or "swiglu" (silu(gate) * up, `mlp_hidden`
+        wide so it costs about what the 4x MLPs cost).
+    zero_init: start the attention and MLP output projections at zero (modded-nanogpt), so every block begins
+        as the identity, instead of GPT-2's normal init scaled by depth.
+    tie_weights: share the token embedding with the output layer.
+    """
+
     vocab_size: int
     block_size: int = 256
     n_layer: int = 6
@@ -24,6 +53,12 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     tie_weights: bool = True
+    position: str = CLASSIC["position"]
+    rope_theta: float = 10000.0
+    norm: str = CLASSIC["norm"]
+    qk_norm: bool = CLASSIC["qk_norm"]
+    mlp: str = CLASSIC["mlp"]
+    zero_init: bool = CLASSIC["zero_init"]
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -36,14 +71,39 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                valid = ", ".join(choices[:-1]) + f" or {choices[-1]}"
+                raise ValueError(f"{name} {getattr(self, name)!r} is unknown; choose {valid}")
+        if self.position == "rotary" and self.head_size % 2:
+            raise ValueError(
+                f"position 'rotary' needs an even head size, but n_embd {self.n_embd} / n_head {self.n_head} = "
+                f"{self.head_size}; pick n_embd and n_head with an even ratio (e.g. n_embd="
+                f"{self.n_head * (self.head_size + 1)}) or use position 'learned'"
+            )
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        """Hidden width of the MLP. SwiGLU has three matrices instead of two, so 8/3 * n_embd (rounded up to a
+        multiple of 32 for friendly matmul shapes) keeps its parameters and FLOPs close to the 4x MLPs'."""
+        if self.mlp == "swiglu":
+            return 32 * math.ceil(8 * self.n_embd / 3 / 32)
+        return 4 * self.n_embd
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> "GPTConfig":
+        """A config from a saved dict; architecture keys it lacks (an old checkpoint's) take the CLASSIC values."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return cls(**{**CLASSIC, **{k: v for k, v in values.items() if k in known}})
 
 
 class KVCache:
@@ -51,11 +111,12 @@ class KVCache:
 
     Generation then feeds only the new token through the network instead of the whole context, which turns
     each step from O(T^2) attention over the full prefix into O(T). Buffers hold at most `block_size`
-    positions because the position embedding ends there; the caller slides the window when it is full.
+    positions because the position tables end there; the caller slides the window when it is full. Keys are
+    stored after rotary is applied, so cached keys never need rotating again.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
-        shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        shape = (batch_size, config.n_head, config.block_size, config.head_size)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = 0
@@ -68,6 +129,40 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+def make_norm(config: GPTConfig, size: int) -> nn.Module:
+    if config.norm == "rms":
+        return nn.RMSNorm(size, eps=RMS_NORM_EPS)
+    return nn.LayerNorm(size, bias=config.bias)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables of RoPE for positions 0..block_size-1, in Hugging Face Llama's rotate-half layout: the
+    head's first half pairs with its second half, frequency i of head_size/2 shared by dimensions i and
+    i + head_size/2. Rotating q and k by their position makes attention scores depend on relative distance.
+
+    The tables are non-persistent buffers: they follow .to(device) but are not in the state dict.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        half = config.head_size // 2
+        inverse_frequency = 1.0 / config.rope_theta ** (torch.arange(half, dtype=torch.float32) / half)
+        angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inverse_frequency)
+        angles = torch.cat([angles, angles], dim=-1)  # (block_size, head_size)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, start: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[start : start + steps], self.sin[start : start + steps]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (batch, heads, steps, head_size) rotated as Llama's `apply_rotary_pos_emb` does."""
+    first, second = x.chunk(2, dim=-1)
+    rotated_half = torch.cat([-second, first], dim=-1)
+    return x * cos.to(x.dtype) + rotated_half * sin.to(x.dtype)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_index: int):
         super().__init__()
@@ -75,13 +170,25 @@ class CausalSelfAttention(nn.Module):
         self.layer_index = layer_index
         self.dropout = config.dropout
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # One gain of head_size shared by all heads, as Qwen3's q_norm / k_norm.
+        self.q_norm = nn.RMSNorm(config.head_size, eps=RMS_NORM_EPS) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(config.head_size, eps=RMS_NORM_EPS) if config.qk_norm else None
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         batch, steps, width = x.shape
-        q, k, v = self.qkv(x).split(width, dim=2)
-        q, k, v = (t.view(batch, steps, self.n_head, width // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(batch, steps, self.n_head, width // self.n_head) for t in self.qkv(x).split(width, dim=2))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         past = 0
         if cache is not None:
             past = cache.length
@@ -104,14 +211,35 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """Two matrices around a GELU (GPT-2) or a squared ReLU (modded-nanogpt: sparser and cheaper, and it
+    trained faster there)."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.activation = config.mlp
+        self.fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
+        self.proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        hidden = self.fc(x)
+        hidden = F.relu(hidden).square() if self.activation == "relu2" else F.gelu(hidden)
+        return self.dropout(self.proj(hidden))
+
+
+class SwiGLU(nn.Module):
+    """Llama's gated MLP: silu(gate(x)) * up(x), then down. `gate`, `up` and `proj` are Llama's gate_proj,
+    up_proj and down_proj."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
+        self.up = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
+        self.proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.silu(self.gate(x)) * self.up(x)))
 
 
 class Block(nn.Module):
@@ -120,13 +248,18 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig, layer_index: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config, layer_index)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        self.ln_2 = make_norm(config, config.n_embd)
+        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, rotary)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -135,21 +268,29 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        if config.position == "learned":
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        else:
+            self.rotary = RotaryEmbedding(config)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = make_norm(config, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             # Sharing the input and output embeddings saves vocab_size * n_embd parameters, which on small
             # corpora is most of the model and the part most prone to overfitting.
             self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
-        # GPT-2: each residual branch adds to the stream, so its output projection is scaled down by
-        # sqrt(2 * n_layer) to keep the variance of the stream independent of depth.
         for name, param in self.named_parameters():
             if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init:
+                    # Each block starts as the identity; the gradient still reaches the projection (its input
+                    # is not zero), so it leaves zero on the first step and the layers before it on the next.
+                    nn.init.zeros_(param)
+                else:
+                    # GPT-2: each residual branch adds to the stream, so its output projection is scaled down by
+                    # sqrt(2 * n_layer) to keep the variance of the stream independent of depth.
+                    nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -164,12 +305,16 @@ class GPT(nn.Module):
         self,
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
-        label_smoothing: float = 0.0,
         cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits for every position of `idx` (batch, steps) and, given `targets`, the mean cross-entropy.
+        """Logits (batch, steps, vocab) for the positions of `idx` (batch, steps) and, given `targets`, their
+        mean cross-entropy (`next_token_loss`; a training loss with label smoothing is the caller's to compute
+        from the logits).
 
-        Targets equal to -1 are ignored. With a `cache`, `idx` continues the cached positions.
+        With a `cache`, `idx` continues the cached positions. `last_only` computes the logits of the last
+        position only (batch, 1, vocab), which is all generation needs and spares the output layer's cost,
+        the largest matmul of a small model with a big vocabulary, for every other position.
         """
         steps = idx.size(1)
         start = cache.length if cache is not None else 0
@@ -177,21 +322,23 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of {start + steps} tokens is longer than block_size {self.config.block_size}"
             )
-        positions = torch.arange(start, start + steps, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(positions))
+        if last_only and targets is not None:
+            raise ValueError("last_only gives one position's logits, so it cannot score targets")
+        x = self.wte(idx)
+        rotary = None
+        if self.config.position == "learned":
+            x = x + self.wpe(torch.arange(start, start + steps, device=idx.device))
+        else:
+            rotary = self.rotary(start, steps)
+        x = self.drop(x)
         for block in self.blocks:
-            x = block(x, cache)
+            x = block(x, cache, rotary)
         if cache is not None:
             cache.length += steps
+        if last_only:
+            x = x[:, -1:]
         logits = self.lm_head(self.ln_f(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(
-                logits.view(-1, logits.size(-1)),
-                targets.reshape(-1),
-                ignore_index=-1,
-                label_smoothing=label_smoothing,
-            )
+        loss = next_token_loss(logits, targets) if targets is not None else None
         return logits, loss
 
     def new_cache(self, batch_size: int = 1) -> KVCache:
@@ -199,16 +346,28 @@ class GPT(nn.Module):
         return KVCache(self.config, batch_size, param.device, param.dtype)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; the position embedding is left out by default, as in the GPT-2 paper's counts.
-        Tied weights are counted once."""
+        """Parameter count; the position embedding (learned positions only) is left out by default, as in the
+        GPT-2 paper's counts. Tied weights are counted once."""
         total = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and self.config.position == "learned":
             total -= self.wpe.weight.numel()
         return total
 
     def flops_per_token(self, sequence_length: int | None = None) -> int:
-        """Training FLOPs per token (forward and backward): 6 per parameter plus attention's
-        12 * n_layer * n_embd * T, the PaLM appendix B estimate."""
+        """Training FLOPs per token (forward and backward): 6 per parameter outside the position table (every
+        matrix, SwiGLU's three included) plus attention's 12 * n_layer * n_embd * T, the PaLM appendix B
+        estimate. Norms and rotary are elementwise and left out."""
         cfg = self.config
         steps = sequence_length or cfg.block_size
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * steps
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy of `logits` (batch, steps, vocab) against `targets` (batch, steps); targets equal to
+    -1 are ignored. The one definition of the loss, for the model's forward and the trainer's smoothed loss."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)),
+        targets.reshape(-1),
+        ignore_index=-1,
+        label_smoothing=label_smoothing,
+    )
