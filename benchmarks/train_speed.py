@@ -48,8 +48,8 @@ from benchmarks.common import (
     training_dtype,
 )
 from picogpt_lightning.data import RandomBlocks
-from picogpt_lightning.model import GPT
-from picogpt_lightning.module import lr_at
+from picogpt_lightning.model import GPT, next_token_loss
+from picogpt_lightning.optim import MuonAdamW, lr_at
 
 
 class ReferenceLoop:
@@ -65,15 +65,14 @@ class ReferenceLoop:
         self.model.train()
         if compile:
             self.model.compile()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        fused = self.device.type == "cuda" or None
-        self.optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), fused=fused)
+        # The module's own optimizer and parameter groups (AdamW, or Muon + AdamW), over this loop's copy.
+        current = dict(self.model.named_parameters())
+        groups = [{**group, "params": [current[name] for name in group["names"]]} for group in module.optimizer_groups]
+        self.optimizer = MuonAdamW(groups)
+        self.peak_lrs = [group["lr"] for group in self.optimizer.param_groups]
         decay_iters = hp.lr_decay_iters or max(1, trainer.max_steps)
-        self.lr = lambda step: lr_at(step, hp.learning_rate, hp.min_lr, hp.warmup_iters, decay_iters, hp.cosine_lr)
+        self.lr = lambda step: lr_at(step, 1.0, hp.min_lr / hp.learning_rate, hp.warmup_iters, decay_iters,
+                                     hp.cosine_lr)
         self.label_smoothing = hp.label_smoothing
         self.clip = trainer.gradient_clip_val
         self.accumulate = trainer.accumulate_grad_batches
@@ -101,13 +100,14 @@ class ReferenceLoop:
         return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
 
     def step(self) -> None:
-        lr = self.lr(self.step_index)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        scale = self.lr(self.step_index)
+        for group, peak in zip(self.optimizer.param_groups, self.peak_lrs):
+            group["lr"] = peak * scale
         for _ in range(self.accumulate):
             inputs, targets = self._next_batch()
             with self.autocast():
-                _, loss = self.model(inputs, targets, label_smoothing=self.label_smoothing)
+                logits, _ = self.model(inputs)
+                loss = next_token_loss(logits, targets, self.label_smoothing)
             (loss / self.accumulate).backward()
         if self.clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)

@@ -11,17 +11,14 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from .errors import PicoGPTError
 from .generate import make_generator, stream_text
+from .module import SHARDED_STRATEGIES
 from .prompt import encode_prompt
 from .settings import SamplingSettings
-
-
-SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
 
 @rank_zero_only

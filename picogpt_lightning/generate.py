@@ -122,7 +122,7 @@ def last_logits(model: torch.nn.Module, idx: torch.Tensor, cache=None) -> torch.
     # Inside the function rather than around the generator: a generator holding no_grad across its yields
     # would leave gradients off in the caller's code between tokens.
     with torch.no_grad():
-        return model(idx, cache=cache)[0][:, -1]
+        return model(idx, cache=cache, last_only=True)[0][:, -1]
 
 
 def generate_batch(

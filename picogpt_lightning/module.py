@@ -9,15 +9,42 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torchmetrics import MeanMetric
 
 from . import __version__
 from .checkpoint import model_state_dict, read_checkpoint
 from .errors import PicoGPTError
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, next_token_loss
+from .optim import MuonAdamW, OptimizerSettings, lr_at, param_groups
 
 AUTO_TIE_MAX_TOKENS = 1_000_000
+# Strategies that shard parameters over ranks, so no rank holds a whole matrix.
+SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+
+
+def group_name(group: dict) -> str:
+    """What LearningRateMonitor calls a parameter group: muon, decay (AdamW, decayed) or no_decay."""
+    if group["rule"] == "muon":
+        return "muon"
+    return "decay" if group["params"][0].dim() >= 2 else "no_decay"
+
+
+def resolve_tie_weights(tie_weights: bool | str, train_tokens: int) -> bool:
+    """`auto` ties the embeddings when the training split is known and below AUTO_TIE_MAX_TOKENS."""
+    if tie_weights == "auto":
+        return 0 < train_tokens < AUTO_TIE_MAX_TOKENS
+    if isinstance(tie_weights, bool):
+        return tie_weights
+    raise PicoGPTError(f"tie_weights {tie_weights!r} is unknown; choose true, false or auto")
+
+
+def group_name(group: dict) -> str:
+    """What LearningRateMonitor calls a parameter group: muon, decay (AdamW, decayed) or no_decay."""
+    if group["rule"] == "muon":
+        return "muon"
+    return "decay" if group["params"][0].dim() >= 2 else "no_decay"
 
 
 def resolve_tie_weights(tie_weights: bool | str, train_tokens: int) -> bool:
@@ -53,13 +80,23 @@ class GPTLightningModule(L.LightningModule):
         dropout: float = GPTConfig.dropout,
         bias: bool = GPTConfig.bias,
         tie_weights: bool | Literal["auto"] = "auto",
+        position: Literal["learned", "rotary"] = GPTConfig.position,
+        norm: Literal["layer", "rms"] = GPTConfig.norm,
+        qk_norm: bool = GPTConfig.qk_norm,
+        mlp: Literal["gelu", "relu2", "swiglu"] = GPTConfig.mlp,
+        zero_init: bool = GPTConfig.zero_init,
+        rope_theta: float = GPTConfig.rope_theta,
         train_tokens: int = 0,
         label_smoothing: float = 0.0,
+        optimizer: Literal["adamw", "muon"] = "adamw",
         learning_rate: float = 6e-4,
         min_lr: float = 6e-5,
         weight_decay: float = 0.1,
         beta1: float = 0.9,
         beta2: float = 0.95,
+        muon_lr: float = 0.02,
+        muon_momentum: float = 0.95,
+        muon_weight_decay: float = 0.0,
         cosine_lr: bool = True,
         warmup_iters: int = 100,
         lr_decay_iters: int | None = None,
@@ -78,13 +115,24 @@ class GPTLightningModule(L.LightningModule):
             bias: biases in linear layers and layer norms.
             tie_weights: share the token embedding with the output layer: true, false, or auto (tie when the
                 training split has fewer than 1M tokens, where the embeddings are most of the model).
+            position: learned (GPT-2's position table) or rotary (RoPE on queries and keys).
+            norm: layer (LayerNorm) or rms (RMSNorm).
+            qk_norm: RMSNorm on each head's queries and keys (bounds attention logits; allows higher rates).
+            mlp: gelu (GPT-2), relu2 (squared ReLU) or swiglu (Llama's gated MLP).
+            zero_init: start each block's output projections at zero, so every block starts as the identity.
+            rope_theta: base wavelength of rotary positions.
             train_tokens: training split size in tokens (set from the prepared data by the CLI).
             label_smoothing: label smoothing of the training loss (validation reports plain cross-entropy).
-            learning_rate: peak learning rate.
-            min_lr: final learning rate of the cosine schedule.
+            optimizer: adamw (AdamW for every weight) or muon (Muon for the blocks' hidden matrices, AdamW for
+                embeddings, output layer, biases and gains).
+            learning_rate: peak learning rate of AdamW's weights.
+            min_lr: final learning rate of the cosine schedule (Muon's falls in the same proportion).
             weight_decay: AdamW weight decay on matrices and embeddings (not on biases or norm gains).
             beta1: AdamW beta1.
             beta2: AdamW beta2.
+            muon_lr: peak learning rate of the matrices Muon trains (with optimizer muon).
+            muon_momentum: Muon's (Nesterov) momentum.
+            muon_weight_decay: Muon's decoupled weight decay.
             cosine_lr: cosine decay after warmup; false keeps the peak rate constant after warmup.
             warmup_iters: optimizer steps of linear warmup.
             lr_decay_iters: step at which the cosine reaches min_lr (default: trainer.max_steps).
@@ -97,14 +145,21 @@ class GPTLightningModule(L.LightningModule):
         try:
             config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
                                n_embd=n_embd, dropout=dropout, bias=bias,
-                               tie_weights=resolve_tie_weights(tie_weights, train_tokens))
+                               tie_weights=resolve_tie_weights(tie_weights, train_tokens), position=position,
+                               norm=norm, qk_norm=qk_norm, mlp=mlp, zero_init=zero_init, rope_theta=rope_theta)
+            self.model = GPT(config)
+            settings = OptimizerSettings(optimizer=optimizer, learning_rate=learning_rate, betas=(beta1, beta2),
+                                         weight_decay=weight_decay, muon_lr=muon_lr, muon_momentum=muon_momentum,
+                                         muon_weight_decay=muon_weight_decay)
+            # Decided here, on the unwrapped model, by name: strategies that shard parameters (FSDP keeps the
+            # original parameters as flattened 1-D shards) hand configure_optimizers shapes that no longer tell
+            # a matrix from a bias.
+            self.optimizer_groups = [
+                {**{k: v for k, v in group.items() if k != "params"}, "name": group_name(group)}
+                for group in param_groups(self.model.named_parameters(), settings)
+            ]
         except ValueError as error:
             raise PicoGPTError(f"invalid model settings: {error}") from None
-        self.model = GPT(config)
-        # Decided here, on the unwrapped model, by name: strategies that shard parameters (FSDP keeps the
-        # original parameters as flattened 1-D shards) hand configure_optimizers shapes that no longer tell
-        # a matrix from a bias.
-        self.decayed_names = {name for name, param in self.model.named_parameters() if param.dim() >= 2}
         self.val_loss = MeanMetric()
         self._tokens_at_last_log = 0
         self._time_at_last_log = None
@@ -138,7 +193,14 @@ class GPTLightningModule(L.LightningModule):
         rank_zero_only(print)(message)  # every rank loads; one says so
 
     def setup(self, stage: str) -> None:
-        if self.trainer.strategy.root_device.type == "cuda":
+        strategy = self.trainer.strategy
+        if stage == "fit" and self.hparams.optimizer == "muon" and isinstance(strategy, SHARDED_STRATEGIES):
+            raise PicoGPTError(
+                f"--model.optimizer muon cannot run under {type(strategy).__name__}: Muon orthogonalises whole "
+                f"matrices, and this strategy hands the optimizer flattened shards of them; use "
+                f"--trainer.strategy ddp (the model is replicated), or --model.optimizer adamw"
+            )
+        if strategy.root_device.type == "cuda":
             # TF32 tensor cores for the matmuls that stay in float32 (all of them with 32-true precision).
             torch.set_float32_matmul_precision("high")
         if self.hparams.compile and stage == "fit":
@@ -149,7 +211,8 @@ class GPTLightningModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs, targets = batch
-        _, loss = self.model(inputs, targets, label_smoothing=self.hparams.label_smoothing)
+        logits, _ = self.model(inputs)
+        loss = next_token_loss(logits, targets, self.hparams.label_smoothing)
         return loss  # logged in on_train_batch_end, at the logger's interval only
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -184,22 +247,18 @@ class GPTLightningModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        # Decay matrices (weights of linear layers and embeddings); leave biases and norm gains alone, since
-        # shrinking them toward zero only fights the normalisation.
-        named = [(unwrapped_name(n), p) for n, p in self.model.named_parameters() if p.requires_grad]
-        params = [p for _, p in named]
-        decay = [p for n, p in named if n in self.decayed_names]
-        no_decay = [p for n, p in named if n not in self.decayed_names]
-        groups = [{"params": decay, "weight_decay": hp.weight_decay, "name": "decay"},
-                  {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-        fused = all(p.device.type == "cuda" for p in params)
-        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), fused=fused or None)
+        current = {unwrapped_name(name): param for name, param in self.model.named_parameters()}
+        groups = [{**group, "params": [current[name] for name in group["names"]]} for group in self.optimizer_groups]
+        try:
+            optimizer = MuonAdamW(groups)
+        except ValueError as error:  # Muon given flattened shards (FSDP), say
+            raise PicoGPTError(f"{error}") from None
         decay_iters = hp.lr_decay_iters or max(1, self.trainer.max_steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: lr_at(step, 1.0, hp.min_lr / hp.learning_rate, hp.warmup_iters, decay_iters, hp.cosine_lr),
         )
-        # "name" is the metric LearningRateMonitor logs (one per parameter group: lr/decay, lr/no_decay).
+        # "name" is the metric LearningRateMonitor logs, one per parameter group: lr/muon, lr/decay, lr/no_decay.
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "lr"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -241,15 +300,29 @@ def unwrapped_name(name: str) -> str:
     return name
 
 
-SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "tie_weights")
+ARCHITECTURE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "tie_weights", "position",
+                     "norm", "qk_norm", "mlp")
 
 
 def model_mismatch_message(saved: dict, current: dict) -> str | None:
-    """None when a checkpoint's model config has the same shape as the current one (dropout may differ),
-    else a message that names each difference."""
+    """None when a checkpoint's model config has the same architecture as the current one (dropout and the
+    initialisation may differ), else a message that names each difference. Keys an old checkpoint lacks take
+    the classic values it was trained with."""
+    saved = GPTConfig.from_dict(saved).to_dict()
+    current = GPTConfig.from_dict(current).to_dict()
     differences = ", ".join(f"{k} {saved.get(k)} in checkpoint vs {current.get(k)} now"
-                            for k in SHAPE_KEYS if saved.get(k) != current.get(k))
+                            for k in ARCHITECTURE_KEYS if saved.get(k) != current.get(k))
     if not differences:
         return None
     return (f"the checkpoint's model does not match this config ({differences}); resume with the config the run "
             f"was started with, or start a new run with --model.init_from CHECKPOINT --model.init_strict false")
+
+
+def optimizer_mismatch_message(saved_hparams: dict, optimizer: str) -> str | None:
+    """None when a checkpoint was trained with `optimizer` (checkpoints from before the choice used adamw)."""
+    saved = saved_hparams.get("optimizer", "adamw")
+    if saved == optimizer:
+        return None
+    return (f"the checkpoint was trained with optimizer {saved}, not {optimizer}: its optimizer state cannot "
+            f"continue with another rule; resume with --model.optimizer {saved}, or start a new run from its "
+            f"weights with --model.init_from CHECKPOINT --model.optimizer {optimizer}")

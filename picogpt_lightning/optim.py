@@ -185,6 +185,15 @@ class MuonAdamW(torch.optim.Optimizer):
             param_group.setdefault("fused", bool(params) and all(p.is_cuda for p in params))
         super().add_param_group(param_group)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch replaces each group's settings by the saved ones; settings a saved group lacks keep their
+        current value, so a checkpoint of torch.optim.AdamW (ours before Muon) resumes as the "adamw" rule."""
+        current = [{key: value for key, value in group.items() if key != "params"} for group in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, settings in zip(self.param_groups, current):
+            for key, value in settings.items():
+                group.setdefault(key, value)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from picogpt_lightning.errors import PicoGPTError
-from picogpt_lightning.module import GPTLightningModule, lr_at, model_mismatch_message
+from picogpt_lightning.module import GPTLightningModule, model_mismatch_message
+from picogpt_lightning.optim import lr_at
 
 
 def test_lr_warms_up_linearly_peaks_and_decays_to_min_lr():
@@ -84,3 +85,49 @@ def test_mismatch_message_names_shape_differences_and_ignores_dropout():
     assert model_mismatch_message(saved, {**saved, "dropout": 0.2}) is None
     message = model_mismatch_message(saved, {**saved, "n_layer": 2})
     assert "n_layer 1 in checkpoint vs 2 now" in message
+
+
+def test_muon_owns_the_blocks_matrices_and_adamw_the_rest():
+    module = tiny_module(optimizer="muon", tie_weights=False)
+    module._trainer = FakeTrainer()
+    optimizer = module.configure_optimizers()["optimizer"]
+    by_name = {group["name"]: group for group in optimizer.param_groups}
+    assert set(by_name) == {"muon", "decay", "no_decay"}
+    assert set(by_name["muon"]["names"]) == {name for name, p in module.model.named_parameters()
+                                            if name.startswith("blocks.") and p.dim() == 2}
+    assert set(by_name["decay"]["names"]) == {"wte.weight", "wpe.weight", "lm_head.weight"}
+    assert by_name["muon"]["initial_lr"] == 0.02 and by_name["decay"]["initial_lr"] == module.hparams.learning_rate
+
+
+def test_muon_refuses_flattened_shards_and_names_what_to_use():
+    module = tiny_module(optimizer="muon")
+    module._trainer = FakeTrainer()
+    with torch.no_grad():
+        for param in module.model.parameters():
+            param.data = param.data.reshape(-1)  # what FSDP's flat parameters look like
+    with pytest.raises(PicoGPTError, match="adamw.*ddp"):
+        module.configure_optimizers()
+
+
+def test_resuming_with_another_optimizer_is_refused_in_one_line():
+    from picogpt_lightning.module import optimizer_mismatch_message
+
+    assert optimizer_mismatch_message({}, "adamw") is None  # checkpoints from before the choice
+    message = optimizer_mismatch_message({"optimizer": "adamw"}, "muon")
+    assert "--model.optimizer adamw" in message and "\n" not in message
+
+
+def test_architecture_differences_are_named_old_checkpoints_count_as_classic():
+    saved = dict(vocab_size=40, block_size=8, n_layer=1, n_head=2, n_embd=8, bias=True, tie_weights=True)
+    assert model_mismatch_message(saved, {**saved, "position": "learned", "mlp": "gelu"}) is None
+    message = model_mismatch_message(saved, {**saved, "position": "rotary"})
+    assert "position learned in checkpoint vs rotary now" in message
+
+
+def test_muon_under_fsdp_is_refused_before_training_naming_the_alternatives():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    module = tiny_module(optimizer="muon")
+    module._trainer = type("Trainer", (), {"strategy": FSDPStrategy()})()
+    with pytest.raises(PicoGPTError, match="FSDPStrategy.*--trainer.strategy ddp.*--model.optimizer adamw"):
+        module.setup("fit")

@@ -27,12 +27,24 @@ def train_losses(run: Path) -> dict[int, float]:
     return losses
 
 
+def same(a, b) -> bool:
+    """Equal to the bit, tensors included, through nested dicts and lists."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 @pytest.mark.parametrize("accumulate", [1, 2], ids=["plain", "accumulating"])
-def test_n_steps_plus_resume_equals_2n_steps_exactly(tmp_path, accumulate):
+def test_n_steps_plus_resume_equals_2n_steps_exactly(tmp_path, accumulate, optimizer):
     text = make_text(tmp_path / "t.txt")
     settings = dict(trainer={"max_steps": 16, "val_check_interval": 8 * accumulate, "log_every_n_steps": 1,
                              "accumulate_grad_batches": accumulate},
-                    model={"dropout": 0.1})
+                    model={"dropout": 0.1, "optimizer": optimizer})
     straight = make_config(tmp_path, text, name="straight", **settings)
     split = make_config(tmp_path, text, name="split", **settings)
     assert main(["fit", "--config", str(straight)]) == 0
@@ -48,6 +60,7 @@ def test_n_steps_plus_resume_equals_2n_steps_exactly(tmp_path, accumulate):
     assert a["global_step"] == b["global_step"] == 16
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
+    assert same(a["optimizer_states"], b["optimizer_states"])  # momentum buffers, Adam moments, steps
 
 
 def start_long_run(tmp_path, name="long"):

@@ -26,7 +26,7 @@ from ..callbacks import GracefulInterrupt, LastCheckpoint, NonFiniteLossGuard, S
 from ..checkpoint import read_checkpoint
 from ..data import GPTDataModule
 from ..errors import PicoGPTError
-from ..module import GPTLightningModule, model_mismatch_message
+from ..module import GPTLightningModule, model_mismatch_message, optimizer_mismatch_message
 from ..prompt import read_escapes
 
 TRAINER_DEFAULTS = {
@@ -115,7 +115,10 @@ class PicoGPTCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         if self.resume_from is not None:
             saved = self.resume_from["picogpt"]["model_config"]
-            message = model_mismatch_message(saved, self.model.model.config.to_dict())
+            message = model_mismatch_message(saved, self.model.model.config.to_dict()) or (
+                self.subcommand == "fit"
+                and optimizer_mismatch_message(self.resume_from["hyper_parameters"], self.model.hparams.optimizer)
+            )
             if message:
                 raise PicoGPTError(message)
             self.resume_from = None  # the weights are loaded again by Lightning; free this copy
