@@ -132,7 +132,8 @@ def hf_tokenizer(tokenizer):
     one, newlines included). A character the model never saw cannot be encoded: Hugging Face raises, as our
     CharTokenizer does. word: our regex (words, whitespace runs, single marks) with `<unk>` for the rest;
     Oniguruma's \\w and \\s follow Unicode like Python's, but a few rare characters (such as the ASCII
-    separators \\x1c-\\x1f) are classed differently, and text holding them may get other ids.
+    separators \\x1c-\\x1f) are classed differently, and text holding them may get other ids. Both carry
+    end-of-text, where the tokenizer has it, as a special added token of the same id.
     """
     if tokenizer.kind == "bpe":
         special = ENDOFTEXT if ENDOFTEXT in tokenizer.tokenizer.get_vocab(with_added_tokens=True) else None
@@ -140,10 +141,19 @@ def hf_tokenizer(tokenizer):
     if isinstance(tokenizer, CharTokenizer):
         # WordLevel insists on an unknown token name; it is left out of the vocabulary on purpose, so the
         # vocabulary stays exactly the model's.
-        return _concatenating_tokenizer(dict(tokenizer.stoi), r"[\s\S]", UNKNOWN), None
-    if isinstance(tokenizer, WordTokenizer):
-        return _concatenating_tokenizer(dict(tokenizer.stoi), WordTokenizer.pattern.pattern, UNKNOWN), None
-    raise PicoGPTError(f"cannot export a {tokenizer.kind} tokenizer: export supports char, word and bpe")
+        exported = _concatenating_tokenizer(dict(tokenizer.stoi), r"[\s\S]", UNKNOWN)
+    elif isinstance(tokenizer, WordTokenizer):
+        exported = _concatenating_tokenizer(dict(tokenizer.stoi), WordTokenizer.pattern.pattern, UNKNOWN)
+    else:
+        raise PicoGPTError(f"cannot export a {tokenizer.kind} tokenizer: export supports char, word and bpe")
+    if tokenizer.eot_id is None:
+        return exported, None
+    # A special added token is cut out of the text before pre-tokenization, as ours is. It takes the next free
+    # id, which is the char tokenizer's end-of-text id, or keeps the entry a word vocabulary already has for it.
+    import tokenizers as tk
+
+    exported.add_special_tokens([tk.AddedToken(ENDOFTEXT, special=True)])
+    return exported, ENDOFTEXT
 
 
 def hf_tokenizer_config(tokenizer_kind: str, special: str | None, block_size: int) -> dict:

@@ -21,7 +21,7 @@ TEXT = "Q: What is truth?\nA: What remains when doubt is done.\n"
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    tokenizer = CharTokenizer.train([TEXT])
+    tokenizer = CharTokenizer(TEXT)  # characters only, no end-of-text: one character per token
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
     path = tmp_path_factory.mktemp("api") / "model.ckpt"

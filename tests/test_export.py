@@ -106,8 +106,26 @@ def test_hf_config_uses_the_exact_gelu_and_the_checkpoint_shape(tmp_path):
 def test_word_tokenizer_export_matches_our_ids_without_transformers(tmp_path):
     tokenizer = make_tokenizer("word")
     fast, special = hf_tokenizer(tokenizer)
-    text = "Q: What is doubt, friend?\n\n  A: zebra!"  # 'zebra' is not in the vocabulary: <unk>
-    assert fast.encode(text).ids == tokenizer.encode(text) and special is None
+    text = "Q: What is doubt, friend?\n\n  A: zebra!<|endoftext|>"  # 'zebra' is not in the vocabulary: <unk>
+    assert fast.encode(text).ids == tokenizer.encode(text) and special == "<|endoftext|>"
+
+
+@pytest.mark.parametrize("kind", ["char", "word"])
+def test_char_and_word_exports_carry_end_of_text_as_the_eos_token(tmp_path, transformers, kind):
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", kind)
+    export_command(str(ckpt), str(tmp_path / "hf"))
+    ours = load_checkpoint(ckpt).tokenizer
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    text = "Q: What is truth?<|endoftext|>\n"
+    assert tokenizer(text)["input_ids"] == ours.encode(text) and tokenizer.eos_token_id == ours.eot_id
+    assert tokenizer.decode(ours.encode(text)) == text
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == ours.eot_id
+
+
+def test_a_char_tokenizer_saved_without_end_of_text_exports_without_eos():
+    tokenizer = CharTokenizer(list("<|>abdefnotx"))
+    fast, special = hf_tokenizer(tokenizer)
+    assert special is None and fast.encode("a<|endoftext|>b").ids == tokenizer.encode("a<|endoftext|>b")
 
 
 @pytest.mark.parametrize("tied", [True, False])
