@@ -34,7 +34,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import PicoGPTError
-from .generate import fit_to_vocabulary
+from .prompt import fit_to_vocabulary
 from .tokenizer import ENDOFTEXT, Tokenizer
 
 ROLES = ("system", "user", "assistant")

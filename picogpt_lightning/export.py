@@ -150,8 +150,6 @@ def hf_tokenizer(tokenizer):
         return exported, None
     # A special added token is cut out of the text before pre-tokenization, as ours is. It takes the next free
     # id, which is the char tokenizer's end-of-text id, or keeps the entry a word vocabulary already has for it.
-    import tokenizers as tk
-
     exported.add_special_tokens([tk.AddedToken(ENDOFTEXT, special=True)])
     return exported, ENDOFTEXT
 

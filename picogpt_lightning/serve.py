@@ -32,7 +32,9 @@ from pathlib import Path
 
 from .conversation import ChatTemplate, encode_conversation, template_from_meta, validate_messages
 from .errors import PicoGPTError
-from .generate import SamplingSettings, StreamingDecoder, generate, make_generator, resolve_device
+from .generate import generate, make_generator, resolve_device
+from .prompt import StreamingDecoder
+from .settings import SamplingSettings
 
 try:
     import litserve as ls

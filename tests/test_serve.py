@@ -22,9 +22,9 @@ pytest.importorskip("litserve")
 from picogpt_lightning.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from picogpt_lightning.conversation import get_template, template_from_meta  # noqa: E402
 from picogpt_lightning.errors import PicoGPTError  # noqa: E402
-from picogpt_lightning.generate import SamplingSettings  # noqa: E402
 from picogpt_lightning.model import GPT, GPTConfig  # noqa: E402
 from picogpt_lightning.serve import ChatJob, ChatRequest, read_request, reply_pieces  # noqa: E402
+from picogpt_lightning.settings import SamplingSettings  # noqa: E402
 from picogpt_lightning.tokenizer import CharTokenizer  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
