@@ -260,12 +260,17 @@ class ChatTemplate:
 
     def stop_strings(self, has_eot: bool) -> list[str]:
         """Where an answer ends: end-of-text (or, without it, the assistant format's closing text), and the
-        start of a next user turn, which a model that was never fine-tuned writes instead."""
-        assistant_suffix = self.affixes["assistant"][1]
+        start of a next user turn, which a model that was never fine-tuned writes instead.
+
+        The next turn's marker is the user prefix without its spaces ("Q:"), after a single newline when the
+        template separates turns by newlines: such a model writes one newline or two.
+        """
+        assistant_suffix, user_prefix = self.affixes["assistant"][1], self.affixes["user"][0]
         stops = [ENDOFTEXT] if has_eot else [assistant_suffix] if assistant_suffix else []
-        next_user = assistant_suffix + self.affixes["user"][0].rstrip()
-        if next_user and not any(next_user.startswith(stop) for stop in stops):
-            stops.append(next_user)
+        marker = user_prefix.strip()
+        if marker:
+            between = (assistant_suffix + user_prefix)[: (assistant_suffix + user_prefix).index(marker)]
+            stops.append(("\n" if "\n" in between else between) + marker)
         return stops
 
     def answer_pieces(self, pieces: Iterable[str]) -> Iterator[str]:
@@ -324,11 +329,17 @@ DEFAULT_TEMPLATE = "qa"
 
 
 def get_template(template: str | dict | ChatTemplate | None = None) -> ChatTemplate:
-    """A built-in template by name, a template from its dict (as stored in checkpoints), or the default."""
+    """A built-in template by name, a template from its dict (as stored in checkpoints) or that dict as JSON
+    (as a command line gives it), or the default."""
     if template is None:
         return BUILTIN_TEMPLATES[DEFAULT_TEMPLATE]
     if isinstance(template, ChatTemplate):
         return template
+    if isinstance(template, str) and template.lstrip().startswith("{"):
+        try:
+            template = json.loads(template)
+        except json.JSONDecodeError as error:
+            raise PicoGPTError(f"the chat template is not valid JSON ({error})") from None
     if isinstance(template, str):
         if template not in BUILTIN_TEMPLATES:
             raise PicoGPTError(f"unknown chat template {template!r}; use one of {', '.join(BUILTIN_TEMPLATES)} or a "

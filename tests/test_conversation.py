@@ -70,8 +70,11 @@ def test_qa_renders_the_corpus_form_with_end_of_text_after_each_answer():
 
 def test_without_end_of_text_qa_is_exactly_the_corpus_and_answers_end_at_the_blank_line():
     assert QA.render(TWO_TURNS, has_eot=False) in CORPUS
-    assert QA.stop_strings(has_eot=False) == ["\n\n"]
-    assert QA.stop_strings(has_eot=True) == [ENDOFTEXT, "\n\nQ:"]  # the second stops models never fine-tuned
+    assert QA.stop_strings(has_eot=False) == ["\n\n", "\nQ:"]
+    assert QA.stop_strings(has_eot=True) == [ENDOFTEXT, "\nQ:"]  # the second stops models never fine-tuned
+    assert BUILTIN_TEMPLATES["im"].stop_strings(has_eot=True) == [ENDOFTEXT, "\n<|im_start|>user"]
+    inline = ChatTemplate("inline", system="{content} ", user="U: {content} ", assistant="B: {content} | ")
+    assert inline.stop_strings(has_eot=False) == [" | ", " | U:"]
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe", "word"])
@@ -263,6 +266,9 @@ def test_a_template_round_trips_through_a_weights_only_checkpoint(tmp_path, name
 def test_templates_are_chosen_by_name_with_qa_the_default():
     assert get_template() is get_template("qa") is template_from_meta({}) is QA
     assert get_template({"system": "{content}", "user": "U:{content}", "assistant": "B:{content}\n"}).name == "custom"
+    assert get_template(json.dumps(BUILTIN_TEMPLATES["im"].to_dict())) == BUILTIN_TEMPLATES["im"]
+    with pytest.raises(PicoGPTError, match="not valid JSON"):
+        get_template('{"system": ')
     with pytest.raises(PicoGPTError, match="unknown chat template 'chatml'; use one of qa, im"):
         get_template("chatml")
     with pytest.raises(PicoGPTError, match="a dict with the keys system, user and assistant"):
