@@ -3,7 +3,7 @@
     python -m benchmarks.serve_speed --ckpt checkpoints/tiny/best.ckpt
     python -m benchmarks.serve_speed --ckpt checkpoints/tiny/best.ckpt --workers 2 --requests 16
 
-Starts the OpenAI-compatible server (picogpt_lightning.serve) over the checkpoint in a child process on a free
+Starts the OpenAI-compatible server (`picogpt serve`) over the checkpoint in a child process on a free
 port, sends one warm-up request, then for each number of clients has every client send `requests` streamed
 chat requests one after the other. Time to first token is measured from sending a request to receiving its
 first piece of answer text; requests/s is all requests of a round over its wall time. Each request has its own
@@ -34,12 +34,14 @@ QUESTIONS = ("What is knowledge?", "Why is a lucky guess not the same as knowing
 
 
 def start_server(ckpt: str, port: int, workers: int, threads: int | None) -> subprocess.Popen:
-    """The server in its own session (so that it and its workers can be stopped together)."""
-    call = (f"from picogpt_lightning.serve import serve; serve({ckpt!r}, port={port}, device='cpu', "
-            f"workers={workers}, threads={threads!r}, log_level='warning')")
+    """`picogpt serve` in its own session (so that it and its workers can be stopped together)."""
+    command = [sys.executable, "-m", "picogpt_lightning.cli", "serve", "--ckpt", ckpt, "--port", str(port),
+               "--device", "cpu", "--workers", str(workers), "--log_level", "warning"]
+    if threads is not None:
+        command += ["--threads", str(threads)]
     repo_root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo_root, os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, "-c", call], env=env, start_new_session=True)
+    return subprocess.Popen(command, env=env, start_new_session=True)
 
 
 def wait_until_ready(base: str, server: subprocess.Popen, timeout: float = 180) -> None:

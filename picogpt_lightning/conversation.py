@@ -269,7 +269,8 @@ class ChatTemplate:
         stops = [ENDOFTEXT] if has_eot else [assistant_suffix] if assistant_suffix else []
         marker = user_prefix.strip()
         if marker:
-            between = (assistant_suffix + user_prefix)[: (assistant_suffix + user_prefix).index(marker)]
+            after_answer = assistant_suffix + user_prefix
+            between = after_answer[: after_answer.index(marker)]
             stops.append(("\n" if "\n" in between else between) + marker)
         return stops
 

@@ -16,7 +16,7 @@ lacks a few things a client relies on; `OpenAIChatSpec` adds them: `seed`, `/v1/
 line of JSON for a bad request (checked before it is queued, so a bad streamed request is refused before the
 stream starts), and finish_reason "length" when max_tokens cut the answer.
 
-Like generate.py, nothing here imports Lightning's trainer; torch is imported by the workers that generate.
+Like generate.py, nothing here imports Lightning. The command around `serve` is `picogpt serve` (cli/serve.py).
 """
 
 from __future__ import annotations
@@ -28,13 +28,15 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
+import torch
+
+from .checkpoint import load_checkpoint
 from .conversation import ChatTemplate, encode_conversation, template_from_meta, validate_messages
 from .errors import PicoGPTError
 from .generate import generate, make_generator, resolve_device
 from .prompt import StreamingDecoder
-from .settings import SamplingSettings
+from .settings import SamplingSettings, ServeSettings
 
 try:
     import litserve as ls
@@ -55,8 +57,6 @@ try:
     from litserve.utils import LitAPIStatus
 except ImportError as error:  # an optional extra: say how to get it, in one line
     raise PicoGPTError("serving needs LitServe: pip install 'picogpt_lightning[serve]'") from error
-
-HOSTS = {"127.0.0.1": "127.0.0.1", "localhost": "127.0.0.1", "0.0.0.0": "0.0.0.0", "::": "::"}  # LitServe's
 
 # ----------------------------------------------------------------------------------------------- requests
 
@@ -162,10 +162,6 @@ class ChatAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         # LitServe numbers devices from 0 ("cuda:0"); the model goes where the user asked (e.g. cuda:1).
-        import torch
-
-        from .checkpoint import load_checkpoint
-
         torch.set_num_threads(self.threads)
         loaded = load_checkpoint(self.ckpt, self.device_name)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
@@ -241,16 +237,6 @@ class OpenAIChatSpec(OpenAISpec):
 # ----------------------------------------------------------------------------------------------- the server
 
 
-def check_checkpoint(ckpt: str) -> ChatTemplate:
-    """Fail before any worker starts if the checkpoint cannot be served; its chat template if it can."""
-    from .checkpoint import read_checkpoint
-
-    meta = read_checkpoint(ckpt)["picogpt"]
-    if not meta.get("tokenizer"):
-        raise PicoGPTError(f"{ckpt} holds no tokenizer; serve a checkpoint written by `picogpt fit`")
-    return template_from_meta(meta)
-
-
 def _stop_like_ctrl_c(serving_pid: int):
     """A SIGTERM handler: `kill` shuts the server down like Ctrl-C, so LitServe stops its workers instead of
     leaving them behind. The HTTP process LitServe forks inherits it, and just exits when LitServe stops it."""
@@ -263,62 +249,26 @@ def _stop_like_ctrl_c(serving_pid: int):
     return handler
 
 
-def serve(
-    ckpt: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    device: str = "auto",
-    workers: int = 1,
-    threads: int | None = None,
-    max_tokens: int = 256,
-    model_name: str = "picogpt",
-    log_level: str = "info",
-) -> None:
-    """Serve a checkpoint over an OpenAI-compatible HTTP API until interrupted (Ctrl-C).
+def serve(ckpt: str, device: str = "auto", settings: ServeSettings | None = None) -> None:
+    """Serve a checkpoint (or a safetensors export folder) until interrupted; see `picogpt serve --help`.
 
-    Args:
-        ckpt: Checkpoint written by `picogpt fit` (or fine-tuned); its chat template decides the prompt format.
-        host: 127.0.0.1 (this machine only), 0.0.0.0 or :: (every interface).
-        port: TCP port, 1024 to 65535.
-        device: cpu, cuda, cuda:N, mps, or auto (cuda, then mps, then cpu).
-        workers: Inference processes, each with its own copy of the model; as many requests run at once.
-        threads: torch threads per worker; default: the CPU cores shared out between the workers.
-        max_tokens: Longest answer, in tokens, for requests that do not set max_tokens.
-        model_name: The model id /v1/models reports and responses carry.
-        log_level: LitServe's and uvicorn's logging: debug, info, warning or error.
+    The checkpoint is loaded once here first, so that a file that cannot be served fails before any worker
+    starts, in one line.
     """
-    if host not in HOSTS:
-        raise PicoGPTError(f"host {host!r} cannot be served; use 127.0.0.1 (this machine), 0.0.0.0 or ::")
-    if not 1024 <= port <= 65535:
-        raise PicoGPTError(f"port must be from 1024 to 65535, got {port}")
-    if workers < 1:
-        raise PicoGPTError(f"workers must be at least 1, got {workers}")
-    if max_tokens < 1:
-        raise PicoGPTError(f"max_tokens must be at least 1, got {max_tokens}")
+    settings = settings or ServeSettings()
     target = resolve_device(device)
-    template = check_checkpoint(ckpt)
-    threads = threads or max(1, (os.cpu_count() or 1) // workers)
-    api = ChatAPI(str(Path(ckpt)), str(target), threads, max_tokens, model_name)
+    template = template_from_meta(load_checkpoint(ckpt).meta)
+    threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.workers)
+    api = ChatAPI(str(ckpt), str(target), threads, settings.max_tokens, settings.model_name)
     # No request timeout: a request waits for a free worker however long the answers before it take. Streamed
     # pieces go from worker to HTTP process over ZeroMQ (fast_queue): LitServe's default manager queue costs
     # milliseconds per piece, more than a tiny model's step (one client, 16 tokens: 1-3 requests/s against 15).
-    server = ls.LitServer(api, accelerator=target.type, devices=1, workers_per_device=workers, timeout=False,
-                          fast_queue=True)
+    server = ls.LitServer(api, accelerator=target.type, devices=1, workers_per_device=settings.workers,
+                          timeout=False, fast_queue=True)
     server.app.add_exception_handler(RequestValidationError, invalid_request_body)
-    print(f"serving {ckpt} as {model_name!r} at http://{HOSTS[host]}:{port}/v1 ({workers} worker(s) on {target}, "
-          f"{threads} thread(s) each; chat template {template.name})", flush=True)
+    print(f"serving {ckpt} as {settings.model_name!r} at http://{settings.bind_address}:{settings.port}/v1 "
+          f"({settings.workers} worker(s) on {target}, {threads} thread(s) each; chat template {template.name})",
+          flush=True)
     signal.signal(signal.SIGTERM, _stop_like_ctrl_c(os.getpid()))
-    server.run(host=HOSTS[host], port=port, num_api_servers=1, log_level=log_level, generate_client_file=False)
-
-
-if __name__ == "__main__":
-    # A runner until `picogpt serve` exists. Imported by its real name so that LitServe's worker processes,
-    # which unpickle the API by module name, find the same classes.
-    from jsonargparse import auto_cli
-
-    from picogpt_lightning.serve import serve as serve_checkpoint
-
-    try:
-        auto_cli(serve_checkpoint, as_positional=False)
-    except PicoGPTError as error:
-        raise SystemExit(f"picogpt serve: error: {error}") from None
+    server.run(host=settings.bind_address, port=settings.port, num_api_servers=1, log_level=settings.log_level,
+               generate_client_file=False)

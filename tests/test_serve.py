@@ -24,7 +24,7 @@ from picogpt_lightning.conversation import get_template, template_from_meta  # n
 from picogpt_lightning.errors import PicoGPTError  # noqa: E402
 from picogpt_lightning.model import GPT, GPTConfig  # noqa: E402
 from picogpt_lightning.serve import ChatJob, ChatRequest, read_request, reply_pieces  # noqa: E402
-from picogpt_lightning.settings import SamplingSettings  # noqa: E402
+from picogpt_lightning.settings import SamplingSettings, ServeSettings  # noqa: E402
 from picogpt_lightning.tokenizer import CharTokenizer  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -56,11 +56,11 @@ def ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(ckpt, tmp_path_factory):
-    """`python -m picogpt_lightning.serve` with two workers; its base URL. Stopped with SIGTERM, like `kill`."""
+    """`picogpt serve` with two workers; its base URL. Stopped with SIGTERM, like `kill`."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "picogpt_lightning.serve", "--ckpt", str(ckpt), "--port", str(port),
+    command = [sys.executable, "-m", "picogpt_lightning.cli", "serve", "--ckpt", str(ckpt), "--port", str(port),
                "--device", "cpu", "--workers", "2", "--threads", "1", "--log_level", "warning"]
     with open(log, "w") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env,
@@ -251,12 +251,12 @@ def test_read_request_defaults_to_picogpt_sample_settings():
     assert read_request(ChatRequest(messages=QUESTION, max_completion_tokens=3), 10).max_tokens == 3
 
 
-def test_serve_refuses_bad_settings_before_starting(ckpt, tmp_path):
+def test_serve_refuses_bad_settings_and_checkpoints_before_starting(tmp_path):
     from picogpt_lightning.serve import serve
 
     with pytest.raises(PicoGPTError, match="host 'example.com' cannot be served"):
-        serve(str(ckpt), host="example.com")
+        ServeSettings(host="example.com")
     with pytest.raises(PicoGPTError, match="port must be from 1024"):
-        serve(str(ckpt), port=80)
+        ServeSettings(port=80)
     with pytest.raises(PicoGPTError, match="does not exist"):
         serve(str(tmp_path / "missing.ckpt"), device="cpu")
