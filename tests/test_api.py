@@ -68,6 +68,15 @@ def test_unknown_prompt_characters_warn_instead_of_printing(model):
         model.generate("Q: Ünknown", max_new_tokens=3, seed=0)
 
 
+def test_chat_streams_the_same_answer_and_checks_the_messages(model):
+    messages = [{"role": "user", "content": "What is truth?"}]
+    answer = model.chat(messages, max_new_tokens=20, seed=3)
+    assert "".join(model.chat(messages, max_new_tokens=20, seed=3, stream=True)) == answer
+    assert model.chat_template.name == "qa"  # the checkpoint has none of its own
+    with pytest.raises(PicoGPTError, match="last message must be from the user"):
+        model.chat(messages + [{"role": "assistant", "content": answer}])
+
+
 def test_evaluate_matches_the_evaluate_module(model):
     result = model.evaluate(TEXT)
     assert result.tokens == len(TEXT) - 1
