@@ -192,7 +192,8 @@ class ChatTemplate:
             raise PicoGPTError(f"{where} does not render ({error}); write {{{{ and }}}} for literal braces") from None
         fields = [(name, spec, conversion) for _, name, spec, conversion in parts if name is not None]
         if fields != [("content", "", None)]:
-            found = ", ".join("{" + name + "}" for name, _, _ in fields) or "no placeholder"
+            found = ", ".join("{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+                              for name, spec, conversion in fields) or "no placeholder"
             raise PicoGPTError(f"{where} does not render: it needs {{content}} exactly once and nothing else "
                                f"in braces, found {found}")
         split = next(index for index, part in enumerate(parts) if part[1] is not None)

@@ -281,7 +281,7 @@ def test_templates_are_chosen_by_name_with_qa_the_default():
         ("A: {answer}\n", r"found \{answer\}"),
         ("A: no placeholder\n", "found no placeholder"),
         ("A: {content} {content}\n", r"found \{content\}, \{content\}"),
-        ("A: {content!r}\n", "needs {content} exactly once"),
+        ("A: {content!r}\n", r"found \{content!r\}"),
         ("A: {content\n", "does not render"),
         ("A: }{content}\n", "does not render"),
     ],
