@@ -6,6 +6,7 @@
     print(model.generate("Q: What is truth?\\nA:", max_new_tokens=50, seed=0))
     for piece in model.generate("Q: What is virtue?\\nA:", stream=True):
         print(piece, end="", flush=True)
+    print(model.chat([{"role": "user", "content": "What is truth?"}], temperature=0))
 
 Loading is checkpoint.py's and sampling generate.py's, the same code `picogpt sample` and `picogpt chat` run,
 so the same settings and seed give the same text here as on the command line (on the same device).
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import LoadedCheckpoint, load_checkpoint
+from .conversation import ChatTemplate, encode_conversation, get_template, template_from_meta, validate_messages
 from .evaluate import EvaluationResult, evaluate_text
 from .generate import make_generator, resolve_device, stream_text
 from .prompt import describe_replacements, encode_prompt, fit_to_vocabulary
@@ -92,6 +94,51 @@ class PicoGPT:
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         pieces = stream_text(self.model, self.tokenizer, prompt_ids, max_new_tokens, settings,
                              make_generator(seed, self.device), stops)
+        return pieces if stream else "".join(pieces)
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The template the model was fine-tuned with; `qa`, the corpus' own form, for one that has none."""
+        return template_from_meta(self.meta)
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, str]],
+        max_new_tokens: int = 256,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stream: bool = False,
+        chat_template: str | dict | None = None,
+        **sampling,
+    ) -> str | Iterator[str]:
+        """The model's answer to a conversation, or with `stream=True` an iterator of its pieces.
+
+        The same answer `picogpt chat` and `picogpt serve` give: the conversation rendered with the chat
+        template, the answer ending at end-of-text, at the start of a next user turn or at a stop string, and
+        returned without the template's own text (the space after "A:"). A conversation longer than the context
+        keeps its end.
+
+        Args:
+            messages: [{"role": "system" | "user" | "assistant", "content": "..."}, ...], ending with the user's.
+            max_new_tokens: Longest answer, in tokens.
+            seed: The same seed gives the same answer on the same device; None draws a fresh one each call.
+            stop: A string or strings that end the answer (left out).
+            stream: Return an iterator that yields the answer as it is generated.
+            chat_template: A template name (qa, im) or dict instead of the checkpoint's own.
+            **sampling: `SamplingSettings` fields: temperature (0 is greedy), top_k, top_p, repetition_penalty.
+        """
+        settings = SamplingSettings(**sampling)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        template = get_template(chat_template) if chat_template is not None else self.chat_template
+        messages = validate_messages(list(messages), for_generation=True)
+        prompt = encode_conversation(messages, template, self.tokenizer, add_generation_prompt=True)
+        if prompt.unseen.counts:
+            warnings.warn(prompt.unseen.describe(), stacklevel=2)
+        stops = template.stop_strings(self.tokenizer.eot_id is not None)
+        stops += [stop] if isinstance(stop, str) else list(stop or ())
+        pieces = template.answer_pieces(stream_text(self.model, self.tokenizer, prompt.ids, max_new_tokens, settings,
+                                                    make_generator(seed, self.device), stops))
         return pieces if stream else "".join(pieces)
 
     def evaluate(self, text: str, stride: int | None = None, batch_size: int | None = None) -> EvaluationResult:

@@ -1,65 +1,38 @@
-"""Conversations with a model: turns rendered as text, history trimmed to the context, streamed answers.
+"""Conversations with a model: turns rendered by its chat template, history trimmed to the context, streamed
+answers.
 
-A conversation is rendered as plain text in the corpus' own form, by default
+The template (conversation.py) is the one the model was fine-tuned with, stored in its checkpoint, or `qa`, the
+corpus' own form, for a model that has none:
 
     SYSTEM PROMPT
 
     Q: first message
-    A: first answer
+    A: first answer<|endoftext|>
 
     Q: new message
     A:
 
-and the model continues it until it writes the next user marker ("\\nQ:"), the end-of-text token or a stop
-string. The prompt is rebuilt from the history at each turn; when it no longer fits the model's context the
-oldest turns are dropped, never the system prompt. The REPL around a session is `picogpt chat` (cli/chat.py).
+The model continues the prompt until it writes end-of-text, the start of a next user turn ("\\nQ:", which a
+model never fine-tuned writes instead) or a stop string. The prompt is rebuilt from the history at each turn;
+when it no longer fits the model's context the oldest turns are dropped, never the system prompt. The REPL
+around a session is `picogpt chat` (cli/chat.py).
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TextIO
 
 import torch
 
+from .conversation import ChatTemplate, encode_conversation, get_template
 from .errors import PicoGPTError
 from .generate import stream_text
-from .prompt import encode_prompt, fit_to_vocabulary, read_escapes
+from .prompt import encode_prompt, read_escapes
 from .settings import SamplingSettings
-from .tokenizer import ENDOFTEXT
 
 COMMANDS_HELP = "commands: /reset (forget the conversation), /system TEXT, /temp X, /exit (or Ctrl-D)"
-
-
-@dataclass
-class ChatFormat:
-    """How turns become text: `{user_prefix}{message}\\n{assistant_prefix}{answer}`, turns joined by
-    `turn_separator`, the system prompt (if any) first."""
-
-    user_prefix: str = "Q: "
-    assistant_prefix: str = "A: "
-    turn_separator: str = "\n\n"
-
-    def turn(self, message: str, answer: str) -> str:
-        return f"{self.user_prefix}{message}\n{self.assistant_prefix}{answer}"
-
-    def opening(self, message: str) -> str:
-        """The last, unanswered turn. The prefix loses its trailing space so that the model writes it as part
-        of the answer's first token, as it saw it in training (BPE merges a space with the word after it)."""
-        return f"{self.user_prefix}{message}\n{self.assistant_prefix.rstrip()}"
-
-    def render(self, system_prompt: str, turns: Sequence[tuple[str, str]], message: str) -> str:
-        parts = [system_prompt] if system_prompt else []
-        parts += [self.turn(m, a) for m, a in turns]
-        parts.append(self.opening(message))
-        return self.turn_separator.join(parts)
-
-    @property
-    def user_marker(self) -> str:
-        """Where an answer ends: a new line that starts the next user turn."""
-        return "\n" + self.user_prefix.strip()
 
 
 class ChatSession:
@@ -69,8 +42,8 @@ class ChatSession:
         self,
         model: torch.nn.Module,
         tokenizer,
+        template: ChatTemplate | None = None,
         system_prompt: str = "",
-        chat_format: ChatFormat | None = None,
         settings: SamplingSettings | None = None,
         max_new_tokens: int = 256,
         stop: Sequence[str] = (),
@@ -80,10 +53,10 @@ class ChatSession:
     ):
         self.model = model
         self.tokenizer = tokenizer
-        self.chat_format = chat_format or ChatFormat()
+        self.template = template or get_template()
         self.settings = settings or SamplingSettings()
         self.max_new_tokens = max_new_tokens
-        self.stop = [self.chat_format.user_marker, ENDOFTEXT, *stop]
+        self.stop = [*self.template.stop_strings(tokenizer.eot_id is not None), *stop]
         self.generator = generator
         self.output = output or sys.stdout
         self.notes = notes or sys.stderr
@@ -111,8 +84,15 @@ class ChatSession:
         block_size = self.model.config.block_size
         return max(1, block_size - min(self.max_new_tokens, block_size // 4))
 
-    def _encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(fit_to_vocabulary(text, self.tokenizer)[0]))
+    def messages(self, message: str) -> list[dict[str, str]]:
+        """The conversation so far and `message`, in the messages form."""
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        for question, answer in self.history:
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        return [*messages, {"role": "user", "content": message}]
+
+    def _encode(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        return encode_conversation(messages, self.template, self.tokenizer, add_generation_prompt).ids
 
     def build_prompt(self, message: str) -> list[int]:
         """Token ids of the conversation plus `message`, dropping the oldest turns until it fits the budget.
@@ -121,18 +101,18 @@ class ChatSession:
         """
         budget = self.prompt_budget
         dropped = 0
-        ids = self._encode(self.chat_format.render(self.system_prompt, self.history, message))
+        ids = self._encode(self.messages(message))
         while len(ids) > budget and self.history:
             self.history.pop(0)
             dropped += 1
-            ids = self._encode(self.chat_format.render(self.system_prompt, self.history, message))
+            ids = self._encode(self.messages(message))
         if dropped:
             self.note(f"(the {dropped} oldest turn(s) no longer fit the context and were dropped)")
         if len(ids) > budget and self.system_prompt:
-            system_ids = self._encode(self.system_prompt + self.chat_format.turn_separator)
+            system_ids = self._encode(self.messages(message)[:1], add_generation_prompt=False)
             if len(system_ids) < budget:
                 self.note("(the message is too long for the context; its beginning is left out)")
-                rest = self._encode(self.chat_format.opening(message))
+                rest = self._encode(self.messages(message)[-1:])
                 ids = system_ids + rest[len(rest) - (budget - len(system_ids)) :]
         return ids
 

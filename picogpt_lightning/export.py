@@ -9,6 +9,10 @@ checkpoint has it. GPT-2's `Conv1D` layers store weights as (in, out), the trans
 The tokenizer goes along as a standard `tokenizer.json`: byte-level BPE is already one; char and word
 tokenizers are rebuilt as a `tokenizers` WordLevel model whose pre-tokenizer cuts the text exactly as ours
 does, with a decoder that concatenates (the library's default decoder would put spaces between tokens).
+
+The chat template goes along too, as the Jinja `chat_template` of tokenizer_config.json, with end-of-text as
+the eos (and pad) token: `apply_chat_template(messages, add_generation_prompt=True)` then gives our prompt and
+`generate` stops where `picogpt chat` does.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import tokenizers as tk
 import torch
 
 from .checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS, LoadedCheckpoint, load_checkpoint
+from .conversation import template_from_meta
 from .errors import PicoGPTError
 from .files import write_atomically, write_json_atomically
 from .tokenizer import ENDOFTEXT, UNKNOWN, CharTokenizer, WordTokenizer
@@ -132,7 +137,8 @@ def hf_tokenizer(tokenizer):
     one, newlines included). A character the model never saw cannot be encoded: Hugging Face raises, as our
     CharTokenizer does. word: our regex (words, whitespace runs, single marks) with `<unk>` for the rest;
     Oniguruma's \\w and \\s follow Unicode like Python's, but a few rare characters (such as the ASCII
-    separators \\x1c-\\x1f) are classed differently, and text holding them may get other ids.
+    separators \\x1c-\\x1f) are classed differently, and text holding them may get other ids. Both carry
+    end-of-text, where the tokenizer has it, as a special added token of the same id.
     """
     if tokenizer.kind == "bpe":
         special = ENDOFTEXT if ENDOFTEXT in tokenizer.tokenizer.get_vocab(with_added_tokens=True) else None
@@ -140,22 +146,30 @@ def hf_tokenizer(tokenizer):
     if isinstance(tokenizer, CharTokenizer):
         # WordLevel insists on an unknown token name; it is left out of the vocabulary on purpose, so the
         # vocabulary stays exactly the model's.
-        return _concatenating_tokenizer(dict(tokenizer.stoi), r"[\s\S]", UNKNOWN), None
-    if isinstance(tokenizer, WordTokenizer):
-        return _concatenating_tokenizer(dict(tokenizer.stoi), WordTokenizer.pattern.pattern, UNKNOWN), None
-    raise PicoGPTError(f"cannot export a {tokenizer.kind} tokenizer: export supports char, word and bpe")
+        exported = _concatenating_tokenizer(dict(tokenizer.stoi), r"[\s\S]", UNKNOWN)
+    elif isinstance(tokenizer, WordTokenizer):
+        exported = _concatenating_tokenizer(dict(tokenizer.stoi), WordTokenizer.pattern.pattern, UNKNOWN)
+    else:
+        raise PicoGPTError(f"cannot export a {tokenizer.kind} tokenizer: export supports char, word and bpe")
+    if tokenizer.eot_id is None:
+        return exported, None
+    # A special added token is cut out of the text before pre-tokenization, as ours is. It takes the next free
+    # id, which is the char tokenizer's end-of-text id, or keeps the entry a word vocabulary already has for it.
+    exported.add_special_tokens([tk.AddedToken(ENDOFTEXT, special=True)])
+    return exported, ENDOFTEXT
 
 
-def hf_tokenizer_config(tokenizer_kind: str, special: str | None, block_size: int) -> dict:
+def hf_tokenizer_config(tokenizer_kind: str, special: str | None, block_size: int, chat_template: str) -> dict:
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": block_size,
         # The default would rewrite " ." as "." and similar on decode; our decoders return the text as it was.
         "clean_up_tokenization_spaces": False,
         "add_prefix_space": False,
+        "chat_template": chat_template,
     }
-    if special:
-        config.update(bos_token=special, eos_token=special)
+    if special:  # padding only ever follows the text, so end-of-text can pad too (as in GPT-2)
+        config.update(bos_token=special, eos_token=special, pad_token=special)
     if tokenizer_kind == "word":
         config["unk_token"] = UNKNOWN
     return config
@@ -174,15 +188,17 @@ def export_hf(ckpt: str, out_dir: str) -> list[Path]:
     config, state, tokenizer = loaded.config, _state(loaded), loaded.tokenizer
     fast_tokenizer, special = hf_tokenizer(tokenizer)
     endoftext_id = fast_tokenizer.token_to_id(special) if special else None
+    chat_template = template_from_meta(loaded.meta).jinja(has_eot=special is not None)
     folder = _output_folder(out_dir)
     written = [folder / name for name in ("config.json", "generation_config.json", EXPORT_WEIGHTS, "tokenizer.json",
                                           "tokenizer_config.json", "special_tokens_map.json")]
     write_json_atomically(written[0], hf_gpt2_config(config, _dtype_name(state), endoftext_id))
-    write_json_atomically(written[1], {"bos_token_id": endoftext_id, "eos_token_id": endoftext_id})
+    write_json_atomically(written[1], {"bos_token_id": endoftext_id, "eos_token_id": endoftext_id,
+                                       "pad_token_id": endoftext_id})
     _write_safetensors(written[2], hf_gpt2_state_dict(state, config), {"format": "pt"})
     write_atomically(written[3], lambda temporary: fast_tokenizer.save(str(temporary)))
-    write_json_atomically(written[4], hf_tokenizer_config(tokenizer.kind, special, config.block_size))
-    specials = {"bos_token": special, "eos_token": special} if special else {}
+    write_json_atomically(written[4], hf_tokenizer_config(tokenizer.kind, special, config.block_size, chat_template))
+    specials = {"bos_token": special, "eos_token": special, "pad_token": special} if special else {}
     if tokenizer.kind == "word":
         specials["unk_token"] = UNKNOWN
     write_json_atomically(written[5], specials)
@@ -203,7 +219,7 @@ def export_safetensors(ckpt: str, out_dir: str) -> list[Path]:
         "format": EXPORT_FORMAT,
         "model_config": config.to_dict(),
         "tokenizer": json.loads(loaded.tokenizer.to_json()),
-        **{key: loaded.meta.get(key) for key in ("data", "best_val_loss", "versions")},
+        **{key: loaded.meta.get(key) for key in ("data", "best_val_loss", "versions", "chat_template")},
     })
     return [weights, description]
 

@@ -1,7 +1,8 @@
 """Settings that the commands and the library share, as plain dataclasses: the one place their defaults live.
 
 `picogpt sample`, `chat` and `serve` and the Python API take their sampling options from `SamplingSettings`;
-`picogpt prepare` and the data module take the preparation options from `PrepareSettings`. The model's own
+`picogpt prepare` and the data module take the preparation options from `PrepareSettings`; `picogpt serve`
+takes the server's from `ServeSettings`. The model's own
 defaults live in `model.GPTConfig`, the training recipe's in the LightningModule's signature (module.py), and
 each config in configs/ sets what differs for its recipe. Nothing here imports torch, so a command can build its
 `--help` from these classes in a fraction of a second.
@@ -90,3 +91,45 @@ class PrepareSettings:
                      "pip install tokenizers")
             return "word"
         return self.backend
+
+
+SERVE_HOSTS = {"127.0.0.1": "127.0.0.1", "localhost": "127.0.0.1", "0.0.0.0": "0.0.0.0", "::": "::"}  # LitServe's
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How `picogpt serve` serves a checkpoint over its OpenAI-compatible HTTP API.
+
+    Args:
+        host: 127.0.0.1 (this machine only), 0.0.0.0 or :: (every interface).
+        port: TCP port, 1024 to 65535.
+        workers: Inference processes, each with its own copy of the model; as many requests run at once.
+        threads: torch threads per worker; null: the CPU cores shared out between the workers.
+        max_tokens: Longest answer, in tokens, for requests that do not set max_tokens.
+        model_name: The model id /v1/models reports and responses carry.
+        log_level: LitServe's and uvicorn's logging: debug, info, warning or error.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    threads: int | None = None
+    max_tokens: int = 256
+    model_name: str = "picogpt"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def __post_init__(self) -> None:
+        if self.host not in SERVE_HOSTS:
+            raise PicoGPTError(f"host {self.host!r} cannot be served; use 127.0.0.1 (this machine), 0.0.0.0 or ::")
+        if not 1024 <= self.port <= 65535:
+            raise PicoGPTError(f"port must be from 1024 to 65535, got {self.port}")
+        if self.workers < 1:
+            raise PicoGPTError(f"workers must be at least 1, got {self.workers}")
+        if self.threads is not None and self.threads < 1:
+            raise PicoGPTError(f"threads must be at least 1 (or null for the default), got {self.threads}")
+        if self.max_tokens < 1:
+            raise PicoGPTError(f"max_tokens must be at least 1, got {self.max_tokens}")
+
+    @property
+    def bind_address(self) -> str:
+        return SERVE_HOSTS[self.host]

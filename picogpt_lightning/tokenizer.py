@@ -1,8 +1,13 @@
 """Three tokenizers behind one small interface: characters, byte-level BPE and words.
 
-Every tokenizer has `kind`, `vocab_size`, `encode`, `encode_batch`, `decode`, `to_json` and `save`, so the
-rest of the package never asks which one it holds. `to_json` is complete: a checkpoint that stores it can
-rebuild the tokenizer without any other file.
+Every tokenizer has `kind`, `vocab_size`, `eot_id`, `encode`, `encode_with_offsets`, `encode_batch`, `decode`,
+`to_json` and `save`, so the rest of the package never asks which one it holds. `to_json` is complete: a
+checkpoint that stores it can rebuild the tokenizer without any other file.
+
+End of text: tokenizers trained now have one `<|endoftext|>` token (`eot_id`), which ends documents and chat
+answers so that a model learns to stop. The literal text `<|endoftext|>` encodes to that one id and decodes
+back to it. Char and word tokenizers saved before this existed load unchanged: their `eot_id` is None and the
+literal is plain text to them.
 
 - `CharTokenizer`: one id per character, like nanoGPT's Shakespeare example. Tiny vocabulary, long sequences.
 - `BPETokenizer`: GPT-2 style byte-level BPE trained with Hugging Face `tokenizers`; any text encodes.
@@ -18,7 +23,7 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -40,11 +45,14 @@ class Tokenizer(Protocol):
     """What the rest of the package may rely on, whichever tokenizer it holds."""
 
     kind: str
+    eot_id: int | None  # the id of <|endoftext|>, or None for tokenizers saved without one
 
     @property
     def vocab_size(self) -> int: ...
 
     def encode(self, text: str) -> list[int]: ...
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]: ...
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
 
@@ -92,22 +100,52 @@ def _checked_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
     return checked
 
 
+def _around_endoftext(
+    text: str, eot_id: int | None, encode_piece: Callable[[str], tuple[list[int], list[int]]]
+) -> tuple[list[int], list[int]]:
+    """Ids and start offsets of `text` in which each literal <|endoftext|> is the single id `eot_id`.
+
+    `encode_piece` gives the ids and start offsets of the text between them. Without an `eot_id` the literal is
+    ordinary text, as it was for tokenizers saved before end-of-text existed.
+    """
+    if eot_id is None or ENDOFTEXT not in text:
+        return encode_piece(text)
+    ids: list[int] = []
+    starts: list[int] = []
+    position = 0
+    for index, piece in enumerate(text.split(ENDOFTEXT)):
+        if index:
+            ids.append(eot_id)
+            starts.append(position)
+            position += len(ENDOFTEXT)
+        piece_ids, piece_starts = encode_piece(piece)
+        ids += piece_ids
+        starts += [position + start for start in piece_starts]
+        position += len(piece)
+    return ids, starts
+
+
 def _code_points(text: str) -> np.ndarray:
     """The code points of `text` as a uint32 array (lone surrogates included, as `ord` gives them)."""
     return np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
 
 
 class CharTokenizer:
-    """One id per character; ids are positions in the sorted character list."""
+    """One id per character; ids are positions in the sorted character list, then `<|endoftext|>` if present.
+
+    `chars` and `stoi` hold the characters only, so "is this character known?" never confuses the special
+    token with text.
+    """
 
     kind = "char"
 
-    def __init__(self, chars: Iterable[str]):
+    def __init__(self, chars: Iterable[str], endoftext: bool = False):
         chars = list(chars)
         if any(not isinstance(char, str) or len(char) != 1 for char in chars):
             raise PicoGPTError("a char tokenizer's vocabulary must be single characters: the file is damaged")
         self.chars = sorted(set(chars))
         self.stoi = {char: i for i, char in enumerate(self.chars)}
+        self.eot_id = len(self.chars) if endoftext else None
         # The id of every code point up to the largest one known, -1 for the others: encode_array looks a whole
         # text up at once instead of looping over its characters in Python.
         points = [ord(char) for char in self.chars]
@@ -116,18 +154,26 @@ class CharTokenizer:
 
     @classmethod
     def train(cls, chunks: Iterable[str]) -> CharTokenizer:
+        """Every character of the text, and end-of-text (whose literal does not count as characters)."""
         seen = np.zeros(0x110000, dtype=bool)  # one flag per Unicode code point
         for chunk in chunks:
-            seen[_code_points(chunk)] = True
-        return cls(chr(point) for point in np.flatnonzero(seen))
+            seen[_code_points(chunk.replace(ENDOFTEXT, ""))] = True
+        return cls((chr(point) for point in np.flatnonzero(seen)), endoftext=True)
 
     @property
     def vocab_size(self) -> int:
-        return len(self.chars)
+        return len(self.chars) + (self.eot_id is not None)
 
     def encode(self, text: str) -> list[int]:
+        return self.encode_with_offsets(text)[0]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """The ids of `text` and the position in `text` where each token starts."""
+        return _around_endoftext(text, self.eot_id, self._encode_characters)
+
+    def _encode_characters(self, text: str) -> tuple[list[int], list[int]]:
         try:
-            return [self.stoi[char] for char in text]
+            return [self.stoi[char] for char in text], list(range(len(text)))
         except KeyError:
             unknown = sorted(set(text) - self.stoi.keys())
             shown = ", ".join(repr(char) for char in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
@@ -141,17 +187,30 @@ class CharTokenizer:
 
     def encode_array(self, text: str) -> np.ndarray:
         """The ids of `text` as an int32 array, like `encode` but about 30x faster on long texts."""
+        if self.eot_id is None or ENDOFTEXT not in text:
+            return self._character_array(text)
+        arrays = []
+        for index, piece in enumerate(text.split(ENDOFTEXT)):
+            if index:
+                arrays.append(np.array([self.eot_id], dtype=np.int32))
+            arrays.append(self._character_array(piece))
+        return np.concatenate(arrays)
+
+    def _character_array(self, text: str) -> np.ndarray:
         table = self.ids_by_code_point
         ids = table[np.minimum(_code_points(text), len(table) - 1)]
         if ids.size and ids.min() < 0:
-            self.encode(text)  # raises the error that names the unknown characters
+            self._encode_characters(text)  # raises the error that names the unknown characters
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        return "".join(self.chars[i] for i in _checked_ids(ids, self.vocab_size))
+        return "".join(ENDOFTEXT if i == self.eot_id else self.chars[i] for i in _checked_ids(ids, self.vocab_size))
 
     def to_json(self) -> str:
-        return json.dumps({"kind": self.kind, "chars": self.chars})
+        description = {"kind": self.kind, "chars": self.chars}
+        if self.eot_id is not None:
+            description["endoftext"] = True  # absent in files saved before end-of-text existed
+        return json.dumps(description)
 
     def save(self, folder: str | os.PathLike) -> Path:
         return write_text_atomically(Path(folder) / VOCAB_FILE, self.to_json())
@@ -171,6 +230,7 @@ class BPETokenizer:
 
     def __init__(self, tokenizer: tokenizers.Tokenizer):
         self.tokenizer = tokenizer
+        self.eot_id = tokenizer.token_to_id(ENDOFTEXT)  # None in a tokenizer.json made without it
 
     @classmethod
     def check_vocab_size(cls, vocab_size: int) -> None:
@@ -200,6 +260,15 @@ class BPETokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """The ids of `text` and the position in `text` where each token starts.
+
+        The library reports positions in characters; the byte-level pieces of one character all start where
+        that character does.
+        """
+        encoding = self.tokenizer.encode(text)
+        return encoding.ids, [start for start, _ in encoding.offsets]
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts in parallel threads (the library's own batch encoding)."""
         return [encoding.ids for encoding in self.tokenizer.encode_batch_fast(list(texts))]
@@ -220,10 +289,12 @@ class WordTokenizer:
 
     Every character belongs to exactly one token, so decoding is plain concatenation and
     decode(encode(text)) == text whenever all of the text's tokens are in the vocabulary; others become `<unk>`.
+    The vocabulary starts with `<unk>`, then `<|endoftext|>` in tokenizers trained since it exists. The pattern
+    cuts that literal into five tokens, so no older vocabulary can hold it by accident: its presence is the mark.
     """
 
     kind = "word"
-    min_vocab_size = 2  # <unk> and one token
+    min_vocab_size = 2  # <unk> and <|endoftext|>
     max_vocab_size = 1_000_000
     pattern = re.compile(r"\w+|\s+|[^\w\s]")
 
@@ -232,6 +303,7 @@ class WordTokenizer:
             raise PicoGPTError(f"a word tokenizer's vocabulary must start with {UNKNOWN} and have no repeats")
         self.tokens = list(tokens)
         self.stoi = {token: i for i, token in enumerate(self.tokens)}
+        self.eot_id = self.stoi.get(ENDOFTEXT)
 
     @classmethod
     def check_vocab_size(cls, vocab_size: int) -> None:
@@ -239,20 +311,31 @@ class WordTokenizer:
 
     @classmethod
     def train(cls, chunks: Iterable[str], vocab_size: int) -> WordTokenizer:
-        """Keep the vocab_size - 1 most frequent tokens; equal counts are ordered by the token itself."""
+        """Keep the vocab_size - 2 most frequent tokens; equal counts are ordered by the token itself."""
         cls.check_vocab_size(vocab_size)
         counts: Counter[str] = Counter()
         for chunk in chunks:
-            counts.update(cls.pattern.findall(chunk))
-        frequent = heapq.nsmallest(vocab_size - 1, counts.items(), key=lambda item: (-item[1], item[0]))
-        return cls([UNKNOWN] + [token for token, _ in frequent])
+            for piece in chunk.split(ENDOFTEXT):
+                counts.update(cls.pattern.findall(piece))
+        frequent = heapq.nsmallest(vocab_size - 2, counts.items(), key=lambda item: (-item[1], item[0]))
+        return cls([UNKNOWN, ENDOFTEXT] + [token for token, _ in frequent])
 
     @property
     def vocab_size(self) -> int:
         return len(self.tokens)
 
     def encode(self, text: str) -> list[int]:
-        return [self.stoi.get(token, 0) for token in self.pattern.findall(text)]
+        if self.eot_id is None or ENDOFTEXT not in text:
+            return [self.stoi.get(token, 0) for token in self.pattern.findall(text)]  # the fast common case
+        return self.encode_with_offsets(text)[0]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """The ids of `text` and the position in `text` where each token starts."""
+        return _around_endoftext(text, self.eot_id, self._encode_words)
+
+    def _encode_words(self, text: str) -> tuple[list[int], list[int]]:
+        matches = list(self.pattern.finditer(text))
+        return [self.stoi.get(match.group(), 0) for match in matches], [match.start() for match in matches]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(text) for text in texts]
@@ -278,7 +361,7 @@ def _bpe_from_str(text: str, source: str) -> BPETokenizer:
 def _tokenizer_from_dict(description: dict, source: str) -> Tokenizer:
     kind = description.get("kind")
     if kind == "char" and isinstance(description.get("chars"), list):
-        return CharTokenizer(description["chars"])
+        return CharTokenizer(description["chars"], endoftext=description.get("endoftext") is True)
     if kind == "word" and isinstance(description.get("tokens"), list):
         return WordTokenizer(description["tokens"])
     if kind == "bpe" and isinstance(description.get("tokenizer"), dict):

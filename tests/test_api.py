@@ -21,7 +21,7 @@ TEXT = "Q: What is truth?\nA: What remains when doubt is done.\n"
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    tokenizer = CharTokenizer.train([TEXT])
+    tokenizer = CharTokenizer(TEXT)  # characters only, no end-of-text: one character per token
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
     path = tmp_path_factory.mktemp("api") / "model.ckpt"
@@ -66,6 +66,15 @@ def test_greedy_is_deterministic_without_a_seed_and_stop_strings_end_the_text(mo
 def test_unknown_prompt_characters_warn_instead_of_printing(model):
     with pytest.warns(UserWarning, match="never saw"):
         model.generate("Q: Ünknown", max_new_tokens=3, seed=0)
+
+
+def test_chat_streams_the_same_answer_and_checks_the_messages(model):
+    messages = [{"role": "user", "content": "What is truth?"}]
+    answer = model.chat(messages, max_new_tokens=20, seed=3)
+    assert "".join(model.chat(messages, max_new_tokens=20, seed=3, stream=True)) == answer
+    assert model.chat_template.name == "qa"  # the checkpoint has none of its own
+    with pytest.raises(PicoGPTError, match="last message must be from the user"):
+        model.chat(messages + [{"role": "assistant", "content": answer}])
 
 
 def test_evaluate_matches_the_evaluate_module(model):

@@ -1,4 +1,4 @@
-"""The chat REPL: prompt format, history within the context, commands, Ctrl-C and piped input."""
+"""The chat REPL: the checkpoint's template, history within the context, commands, Ctrl-C and piped input."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from picogpt_lightning.chat import ChatFormat, ChatSession
+from picogpt_lightning.chat import ChatSession
 from picogpt_lightning.checkpoint import save_checkpoint
+from picogpt_lightning.conversation import get_template
 from picogpt_lightning.cli.chat import run_repl
 from picogpt_lightning.model import GPT, GPTConfig
 from picogpt_lightning.settings import SamplingSettings
@@ -46,7 +47,7 @@ class ScriptedModel(torch.nn.Module):
 
 @pytest.fixture
 def tokenizer() -> CharTokenizer:
-    return CharTokenizer.train([TEXT])
+    return CharTokenizer.train([TEXT, "<|im_start|>user assistant<|im_end|>"])
 
 
 def session_for(model, tokenizer, **options) -> ChatSession:
@@ -54,9 +55,26 @@ def session_for(model, tokenizer, **options) -> ChatSession:
     return ChatSession(model, tokenizer, output=io.StringIO(), notes=io.StringIO(), **options)
 
 
-def test_prompt_follows_the_corpus_form():
-    text = ChatFormat().render("SYSTEM", [("hi", "hello")], "why?")
-    assert text == "SYSTEM\n\nQ: hi\nA: hello\n\nQ: why?\nA:"
+def test_prompt_follows_the_corpus_form_with_end_of_text_after_each_answer(tokenizer):
+    session = session_for(ScriptedModel(tokenizer, {}, block_size=256), tokenizer, system_prompt="You are picoGPT.")
+    session.history = [("What is truth?", "A habit.")]
+    prompt = tokenizer.decode(session.build_prompt("What is virtue?"))
+    assert prompt == "You are picoGPT.\n\nQ: What is truth?\nA: A habit.<|endoftext|>\n\nQ: What is virtue?\nA:"
+
+
+def test_the_answer_ends_at_end_of_text(tokenizer):
+    model = ScriptedModel(tokenizer, {":": " ", " ": "h", "h": "i", "i": "?"})
+    model.next_id[tokenizer.stoi["?"]] = tokenizer.eot_id  # " hi?" then end-of-text
+    session = session_for(model, tokenizer, max_new_tokens=30)
+    assert session.reply("What is virtue?") == "hi?"
+
+
+def test_another_template_renders_the_conversation(tokenizer):
+    session = session_for(ScriptedModel(tokenizer, {}, block_size=256), tokenizer, template=get_template("im"))
+    session.history = [("hi", "yo")]
+    assert tokenizer.decode(session.build_prompt("ok?")).endswith("<|endoftext|><|im_end|>\n"
+                                                                  "<|im_start|>user\nok?<|im_end|>\n"
+                                                                  "<|im_start|>assistant\n")
 
 
 def test_answer_ends_at_the_next_user_marker(tokenizer):

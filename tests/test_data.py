@@ -68,7 +68,7 @@ def test_val_batches_are_split_between_ranks_without_overlap(bin_file):
 def test_datamodule_prepares_and_exposes_vocab_and_sizes(tmp_path):
     text = make_text(tmp_path / "t.txt")
     data = GPTDataModule(str(text), mode="char", block_size=16, batch_size=2, cache_dir=str(tmp_path / "c"))
-    assert data.tokenizer_vocab_size == len(set(text.read_text()))
+    assert data.tokenizer_vocab_size == len(set(text.read_text())) + 1  # the characters and <|endoftext|>
     assert data.train_tokens > 0.85 * len(text.read_text())
     x, y = next(iter(data.train_dataloader()))
     assert x.shape == (2, 16)

@@ -9,6 +9,7 @@ import torch
 from picogpt_lightning.checkpoint import load_checkpoint, save_checkpoint
 from picogpt_lightning.cli import main
 from picogpt_lightning.cli.export import export_command
+from picogpt_lightning.conversation import get_template, template_from_meta
 from picogpt_lightning.errors import PicoGPTError
 from picogpt_lightning.export import hf_tokenizer
 from picogpt_lightning.generate import generate
@@ -106,8 +107,36 @@ def test_hf_config_uses_the_exact_gelu_and_the_checkpoint_shape(tmp_path):
 def test_word_tokenizer_export_matches_our_ids_without_transformers(tmp_path):
     tokenizer = make_tokenizer("word")
     fast, special = hf_tokenizer(tokenizer)
-    text = "Q: What is doubt, friend?\n\n  A: zebra!"  # 'zebra' is not in the vocabulary: <unk>
-    assert fast.encode(text).ids == tokenizer.encode(text) and special is None
+    text = "Q: What is doubt, friend?\n\n  A: zebra!<|endoftext|>"  # 'zebra' is not in the vocabulary: <unk>
+    assert fast.encode(text).ids == tokenizer.encode(text) and special == "<|endoftext|>"
+
+
+@pytest.mark.parametrize("kind", ["char", "word"])
+def test_char_and_word_exports_carry_end_of_text_as_the_eos_token(tmp_path, transformers, kind):
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", kind)
+    export_command(str(ckpt), str(tmp_path / "hf"))
+    ours = load_checkpoint(ckpt).tokenizer
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    text = "Q: What is truth?<|endoftext|>\n"
+    assert tokenizer(text)["input_ids"] == ours.encode(text) and tokenizer.eos_token_id == ours.eot_id
+    assert tokenizer.decode(ours.encode(text)) == text
+    assert tokenizer.pad_token_id == ours.eot_id and tokenizer.chat_template == get_template("qa").jinja(True)
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == generation["pad_token_id"] == ours.eot_id
+
+
+def test_the_safetensors_export_keeps_the_chat_template(tmp_path):
+    tokenizer = make_tokenizer("char")
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    save_checkpoint(tmp_path / "m.ckpt", model, tokenizer, chat_template=get_template("im").to_dict())
+    export_command(str(tmp_path / "m.ckpt"), str(tmp_path / "st"), format="safetensors")
+    assert template_from_meta(load_checkpoint(tmp_path / "st").meta) == get_template("im")
+
+
+def test_a_char_tokenizer_saved_without_end_of_text_exports_without_eos():
+    tokenizer = CharTokenizer(list("<|>abdefnotx"))
+    fast, special = hf_tokenizer(tokenizer)
+    assert special is None and fast.encode("a<|endoftext|>b").ids == tokenizer.encode("a<|endoftext|>b")
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -53,7 +53,7 @@ def test_cpu_smoke_test_runs_as_a_module(text_path):
 
 def test_cpu_smoke_test_in_process_is_reproducible(text_path, capsys):
     first = cpu_smoke_test.main(str(text_path), prompt="What is virtue?", max_new_tokens=40)
-    assert len(first) == 40
+    assert len(first.replace("<|endoftext|>", "_")) == 40  # one character per token, end-of-text one token too
     assert cpu_smoke_test.main(str(text_path), prompt="What is virtue?", max_new_tokens=40) == first
 
 

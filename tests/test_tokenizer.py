@@ -5,6 +5,7 @@ import pytest
 
 from picogpt_lightning.errors import PicoGPTError
 from picogpt_lightning.tokenizer import (
+    ENDOFTEXT,
     BPETokenizer,
     CharTokenizer,
     WordTokenizer,
@@ -31,7 +32,8 @@ def test_char_ids_are_positions_in_the_sorted_characters():
     assert tokenizer.chars == sorted(set("hello world"))
     assert tokenizer.encode("hello") == [tokenizer.chars.index(char) for char in "hello"]
     assert tokenizer.decode(tokenizer.encode("hello world")) == "hello world"
-    assert tokenizer.vocab_size == len(set("hello world"))
+    assert tokenizer.vocab_size == len(set("hello world")) + 1  # and <|endoftext|>, after the characters
+    assert tokenizer.eot_id == len(tokenizer.chars)
 
 
 def test_char_unknown_character_raises_naming_it():
@@ -73,9 +75,9 @@ def test_word_unknown_tokens_encode_to_unk():
 
 
 def test_word_keeps_the_most_frequent_tokens_and_breaks_ties_by_token():
-    tokenizer = WordTokenizer.train(["b a b c"], vocab_size=3)
-    assert tokenizer.tokens == ["<unk>", " ", "b"]  # " " x3, "b" x2, then "a" and "c" x1
-    assert WordTokenizer.train(["c b a"], vocab_size=4).tokens == ["<unk>", " ", "a", "b"]
+    tokenizer = WordTokenizer.train(["b a b c"], vocab_size=4)
+    assert tokenizer.tokens == ["<unk>", "<|endoftext|>", " ", "b"]  # " " x3, "b" x2, then "a" and "c" x1
+    assert WordTokenizer.train(["c b a"], vocab_size=5).tokens == ["<unk>", "<|endoftext|>", " ", "a", "b"]
 
 
 @pytest.mark.parametrize("vocab_size", [1, 1_000_001])
@@ -154,3 +156,49 @@ def test_without_tokenizers_prepare_falls_back_to_words_with_one_warning(tmp_pat
     assert load_tokenizer(tmp_path / "out" / "vocab.json").kind == "word"
     warnings = [line for line in capsys.readouterr().err.splitlines() if "tokenizers" in line]
     assert len(warnings) == 1 and "word" in warnings[0]
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe", "word"])
+def test_every_kind_trains_an_end_of_text_token_that_round_trips(kind):
+    tokenizer = trained(kind)
+    assert tokenizer.eot_id is not None and tokenizer.encode(ENDOFTEXT) == [tokenizer.eot_id]
+    text = "All:\nSpeak, speak.<|endoftext|>\n\nFirst<|endoftext|><|endoftext|>"
+    ids = tokenizer.encode(text)
+    assert ids.count(tokenizer.eot_id) == 3
+    assert tokenizer.decode(ids) == text
+    assert tokenizer_from_json(tokenizer.to_json()).eot_id == tokenizer.eot_id
+
+
+def test_the_end_of_text_literal_adds_no_characters_to_a_char_vocabulary():
+    tokenizer = CharTokenizer.train(["ab<|endoftext|>ba"])
+    assert tokenizer.chars == ["a", "b"] and tokenizer.vocab_size == 3
+    assert tokenizer.encode_array("a<|endoftext|>b").tolist() == tokenizer.encode("a<|endoftext|>b") == [0, 2, 1]
+
+
+@pytest.mark.parametrize(
+    ("description", "literal_ids"),
+    [
+        ({"kind": "char", "chars": sorted(set(ENDOFTEXT))}, [0, 9, 3, 5, 2, 6, 4, 7, 3, 8, 7, 9, 1]),
+        ({"kind": "word", "tokens": ["<unk>", "|", "<", ">", "endoftext"]}, [2, 1, 4, 1, 3]),
+    ],
+)
+def test_char_and_word_tokenizers_saved_without_end_of_text_load_and_encode_as_before(description, literal_ids):
+    tokenizer = tokenizer_from_json(json.dumps(description))
+    assert tokenizer.eot_id is None
+    assert tokenizer.vocab_size == len(description.get("chars") or description["tokens"])
+    assert tokenizer.encode(ENDOFTEXT) == literal_ids
+    assert tokenizer.decode(literal_ids) == ENDOFTEXT
+    assert json.loads(tokenizer.to_json()) == description  # saved again, still the old form
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe", "word"])
+def test_encode_with_offsets_gives_the_ids_of_encode_and_where_each_token_starts(kind):
+    tokenizer = trained(kind)
+    text = "All:\nSpeak, naïve café 😀.<|endoftext|>\n\nFirst Citizen"
+    ids, starts = tokenizer.encode_with_offsets(text)
+    assert ids == tokenizer.encode(text) and len(starts) == len(ids)
+    assert starts == sorted(starts) and starts[0] == 0
+    assert starts[ids.index(tokenizer.eot_id)] == text.index(ENDOFTEXT)
+    if kind != "bpe":  # whole characters per token: each token is exactly the text up to the next start
+        pieces = [text[start:end] for start, end in zip(starts, starts[1:] + [len(text)])]
+        assert [tokenizer.decode([i]) for i in ids] == pieces

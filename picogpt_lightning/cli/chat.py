@@ -13,9 +13,7 @@ from .common import run_function
 def chat_command(
     ckpt: str,
     system_prompt: str = "",
-    user_prefix: str = "Q: ",
-    assistant_prefix: str = "A: ",
-    turn_separator: str = "\\n\\n",
+    chat_template: str | dict | None = None,
     max_new_tokens: int = 256,
     seed: int | None = 1337,
     stop: list[str] | str | None = None,
@@ -31,16 +29,17 @@ def chat_command(
         ckpt: Checkpoint written by `picogpt fit` (e.g. checkpoints/small/best.ckpt).
         system_prompt: Text placed before the conversation (e.g. "You are picoGPT, a helpful assistant.");
             it is kept when old turns are dropped to fit the context.
-        user_prefix: Marks a user turn; the model's answer ends where it starts a new one.
-        assistant_prefix: Marks the model's turn; a turn is USER_PREFIX message \\n ASSISTANT_PREFIX answer.
-        turn_separator: Text between turns (\\n and \\t are read as escapes).
+        chat_template: How turns become text: qa ("Q: ..." / "A: ..."), im (ChatML-like), or a dict of system,
+            user and assistant formats, each holding {content} once. Default: the checkpoint's own (the one it
+            was fine-tuned with), qa for a checkpoint that has none.
         max_new_tokens: Longest answer, in tokens.
         seed: Random seed, for reproducible conversations; null for a random one.
         stop: One more stop string, or a list of them, that end an answer (e.g. --stop "\\n\\n").
         device: cpu, cuda, cuda:N, mps, or auto (cuda, then mps, then cpu).
     """
-    from ..chat import ChatFormat, ChatSession
+    from ..chat import ChatSession
     from ..checkpoint import load_checkpoint
+    from ..conversation import get_template, template_from_meta
     from ..generate import make_generator, resolve_device
     from ..prompt import read_escapes, read_stop_strings
 
@@ -48,13 +47,13 @@ def chat_command(
         raise PicoGPTError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     settings = SamplingSettings(**sampling)
     target = resolve_device(device)
+    template = get_template(chat_template) if chat_template is not None else None  # checked before loading
     loaded = load_checkpoint(ckpt, target)
-    chat_format = ChatFormat(read_escapes(user_prefix), read_escapes(assistant_prefix), read_escapes(turn_separator))
     session = ChatSession(
         loaded.model,
         loaded.tokenizer,
+        template=template or template_from_meta(loaded.meta),
         system_prompt=read_escapes(system_prompt),
-        chat_format=chat_format,
         settings=settings,
         max_new_tokens=max_new_tokens,
         stop=read_stop_strings(stop),
@@ -77,7 +76,10 @@ def run_repl(session, lines: Iterable[str] | None = None) -> None:
     except ImportError:
         pass
     session.note(COMMANDS_HELP)
-    user_prompt = session.chat_format.user_prefix or "> "
+    user_prefix, assistant_prefix = (session.template.affixes[role][0] for role in ("user", "assistant"))
+    # A one-line prefix ("Q: ") reads well as the input prompt; a marker spread over lines would not.
+    user_prompt = user_prefix if user_prefix.strip() and "\n" not in user_prefix else "> "
+    answer_prompt = assistant_prefix if "\n" not in assistant_prefix else ""
     while True:
         try:
             line = input(user_prompt)
@@ -88,7 +90,7 @@ def run_repl(session, lines: Iterable[str] | None = None) -> None:
             session.note("\n(Ctrl-C stops an answer; to quit use /exit or Ctrl-D)")
             continue
         if line.strip() and not line.strip().startswith("/"):
-            session.output.write(session.chat_format.assistant_prefix)
+            session.output.write(answer_prompt)
             session.output.flush()
         if not session.handle(line):
             return

@@ -13,13 +13,14 @@ import sys
 
 from ..errors import PicoGPTError
 
-USAGE = """usage: picogpt {fit,validate,prepare,sample,chat,evaluate,export,info,plot} [options]
+USAGE = """usage: picogpt {fit,validate,prepare,sample,chat,serve,evaluate,export,info,plot} [options]
 
   fit        train a GPT (picogpt fit --config configs/tiny.yaml)
   validate   val loss and perplexity of a checkpoint (picogpt validate --config ... --ckpt_path best.ckpt)
   prepare    tokenize text into train.bin/val.bin (picogpt prepare --text_path data/philosophy.txt)
   sample     generate text from a checkpoint (picogpt sample --ckpt checkpoints/tiny/best.ckpt)
   chat       talk to a checkpoint in a REPL (picogpt chat --ckpt checkpoints/tiny/best.ckpt)
+  serve      an OpenAI-compatible chat server (picogpt serve --ckpt checkpoints/tiny/best.ckpt --port 8000)
   evaluate   loss, perplexity and bits per byte of a checkpoint on any text
   export     write a Hugging Face (GPT-2) folder or a safetensors file from a checkpoint
   info       what a checkpoint holds: model, tokenizer, data, steps, config, versions
@@ -29,7 +30,7 @@ Run `picogpt COMMAND --help` for the options of each command."""
 
 LIGHTNING_COMMANDS = ("fit", "validate")
 # Plain commands: each is the module of this package with the same name, whose `main(args)` runs it.
-FUNCTION_COMMANDS = ("prepare", "sample", "chat", "evaluate", "export", "info", "plot")
+FUNCTION_COMMANDS = ("prepare", "sample", "chat", "serve", "evaluate", "export", "info", "plot")
 
 
 def run(command: str, args: list[str]) -> int:
