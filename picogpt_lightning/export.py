@@ -1,10 +1,19 @@
-"""A checkpoint as a Hugging Face GPT-2 folder, or as plain safetensors weights (`picogpt export`).
+"""A checkpoint as a Hugging Face folder, or as plain safetensors weights (`picogpt export`).
 
-Our GPT is GPT-2's architecture with two switches GPT-2 lacks (no biases, untied output layer) and the exact
-erf GELU where GPT-2 uses the tanh approximation. So the Hugging Face export writes a `GPT2LMHeadModel` with
-`activation_function: "gelu"` (transformers' exact GELU; "gelu_new", GPT-2's default, would change every
-logit), zeros for the biases a bias-free model lacks (adding zero is exact), and `tie_word_embeddings` as the
-checkpoint has it. GPT-2's `Conv1D` layers store weights as (in, out), the transpose of `nn.Linear`.
+The Hugging Face layout follows the model's architecture, and only where transformers computes exactly what
+our model computes (tests/test_export.py checks logits and greedy tokens for every exportable combination):
+
+- classic (learned positions, LayerNorm, GELU): `GPT2LMHeadModel`, with `activation_function: "gelu"`
+  (transformers' exact erf GELU, as F.gelu; "gelu_new", GPT-2's default, would change every logit), zeros for
+  the biases a bias-free model lacks (adding zero is exact), and GPT-2's `Conv1D` weights stored (in, out),
+  the transpose of `nn.Linear`;
+- rotary + RMSNorm + SwiGLU: `LlamaForCausalLM` (our fused qkv split into q_proj, k_proj, v_proj; our rotary
+  uses Llama's rotate-half layout and inverse frequencies, so the weights map as they are);
+- the same plus QK-norm: `Qwen3ForCausalLM` (its q_norm / k_norm are ours, applied before rotary).
+
+Any other combination (relu2, say, or rotary with LayerNorm) has no transformers equivalent: it is refused in
+one line naming the option, never exported as a different model. zero_init only changes the initialisation and
+dropout only training, so neither matters here; tied or untied output layers map to `tie_word_embeddings`.
 
 The tokenizer goes along as a standard `tokenizer.json`: byte-level BPE is already one; char and word
 tokenizers are rebuilt as a `tokenizers` WordLevel model whose pre-tokenizer cuts the text exactly as ours
@@ -28,6 +37,7 @@ from .checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS, LoadedCheckpoint, load_ch
 from .conversation import template_from_meta
 from .errors import PicoGPTError
 from .files import write_atomically, write_json_atomically
+from .model import RMS_NORM_EPS, GPTConfig
 from .tokenizer import ENDOFTEXT, UNKNOWN, CharTokenizer, WordTokenizer
 
 EXPORT_FORMAT = 1
@@ -56,6 +66,31 @@ def _output_folder(out_dir: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- weights
+
+
+def hf_layout(config: GPTConfig) -> str:
+    """gpt2, llama or qwen3: the transformers architecture that computes what this model computes, or a
+    PicoGPTError naming the option that has none."""
+    if (config.position, config.norm, config.mlp, config.qk_norm) == ("learned", "layer", "gelu", False):
+        return "gpt2"
+    if (config.position, config.norm, config.mlp) == ("rotary", "rms", "swiglu"):
+        if not config.qk_norm:
+            return "llama"
+        if not config.bias:
+            return "qwen3"
+        raise PicoGPTError("cannot export bias: true with qk_norm: Qwen3 (the transformers model with QK-norm) has "
+                           "no MLP biases; train with --model.bias false to export it")
+    if config.position == "learned":
+        refused = next(f"{name} {value}" for name, value, classic in (
+            ("norm", config.norm, "layer"), ("mlp", config.mlp, "gelu"), ("qk_norm", config.qk_norm, False))
+            if value != classic)
+        hint = "the GPT-2 layout needs norm layer, mlp gelu and no qk_norm"
+    else:
+        refused = next(f"{name} {value}" for name, value, modern in (
+            ("norm", config.norm, "rms"), ("mlp", config.mlp, "swiglu")) if value != modern)
+        hint = "rotary models export as Llama or Qwen3, which need norm rms and mlp swiglu"
+    raise PicoGPTError(f"cannot export a model with {refused}: transformers has no model that computes the same "
+                       f"thing ({hint}); use it through picogpt (sample, chat, serve, the Python API) instead")
 
 
 def hf_gpt2_state_dict(state: dict, config) -> dict:
@@ -117,6 +152,70 @@ def hf_gpt2_config(config, dtype: str, endoftext_id: int | None) -> dict:
         "use_cache": True,
         "dtype": dtype,
     }
+
+
+def hf_llama_state_dict(state: dict, config: GPTConfig) -> dict:
+    """Our weights under Llama's (and Qwen3's) names: qkv split into q, k and v; MLP gate/up/proj as
+    gate_proj/up_proj/down_proj; norms as input_layernorm/post_attention_layernorm/norm."""
+    width = config.n_embd
+    hf = {"model.embed_tokens.weight": state["wte.weight"], "model.norm.weight": state["ln_f.weight"]}
+    for index in range(config.n_layer):
+        ours, theirs = f"blocks.{index}.", f"model.layers.{index}."
+        names = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm", "attn.proj": "self_attn.o_proj",
+                 "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm", "mlp.gate": "mlp.gate_proj",
+                 "mlp.up": "mlp.up_proj", "mlp.proj": "mlp.down_proj"}
+        for our_name, their_name in names.items():
+            for kind in ("weight", "bias"):
+                if f"{ours}{our_name}.{kind}" in state:
+                    hf[f"{theirs}{their_name}.{kind}"] = state[f"{ours}{our_name}.{kind}"]
+        for kind in ("weight", "bias"):
+            if f"{ours}attn.qkv.{kind}" in state:
+                q, k, v = state[f"{ours}attn.qkv.{kind}"].split(width, dim=0)
+                hf.update({f"{theirs}self_attn.{name}_proj.{kind}": tensor
+                           for name, tensor in (("q", q), ("k", k), ("v", v))})
+    if not config.tie_weights:
+        hf["lm_head.weight"] = state["lm_head.weight"]
+    return hf
+
+
+def hf_llama_config(config: GPTConfig, layout: str, dtype: str, endoftext_id: int | None) -> dict:
+    """config.json of a LlamaForCausalLM or Qwen3ForCausalLM with our model's shape (all heads are their
+    own key/value heads; rope_theta as both transformers 4 and 5 read it)."""
+    shared = {
+        "architectures": ["LlamaForCausalLM" if layout == "llama" else "Qwen3ForCausalLM"],
+        "model_type": layout,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.mlp_hidden,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_head,
+        "head_dim": config.head_size,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.block_size,
+        "rms_norm_eps": RMS_NORM_EPS,
+        "rope_theta": config.rope_theta,
+        "attention_bias": config.bias,
+        "attention_dropout": config.dropout,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": config.tie_weights,
+        "bos_token_id": endoftext_id,
+        "eos_token_id": endoftext_id,
+        "use_cache": True,
+        "dtype": dtype,
+    }
+    if layout == "llama":
+        return {**shared, "mlp_bias": config.bias, "pretraining_tp": 1}
+    return {**shared, "use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layer}
+
+
+def hf_weights_and_config(config: GPTConfig, state: dict, endoftext_id: int | None) -> tuple[dict, dict]:
+    """The Hugging Face state dict and config.json of the layout this architecture maps to."""
+    layout = hf_layout(config)
+    dtype = _dtype_name(state)
+    if layout == "gpt2":
+        return hf_gpt2_state_dict(state, config), hf_gpt2_config(config, dtype, endoftext_id)
+    return hf_llama_state_dict(state, config), hf_llama_config(config, layout, dtype, endoftext_id)
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer
@@ -186,16 +285,18 @@ def export_hf(ckpt: str, out_dir: str) -> list[Path]:
     """Write a folder that `transformers` loads with AutoModelForCausalLM / AutoTokenizer.from_pretrained."""
     loaded = load_checkpoint(ckpt)
     config, state, tokenizer = loaded.config, _state(loaded), loaded.tokenizer
+    hf_layout(config)  # refuses an architecture transformers cannot reproduce before anything is written
     fast_tokenizer, special = hf_tokenizer(tokenizer)
     endoftext_id = fast_tokenizer.token_to_id(special) if special else None
     chat_template = template_from_meta(loaded.meta).jinja(has_eot=special is not None)
     folder = _output_folder(out_dir)
     written = [folder / name for name in ("config.json", "generation_config.json", EXPORT_WEIGHTS, "tokenizer.json",
                                           "tokenizer_config.json", "special_tokens_map.json")]
-    write_json_atomically(written[0], hf_gpt2_config(config, _dtype_name(state), endoftext_id))
+    hf_state, hf_config = hf_weights_and_config(config, state, endoftext_id)
+    write_json_atomically(written[0], hf_config)
     write_json_atomically(written[1], {"bos_token_id": endoftext_id, "eos_token_id": endoftext_id,
                                        "pad_token_id": endoftext_id})
-    _write_safetensors(written[2], hf_gpt2_state_dict(state, config), {"format": "pt"})
+    _write_safetensors(written[2], hf_state, {"format": "pt"})
     write_atomically(written[3], lambda temporary: fast_tokenizer.save(str(temporary)))
     write_json_atomically(written[4], hf_tokenizer_config(tokenizer.kind, special, config.block_size, chat_template))
     specials = {"bos_token": special, "eos_token": special, "pad_token": special} if special else {}

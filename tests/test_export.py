@@ -29,12 +29,12 @@ def make_tokenizer(kind: str):
     return BPETokenizer.train([TEXT * 10], vocab_size=300)
 
 
-def make_checkpoint(path, kind: str, bias: bool = True, tie_weights: bool = True):
+def make_checkpoint(path, kind: str, bias: bool = True, tie_weights: bool = True, **architecture):
     """A tiny model whose weights are random and large, so that logits are far apart and greedy choices
     cannot flip on rounding differences between two implementations."""
     tokenizer = make_tokenizer(kind)
     config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=16,
-                       bias=bias, tie_weights=tie_weights)
+                       bias=bias, tie_weights=tie_weights, **architecture)
     torch.manual_seed(0)
     model = GPT(config)
     with torch.no_grad():
@@ -50,15 +50,27 @@ def transformers():
     return pytest.importorskip("transformers")
 
 
-CASES = [("char", True, True), ("bpe", True, True), ("char", False, False), ("bpe", False, False),
-         ("word", True, False)]
+LLAMA = dict(position="rotary", norm="rms", mlp="swiglu")
+QWEN3 = dict(LLAMA, qk_norm=True)
+CASES = [("char", True, True, {}), ("bpe", True, True, {}), ("char", False, False, {}), ("bpe", False, False, {}),
+         ("word", True, False, {}), ("bpe", False, True, LLAMA), ("char", True, False, dict(LLAMA, zero_init=True)),
+         ("bpe", False, False, QWEN3), ("char", False, True, QWEN3)]
+ARCHITECTURES = {"": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
-@pytest.mark.parametrize("kind,bias,tied", CASES)
-def test_transformers_gives_our_logits_greedy_tokens_and_token_ids(tmp_path, transformers, kind, bias, tied):
-    ckpt = make_checkpoint(tmp_path / "model.ckpt", kind, bias, tied)
+def layout_name(architecture: dict) -> str:
+    return "qwen3" if architecture.get("qk_norm") else "llama" if architecture else ""
+
+
+@pytest.mark.parametrize("kind,bias,tied,architecture", CASES,
+                         ids=[f"{k}-{b}-{t}-{layout_name(a) or 'gpt2'}" for k, b, t, a in CASES])
+def test_transformers_gives_our_logits_greedy_tokens_and_token_ids(tmp_path, transformers, kind, bias, tied,
+                                                                    architecture):
+    ckpt = make_checkpoint(tmp_path / "model.ckpt", kind, bias, tied, **architecture)
     folder = tmp_path / "hf"
     export_command(str(ckpt), str(folder))
+    assert json.loads((folder / "config.json").read_text())["architectures"] == [
+        ARCHITECTURES[layout_name(architecture)]]
     ours = load_checkpoint(ckpt)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -178,3 +190,20 @@ def test_picogpt_export_command_line(tmp_path, capsys):
     assert main(["export", "--ckpt", str(tmp_path / "missing.ckpt"), "--out_dir", str(tmp_path / "x")]) == 1
     error = capsys.readouterr().err
     assert len(error.strip().splitlines()) == 1 and "does not exist" in error
+
+
+@pytest.mark.parametrize("architecture,named", [
+    (dict(mlp="relu2"), "mlp relu2"),
+    (dict(norm="rms"), "norm rms"),
+    (dict(qk_norm=True), "qk_norm True"),
+    (dict(position="rotary", norm="rms", mlp="relu2", qk_norm=True, zero_init=True), "mlp relu2"),
+    (dict(position="rotary"), "norm layer"),
+    (dict(QWEN3, bias=True), "bias: true with qk_norm"),
+])
+def test_an_architecture_transformers_cannot_compute_is_refused_naming_the_option(tmp_path, architecture, named,
+                                                                                  capsys):
+    ckpt = make_checkpoint(tmp_path / "model.ckpt", "char", bias=architecture.pop("bias", False), **architecture)
+    assert main(["export", "--ckpt", str(ckpt), "--out_dir", str(tmp_path / "hf")]) == 1
+    error = capsys.readouterr().err.strip()
+    assert named in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())  # nothing written

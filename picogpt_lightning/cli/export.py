@@ -8,16 +8,19 @@ from .common import run_function
 
 
 def export_command(ckpt: str, out_dir: str, format: Literal["hf", "safetensors"] = "hf") -> None:
-    """Export a checkpoint for use outside picogpt: a Hugging Face GPT-2 folder, or plain safetensors weights.
+    """Export a checkpoint for use outside picogpt: a Hugging Face folder, or plain safetensors weights.
 
     With --format hf (the default), `transformers` loads the folder as it loads any model:
     AutoModelForCausalLM.from_pretrained(OUT_DIR) and AutoTokenizer.from_pretrained(OUT_DIR) give the same
-    logits and token ids as picogpt (char, word and bpe tokenizers alike).
+    logits and token ids as picogpt (char, word and bpe tokenizers alike). The layout follows the architecture:
+    GPT-2 for the classic model, Llama for rotary + rms + swiglu, Qwen3 with qk_norm as well; an architecture
+    transformers has no equivalent for (relu2, say) is refused.
 
     Args:
         ckpt: Checkpoint written by `picogpt fit` (e.g. checkpoints/small/best.ckpt).
         out_dir: Folder to write into (created if missing; files of an earlier export are replaced).
-        format: hf: config.json, model.safetensors, tokenizer.json and tokenizer_config.json for `transformers`.
+        format: hf: config.json, generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json
+            and special_tokens_map.json for `transformers`.
             safetensors: model.safetensors under our own parameter names plus picogpt.json (model config and
             tokenizer), which picogpt_lightning.load() reads.
     """
