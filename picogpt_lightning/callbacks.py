@@ -1,5 +1,6 @@
 """Callbacks that make a run safe to interrupt and easy to follow: last.ckpt at the true end, graceful
-Ctrl-C, a stop on non-finite loss, and a progress bar that counts total steps across resumes."""
+Ctrl-C, a stop on non-finite loss, a progress bar that counts total steps across resumes, live samples, and an
+exponential moving average of the weights that resumes exactly."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, TQDMProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -210,3 +211,23 @@ class ValidationSample(Callback):
         if log_dir:
             with open(Path(log_dir) / "samples.txt", "a", encoding="utf-8") as samples:
                 samples.write(f"--- step {step} ---\n{sample}\n\n")
+
+
+class EMA(EMAWeightAveraging):
+    """Lightning's exponential moving average of the weights, for validation and for the weights every
+    checkpoint stores (`state_dict`; the trained weights go under `current_model_state`, so resume continues
+    from them). Configs switch it on with `trainer.callbacks: [{class_path: picogpt_lightning.callbacks.EMA}]`.
+
+    Two changes to Lightning's: buffers are not averaged by default (the rotary cos/sin tables are constants that
+    averaging would only round), and the average is not copied over the trained weights when training ends:
+    last.ckpt is written after that moment, and would then resume from the average instead of from where an
+    uninterrupted run stands. Every checkpoint already carries the average.
+    """
+
+    def __init__(self, decay: float = 0.99, update_starting_at_step: int | None = None, use_buffers: bool = False,
+                 **kwargs):
+        super().__init__(decay=decay, update_starting_at_step=update_starting_at_step, use_buffers=use_buffers,
+                         **kwargs)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass

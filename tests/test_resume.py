@@ -63,6 +63,25 @@ def test_n_steps_plus_resume_equals_2n_steps_exactly(tmp_path, accumulate, optim
     assert same(a["optimizer_states"], b["optimizer_states"])  # momentum buffers, Adam moments, steps
 
 
+def test_resume_is_exact_with_the_weight_average_and_checkpoints_hold_the_average(tmp_path):
+    text = make_text(tmp_path / "t.txt")
+    ema = [{"class_path": "picogpt_lightning.callbacks.EMA", "init_args": {"decay": 0.9}}]
+    settings = dict(trainer={"max_steps": 16, "val_check_interval": 8, "log_every_n_steps": 1, "callbacks": ema},
+                    model={"dropout": 0.1})
+    straight = make_config(tmp_path, text, name="straight", **settings)
+    split = make_config(tmp_path, text, name="split", **settings)
+    assert main(["fit", "--config", str(straight)]) == 0
+    # Stopped at step 6, between validations: last.ckpt is written at the very end of training.
+    assert main(["fit", "--config", str(split), "--trainer.max_steps", "6", "--model.lr_decay_iters", "16"]) == 0
+    assert main(["fit", "--config", str(split), "--ckpt_path", "last"]) == 0
+    runs = tmp_path / "checkpoints"
+    assert train_losses(runs / "split") == train_losses(runs / "straight")
+    a, b = (read_checkpoint(runs / name / "last.ckpt") for name in ("straight", "split"))
+    assert same(a["state_dict"], b["state_dict"]) and same(a["current_model_state"], b["current_model_state"])
+    # The checkpoint's weights are the average, not the trained weights (which resume from current_model_state).
+    assert not same(a["state_dict"], a["current_model_state"])
+
+
 def start_long_run(tmp_path, name="long"):
     text = make_text(tmp_path / "t.txt")
     config = make_config(tmp_path, text, name=name,
