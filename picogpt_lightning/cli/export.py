@@ -15,7 +15,8 @@ def export_command(ckpt: str, out_dir: str, format: Literal["hf", "safetensors"]
     logits and token ids as picogpt (char, word and bpe tokenizers alike).
 
     Args:
-        ckpt: Checkpoint written by `picogpt fit` (e.g. checkpoints/small/best.ckpt).
+        ckpt: Checkpoint written by `picogpt fit` (e.g. checkpoints/small/best.ckpt), or a run folder (its
+            best.ckpt) or a `picogpt export --format safetensors` folder.
         out_dir: Folder to write into (created if missing; files of an earlier export are replaced).
         format: hf: config.json, model.safetensors, tokenizer.json and tokenizer_config.json for `transformers`.
             safetensors: model.safetensors under our own parameter names plus picogpt.json (model config and

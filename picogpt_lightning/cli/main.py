@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from ..errors import PicoGPTError
+from ..errors import PicoGPTError, SettingsError
 
 USAGE = """usage: picogpt {fit,validate,prepare,sample,chat,evaluate,export,info,plot} [options]
 
@@ -30,10 +30,19 @@ Run `picogpt COMMAND --help` for the options of each command."""
 LIGHTNING_COMMANDS = ("fit", "validate")
 # Plain commands: each is the module of this package with the same name, whose `main(args)` runs it.
 FUNCTION_COMMANDS = ("prepare", "sample", "chat", "evaluate", "export", "info", "plot")
+# The options cli/fit.py adds to LightningCLI's (kept here too, so typos are caught before Lightning loads;
+# tests/test_cli.py checks that the two lists agree).
+FIT_OPTIONS = ("--ckpt_dir", "--additional_steps", "--sample_prompt", "--sample_tokens", "--overwrite",
+               "--allow_data_change")
+VALIDATE_OPTIONS = (*FIT_OPTIONS, "--verbose")
 
 
 def run(command: str, args: list[str]) -> int:
     if command in LIGHTNING_COMMANDS:
+        from .flags import check_lightning_options
+
+        # Typos are refused here, in milliseconds, before Lightning is imported.
+        check_lightning_options(command, args, FIT_OPTIONS if command == "fit" else VALIDATE_OPTIONS)
         from .fit import run_lightning_cli
 
         return run_lightning_cli(command, args)
@@ -53,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run(command, rest)
+    except SettingsError as error:
+        print(f"picogpt {command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
     except PicoGPTError as error:
         print(f"picogpt {command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
