@@ -16,7 +16,7 @@ from ..errors import PicoGPTError, SettingsError
 USAGE = """usage: picogpt {fit,validate,prepare,sample,chat,evaluate,export,info,plot} [options]
 
   fit        train a GPT (picogpt fit --config configs/tiny.yaml)
-  validate   val loss and perplexity of a checkpoint (picogpt validate --config ... --ckpt_path best.ckpt)
+  validate   val loss and perplexity of a checkpoint (picogpt validate --ckpt_path checkpoints/tiny/best.ckpt)
   prepare    tokenize text into train.bin/val.bin (picogpt prepare --text_path data/philosophy.txt)
   sample     generate text from a checkpoint (picogpt sample --ckpt checkpoints/tiny/best.ckpt)
   chat       talk to a checkpoint in a REPL (picogpt chat --ckpt checkpoints/tiny/best.ckpt)
