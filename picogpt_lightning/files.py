@@ -139,14 +139,21 @@ def _read_pid(path: Path) -> str:
 def _try_lock(fd: int, path: Path) -> bool:
     try:
         import fcntl
-    except ImportError:  # no flock: a pid file, stale when its process is gone
-        pid = _read_pid(path)
-        return not (pid.isdigit() and int(pid) != os.getpid() and _process_exists(int(pid)))
+    except ImportError:  # no flock (Windows): the pid file alone
+        return _holder_is_gone(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
+    except OSError:  # a filesystem without locks (some network mounts): the pid file alone
+        return _holder_is_gone(path)
     return True
+
+
+def _holder_is_gone(path: Path) -> bool:
+    """Without flock: the lock is free unless the pid in it is another process that still exists."""
+    pid = _read_pid(path)
+    return not (pid.isdigit() and int(pid) != os.getpid() and _process_exists(int(pid)))
 
 
 def _process_exists(pid: int) -> bool:

@@ -310,3 +310,19 @@ def test_a_long_preparation_says_what_it_is_doing_in_a_log(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert f"training the BPE tokenizer on {path}: " in err and "(100%)" in err
     assert f"encoding {path} into train.bin and val.bin: " in err
+
+
+def test_a_folder_lock_names_its_holder_and_is_free_once_the_holder_is_gone(tmp_path, monkeypatch):
+    from picogpt_lightning import files
+    from picogpt_lightning.files import FolderInUse, FolderLock
+
+    with FolderLock(tmp_path):
+        with pytest.raises(FolderInUse) as busy:
+            FolderLock(tmp_path).acquire()
+        assert busy.value.pid == str(os.getpid())
+    assert not (tmp_path / ".lock").exists()
+    # Where flock is missing, the pid decides: a pid that is no longer a process is a stale lock.
+    monkeypatch.setattr(files, "_try_lock", lambda fd, path: files._holder_is_gone(path))
+    (tmp_path / ".lock").write_text("999999999\n")
+    with FolderLock(tmp_path) as lock:
+        assert (tmp_path / ".lock").read_text().strip() == str(os.getpid()) and lock.fd is not None

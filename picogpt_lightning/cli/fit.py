@@ -409,6 +409,8 @@ class PicoGPTCLI(LightningCLI):
         if given is False or (self.subcommand != "fit" and given in (None, True)):
             return False
         loggers = [] if given in (None, True) else list(given) if isinstance(given, (list, tuple)) else [given]
+        if self.subcommand != "fit":
+            return loggers  # validate logs where the user asked, never into a run's logs
         root = Path(ckpt_dir).resolve()
         if any(isinstance(logger, CSVLogger) and Path(logger.root_dir).resolve() == root / LOGS for logger in loggers):
             return loggers
