@@ -65,6 +65,7 @@ QUIET_WARNINGS = (
     "Your `IterableDataset` has `__len__`",  # the val dataset shards itself per rank and worker
     "`isinstance(treespec, LeafSpec)`",  # inside Lightning, not actionable
     "It is recommended to use `self.log('val_",  # val_loss comes from torchmetrics, already reduced over ranks
+    "callbacks used to create the checkpoint need to be provided",  # validate saves nothing: no checkpoint callbacks
 )
 
 
