@@ -1,31 +1,122 @@
-"""Callbacks that make a run safe to interrupt and easy to follow: last.ckpt at the true end, graceful
-Ctrl-C, a stop on non-finite loss, a progress bar that counts total steps across resumes, live samples, and an
-exponential moving average of the weights that resumes exactly."""
+"""Callbacks and the checkpoint writer that make a run safe to interrupt and easy to follow: checkpoints
+written atomically with a checksum, best.ckpt and last.ckpt at the true end (a last validation included),
+graceful Ctrl-C, a stop on non-finite loss, a progress bar that counts total steps across resumes, live samples,
+and an exponential moving average of the weights that resumes exactly."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import threading
 from pathlib import Path
 
-import lightning as L
+import lightning.pytorch as L
 import torch
-from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint, ModelSummary, TQDMProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from tqdm import tqdm
 
+from .checkpoint import CHECKSUM_KEY, weights_sha256
 from .errors import PicoGPTError
+from .files import write_atomically
 from .generate import make_generator, stream_text
 from .module import SHARDED_STRATEGIES
 from .prompt import encode_prompt
 from .settings import SamplingSettings
 
 
+log = logging.getLogger("lightning.pytorch.callbacks.model_summary")
+
+
 @rank_zero_only
 def say(message: str) -> None:
-    """One line for the user on stderr, from rank 0 only."""
-    print(message, file=sys.stderr, flush=True)
+    """One message for the user on stderr, from rank 0 only; progress bars are cleared first and drawn again
+    below it, so neither garbles the other on a terminal."""
+    tqdm.write(message, file=sys.stderr)
+    sys.stderr.flush()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in its own folder, flushes it to disk and renames it into
+    place (files.write_atomically), with the checksum of its weights in it (checkpoint.weights_sha256).
+
+    Lightning's own writer stages the file through fsspec in $TMPDIR and moves it: when /tmp is another
+    filesystem (tmpfs is common) that move is a copy, and a kill -9 during it leaves a truncated last.ckpt.
+    Remote paths (s3://...) are left to Lightning's writer."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(checkpoint.get("picogpt"), dict):
+            checkpoint["picogpt"][CHECKSUM_KEY] = weights_sha256(checkpoint["state_dict"])
+        write_atomically(path, lambda temporary: torch.save(checkpoint, temporary))
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Our best.ckpt and last.ckpt, told apart from a ModelCheckpoint the user brings (both may run)."""
+
+    def __init__(self, ckpt_dir: str):
+        super().__init__(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1,
+                         save_last=True, auto_insert_metric_name=False, enable_version_counter=False)
+
+
+class FinalValidation(Callback):
+    """Validates after the last step when that step is not a validation step, so every run ends with a val
+    loss, best.ckpt exists, and the final line is true (a run of 5 steps validating every 10 would otherwise end
+    without either). Lightning validates after any batch at which `should_stop` is set."""
+
+    def __init__(self):
+        self.forced_step = None
+        self.rng_state = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps and not trainer.should_stop:
+            batches = trainer.fit_loop.epoch_loop.total_batch_idx + 1
+            interval = trainer.val_check_batch
+            if not (isinstance(interval, int) and batches % interval == 0):
+                trainer.should_stop = True
+                self.forced_step = trainer.global_step
+                # Starting the val loader draws from torch's generator; a longer run would not have validated
+                # here, so its dropout masks would differ from a resumed run's unless the draw is undone.
+                self.rng_state = torch.get_rng_state()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        # Before ModelCheckpoint (Lightning runs checkpoint callbacks last) saves the state to resume from.
+        if self.rng_state is not None:
+            torch.set_rng_state(self.rng_state)
+            self.rng_state = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
+        # A checkpoint written during validation has its logging step counter one behind; Lightning catches up
+        # on resume only when the step was a scheduled validation step. For ours, catch up here, or a resumed
+        # run would log every step one too low.
+        if self.forced_step is not None and checkpoint.get("global_step") == self.forced_step and trainer.validating:
+            try:
+                checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] += 1
+            except (KeyError, TypeError):
+                pass
+
+
+class QuietFlopsSummary(ModelSummary):
+    """Lightning's model summary without its FLOPs column and "Total Flops" line when they are 0, as they
+    always are here: FLOPs are only counted for a model with an `example_input_array`."""
+
+    @staticmethod
+    def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
+                  total_flops, **summarize_kwargs) -> None:
+        if total_flops:
+            return ModelSummary.summarize(summary_data, total_parameters, trainable_parameters, model_size,
+                                          total_training_modes, total_flops, **summarize_kwargs)
+        columns = [column for column in summary_data if column[0] != "FLOPs"]
+        table = _format_summary_table(total_parameters, trainable_parameters, model_size, total_training_modes,
+                                      total_flops, *columns)
+        log.info("\n" + table.rsplit("\n", 1)[0])
 
 
 class LastCheckpoint(Callback):
@@ -35,16 +126,17 @@ class LastCheckpoint(Callback):
     validation interval, or that is interrupted, would otherwise resume from an older step.
     """
 
-    def __init__(self, ckpt_dir: str, resume_command: str):
+    def __init__(self, ckpt_dir: str, resume_command: str, save: bool = True):
         self.path = Path(ckpt_dir) / "last.ckpt"
         self.resume_command = resume_command
         self.saved_step = -1
+        self.enabled = save  # False with --trainer.enable_checkpointing false: report interrupts, save nothing
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self.saved_step = max(self.saved_step, checkpoint["global_step"])
 
     def save(self, trainer: L.Trainer) -> None:
-        if trainer.global_step > 0 and trainer.global_step != self.saved_step:
+        if self.enabled and trainer.global_step > 0 and trainer.global_step != self.saved_step:
             trainer.save_checkpoint(self.path, weights_only=False)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -53,6 +145,9 @@ class LastCheckpoint(Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # Lightning raises SIGTERMException at a step boundary, so the state saved here is a consistent one.
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            if not self.enabled:
+                say(f"\nInterrupted at step {trainer.global_step}; nothing was saved (checkpointing is off)")
+                return
             self.save(trainer)
             say(
                 f"\nInterrupted at step {trainer.global_step}; saved {self.path}. "
@@ -137,16 +232,25 @@ class NonFiniteLossGuard(Callback):
 
 
 class StepProgressBar(TQDMProgressBar):
-    """Shows optimizer steps out of trainer.max_steps, continuing from the resumed step, instead of the
-    batches of an endless epoch ("21/?")."""
+    """Shows optimizer steps out of trainer.max_steps, continuing from the resumed step ("Training from step
+    600: 650/1000"), instead of the batches of an endless epoch ("21/?")."""
+
+    def on_train_start(self, trainer: L.Trainer, *_) -> None:
+        super().on_train_start(trainer)
+        self.first_step = trainer.global_step
+        self._count_steps(trainer)  # a resumed run restarts mid-epoch: on_train_epoch_start is not called
 
     def on_train_epoch_start(self, trainer: L.Trainer, *_) -> None:
         super().on_train_epoch_start(trainer)
+        self._count_steps(trainer)
+
+    def _count_steps(self, trainer: L.Trainer) -> None:
         bar = self.train_progress_bar
         bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
-        bar.initial = 0
-        bar.n = trainer.global_step
-        bar.set_description("Training")
+        bar.initial = bar.n = trainer.global_step  # the rate counts this run's steps only
+        first = getattr(self, "first_step", 0)
+        bar.set_description(f"Training from step {first}" if first else "Training")
+        bar.refresh()
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         metrics = super().get_metrics(trainer, pl_module)
@@ -204,8 +308,9 @@ class ValidationSample(Callback):
         sample = self.prompt + text
         say(f"\n--- sample at step {step} ---\n{sample}\n---")
         for logger in trainer.loggers:
-            if hasattr(logger.experiment, "add_text"):
-                logger.experiment.add_text("sample", sample, step)
+            experiment = getattr(logger, "experiment", None)  # a user's own logger may have none
+            if hasattr(experiment, "add_text"):
+                experiment.add_text("sample", sample, step)
         # trainer.log_dir would broadcast from rank 0, a collective that the other ranks never join here.
         log_dir = getattr(trainer.logger, "log_dir", None)
         if log_dir:

@@ -9,14 +9,22 @@ Layout of a checkpoint (a Lightning checkpoint with one extra entry):
     hyper_parameters  the LightningModule's init arguments (plain types)
     global_step       optimizer steps taken
     picogpt           {"format": 1, "model_config": GPTConfig as a dict, "tokenizer": tokenizer JSON,
-                       "data": facts about the training data, "best_val_loss", "versions", "config"}
+                       "tokenizer_sha256": its fingerprint, "data": facts about the training data,
+                       "best_val_loss", "versions", "config": the run's resolved settings,
+                       "weights_sha256": checksum of state_dict, written last (see weights_sha256)}
+
+torch does not check the CRC of the zip entries it reads, so a flipped byte in the weights would load
+silently: `read_checkpoint` recomputes `weights_sha256` and refuses a file whose weights changed since they were
+written, or that holds NaN or infinite weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import re
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +35,78 @@ import torch
 from .errors import PicoGPTError
 from .files import write_atomically
 from .model import GPT, GPTConfig
-from .tokenizer import Tokenizer, tokenizer_from_json
+from .tokenizer import Tokenizer, fingerprint, tokenizer_from_json
+
+CHECKSUM_KEY = "weights_sha256"
+RUN_FOLDER_CHECKPOINTS = ("best.ckpt", "last.ckpt")  # what a run folder passed as a checkpoint stands for
 
 MODEL_PREFIX = "model."
 EXPORT_WEIGHTS = "model.safetensors"  # `picogpt export` writes the weights under this name in both formats
 EXPORT_CONFIG = "picogpt.json"  # --format safetensors: our own config beside the weights
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint's contents as plain types and CPU tensors, or a PicoGPTError saying what is wrong."""
+def weights_sha256(state_dict: dict) -> str | None:
+    """sha256 over the names, dtypes, shapes and bytes of a state dict's tensors (1.7 GB/s: 0.3 s for GPT-2's
+    124M parameters, docs/benchmarks.md); None when it holds sharded tensors (FSDP), which have no plain bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name]
+        if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+            return None
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(state_dict[name].shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def non_finite_weights(state_dict: dict) -> list[str]:
+    """Names of floating-point tensors holding NaN or inf. A tensor's sum is finite when all its values are
+    (30 ms for 124M parameters), so the exact check runs only on tensors whose sum is not."""
+    bad = []
+    for name, tensor in state_dict.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.numel():
+            if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
+                bad.append(name)
+    return bad
+
+
+def verify_weights(checkpoint: dict, path: Path) -> None:
+    """Refuse weights that changed since they were saved (when the file holds a checksum) or are not finite."""
+    stored = checkpoint.get("picogpt", {}).get(CHECKSUM_KEY)
+    if stored is not None and weights_sha256(checkpoint["state_dict"]) not in (stored, None):
+        raise PicoGPTError(f"{path} is damaged: its weights differ from the checksum written with them (bytes "
+                           f"changed on disk or in a copy); use another checkpoint of the run or a backup")
+    bad = non_finite_weights(checkpoint["state_dict"])
+    if bad:
+        shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise PicoGPTError(f"{path} holds NaN or infinite weights ({shown}): the model diverged before it was "
+                           f"saved, or the file was edited; use an earlier checkpoint")
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file as given; for a run folder, its best.ckpt (else last.ckpt), with a note saying which.
+    An export folder of `--format safetensors` is returned as is (load_checkpoint reads it)."""
     path = Path(path)
+    if not path.is_dir() or (path / EXPORT_CONFIG).is_file():
+        return path
+    for name in RUN_FOLDER_CHECKPOINTS:
+        if (path / name).is_file():
+            print(f"(using {path / name}, the run's {name.split('.')[0]} checkpoint)", file=sys.stderr)
+            return path / name
+    if (path / "config.json").is_file():
+        raise PicoGPTError(f"{path} is a Hugging Face export: load it with transformers "
+                           f"(AutoModelForCausalLM.from_pretrained), or pass the .ckpt it was exported from")
+    raise PicoGPTError(f"{path} is a folder without best.ckpt, last.ckpt or {EXPORT_CONFIG}: pass a checkpoint "
+                       f"file, a run folder of `picogpt fit` or a folder written by `picogpt export --format "
+                       f"safetensors`")
+
+
+def read_checkpoint(path: str | Path, verify: bool = True) -> dict:
+    """The checkpoint's contents as plain types and CPU tensors, or a PicoGPTError saying what is wrong.
+    `verify` checks the weights against their checksum and for NaN/inf (verify_weights)."""
+    path = Path(path)
+    if path.is_dir():
+        path = find_checkpoint(path)
     if not path.is_file():
         raise PicoGPTError(f"checkpoint {path} does not exist; pass the .ckpt file written by `picogpt fit`")
     if not zipfile.is_zipfile(path):
@@ -62,6 +132,8 @@ def read_checkpoint(path: str | Path) -> dict:
     if "picogpt" not in checkpoint:
         raise PicoGPTError(f"{path} is a Lightning checkpoint but not one written by `picogpt fit` (no picogpt entry); "
                            f"pass a best.ckpt or last.ckpt written by `picogpt fit`")
+    if verify:
+        verify_weights(checkpoint, path)
     return checkpoint
 
 
@@ -90,13 +162,10 @@ class LoadedCheckpoint:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """The one way to load a model for use: a `picogpt fit` checkpoint file, or a folder written by
-    `picogpt export --format safetensors`."""
-    path = Path(path)
+    """The one way to load a model for use: a `picogpt fit` checkpoint file, a run folder (its best.ckpt, else
+    last.ckpt), or a folder written by `picogpt export --format safetensors`."""
+    path = find_checkpoint(path)
     if path.is_dir():
-        if not (path / EXPORT_CONFIG).is_file():
-            raise PicoGPTError(f"{path} is a folder without {EXPORT_CONFIG}: pass a .ckpt file, or a folder "
-                               f"written by `picogpt export --format safetensors`")
         return _load_safetensors_export(path, device)
     checkpoint = read_checkpoint(path)
     meta = checkpoint["picogpt"]
@@ -117,6 +186,9 @@ def _load_safetensors_export(folder: Path, device: str | torch.device) -> Loaded
         model = GPT(GPTConfig.from_dict(description["model_config"]))
         if model.config.tie_weights:
             state["lm_head.weight"] = state["wte.weight"]
+        bad = non_finite_weights(state)
+        if bad:
+            raise PicoGPTError(f"NaN or infinite weights ({', '.join(bad[:3])})")
         model.load_state_dict(state)
         tokenizer = tokenizer_from_json(json.dumps(description["tokenizer"]))
     except PicoGPTError:
@@ -141,6 +213,8 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, **meta) 
         "state_dict": {MODEL_PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()},
         "hyper_parameters": model.config.to_dict(),
         "global_step": int(meta.pop("global_step", 0)),
-        "picogpt": {"format": 1, "model_config": model.config.to_dict(), "tokenizer": tokenizer.to_json(), **meta},
+        "picogpt": {"format": 1, "model_config": model.config.to_dict(), "tokenizer": tokenizer.to_json(),
+                    "tokenizer_sha256": fingerprint(tokenizer), **meta},
     }
+    payload["picogpt"][CHECKSUM_KEY] = weights_sha256(payload["state_dict"])
     write_atomically(path, lambda temporary: torch.save(payload, temporary))

@@ -18,18 +18,36 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .errors import PicoGPTError
+from .errors import PicoGPTError, SettingsError
 from .prepare import DEFAULT_CACHE_DIR, PrepareSettings, cached_prepare, load_prepared
-from .tokenizer import Tokenizer
+from .settings import check_seed
+from .tokenizer import Tokenizer, fingerprint
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 PREPARE = PrepareSettings()  # the preparation defaults, defined once in prepare.py
+DEFAULT_SEED = 1337
 
 
-def _blocks(data: np.ndarray, starts: np.ndarray, block_size: int) -> Batch:
+def _blocks(data: np.ndarray, starts: np.ndarray, block_size: int, vocab_size: int) -> Batch:
     rows = np.stack([data[s : s + block_size + 1] for s in starts]).astype(np.int64)
+    if rows.max(initial=0) >= vocab_size:  # microseconds per batch; the embedding would fail with an IndexError
+        raise PicoGPTError(
+            f"{data.filename} holds token id {rows.max()}, beyond the tokenizer's {vocab_size} tokens: the "
+            f"prepared data is damaged; delete its folder and prepare again"
+        )
     rows = torch.from_numpy(rows)
     return rows[:, :-1], rows[:, 1:]
+
+
+def check_data_settings(block_size: int, batch_size: int, eval_iters: int, num_workers: int,
+                        seed: int | None) -> None:
+    """The data module's own settings (PrepareSettings checks the preparation's); a SettingsError names the flag."""
+    for name, value in (("block_size", block_size), ("batch_size", batch_size), ("eval_iters", eval_iters)):
+        if value < 1:
+            raise SettingsError(f"data.{name} must be a positive integer, got {value}")
+    if num_workers < 0:
+        raise SettingsError(f"data.num_workers must be 0 (load in the training process) or more, got {num_workers}")
+    check_seed(seed, "data.seed")
 
 
 class RandomBlocks(IterableDataset):
@@ -40,15 +58,15 @@ class RandomBlocks(IterableDataset):
     """
 
     def __init__(self, path: str, dtype: str, block_size: int, batch_size: int, seed: int, rank: int,
-                 first_batch: int = 0):
-        self.path, self.dtype = path, dtype
+                 first_batch: int = 0, vocab_size: int = 1 << 32):
+        self.path, self.dtype, self.vocab_size = path, dtype, vocab_size
         self.block_size, self.batch_size = block_size, batch_size
         self.seed, self.rank, self.first_batch = seed, rank, first_batch
 
     def batch(self, data: np.ndarray, index: int) -> Batch:
         rng = np.random.default_rng([self.seed, self.rank, index])
         starts = rng.integers(0, len(data) - self.block_size, size=self.batch_size)
-        return _blocks(data, starts, self.block_size)
+        return _blocks(data, starts, self.block_size, self.vocab_size)
 
     def __iter__(self) -> Iterator[Batch]:
         data = np.memmap(self.path, dtype=self.dtype, mode="r")
@@ -64,8 +82,9 @@ class RandomBlocks(IterableDataset):
 class FixedBlocks(IterableDataset):
     """The validation batches: this rank's share (every world_size-th batch) of a fixed list of block starts."""
 
-    def __init__(self, path: str, dtype: str, block_size: int, starts: list[np.ndarray], rank: int, world_size: int):
-        self.path, self.dtype, self.block_size = path, dtype, block_size
+    def __init__(self, path: str, dtype: str, block_size: int, starts: list[np.ndarray], rank: int, world_size: int,
+                 vocab_size: int = 1 << 32):
+        self.path, self.dtype, self.block_size, self.vocab_size = path, dtype, block_size, vocab_size
         self.starts = starts[rank::world_size]
 
     def __len__(self) -> int:
@@ -74,7 +93,7 @@ class FixedBlocks(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         data = np.memmap(self.path, dtype=self.dtype, mode="r")
         for starts in self.starts:
-            yield _blocks(data, starts, self.block_size)
+            yield _blocks(data, starts, self.block_size, self.vocab_size)
 
 
 def validation_starts(val_tokens: int, block_size: int, batch_size: int, eval_iters: int, seed: int) -> list[np.ndarray]:
@@ -105,7 +124,7 @@ class GPTDataModule(L.LightningDataModule):
         block_size: int = 256,
         batch_size: int = 16,
         eval_iters: int = 50,
-        seed: int = 1337,
+        seed: int | None = None,
         cache_dir: str = DEFAULT_CACHE_DIR,
         prepared_dir: str | None = None,
         num_workers: int = 0,
@@ -122,7 +141,8 @@ class GPTDataModule(L.LightningDataModule):
             block_size: context length in tokens (also the model's; linked by the CLI).
             batch_size: blocks per batch on each device.
             eval_iters: validation batches per evaluation (the whole val split when it is smaller).
-            seed: seed of the training and validation block sampling.
+            seed: seed of the training and validation block sampling; default (null): the run's seed_everything
+                (so one seed changes the whole run), or 1337 outside the command line.
             cache_dir: where prepared data is cached, keyed by the text and the settings above.
             prepared_dir: use this prepared folder (from `picogpt prepare --out_dir`) instead of text_path.
             num_workers: DataLoader workers; 0 (load in the training process) is fastest for memory-mapped blocks.
@@ -130,9 +150,8 @@ class GPTDataModule(L.LightningDataModule):
         super().__init__()
         # Not merged into the logger's hparams: data.vocab_size (requested) would clash with the model's (actual).
         self.save_hyperparameters(logger=False)
-        for name in ("block_size", "batch_size", "eval_iters"):
-            if getattr(self, "hparams")[name] < 1:
-                raise PicoGPTError(f"data.{name} must be a positive integer, got {self.hparams[name]}")
+        check_data_settings(block_size, batch_size, eval_iters, num_workers, seed)
+        self.seed = DEFAULT_SEED if seed is None else seed
 
     @cached_property
     def prepared(self) -> tuple[Path, dict, Tokenizer]:
@@ -164,6 +183,10 @@ class GPTDataModule(L.LightningDataModule):
     def tokenizer_vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
+    @cached_property
+    def tokenizer_sha256(self) -> str:
+        return self.prepared[1].get("tokenizer_sha256") or fingerprint(self.tokenizer)
+
     @property
     def train_tokens(self) -> int:
         return int(self.prepared[1]["train_tokens"])
@@ -182,15 +205,16 @@ class GPTDataModule(L.LightningDataModule):
         # Batches already consumed: Lightning restores global_step before it asks for the loader.
         first_batch = trainer.global_step * trainer.accumulate_grad_batches if trainer else 0
         rank = trainer.global_rank if trainer else 0
-        dataset = RandomBlocks(self._bin("train"), meta["dtype"], hp.block_size, hp.batch_size, hp.seed, rank,
-                               first_batch)
+        dataset = RandomBlocks(self._bin("train"), meta["dtype"], hp.block_size, hp.batch_size, self.seed, rank,
+                               first_batch, self.tokenizer_vocab_size)
         return self._loader(dataset)
 
     def val_dataloader(self) -> DataLoader:
         hp, meta = self.hparams, self.prepared[1]
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        starts = validation_starts(meta["val_tokens"], hp.block_size, hp.batch_size, hp.eval_iters, hp.seed)
-        return self._loader(FixedBlocks(self._bin("val"), meta["dtype"], hp.block_size, starts, rank, world))
+        starts = validation_starts(meta["val_tokens"], hp.block_size, hp.batch_size, hp.eval_iters, self.seed)
+        return self._loader(FixedBlocks(self._bin("val"), meta["dtype"], hp.block_size, starts, rank, world,
+                                        self.tokenizer_vocab_size))
 
     def _loader(self, dataset: IterableDataset) -> DataLoader:
         workers = self.hparams.num_workers

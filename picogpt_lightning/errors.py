@@ -1,4 +1,4 @@
-"""The one exception type for mistakes a user can fix, and the one way to warn: both are a single line."""
+"""The exception types for mistakes a user can fix, and the one way to warn: each is a single line."""
 
 from __future__ import annotations
 
@@ -6,7 +6,13 @@ import sys
 
 
 class PicoGPTError(Exception):
-    """A problem with the user's input (file, flag, config or checkpoint); the message says how to fix it."""
+    """A problem with the user's input (file, flag, config or checkpoint); the message says how to fix it.
+    The command line prints it in one line and exits with status 1."""
+
+
+class SettingsError(PicoGPTError):
+    """A setting that cannot work (an unknown flag, a value out of range), found before any work is done.
+    The command line prints it in one line and exits with status 2, as argparse does for usage errors."""
 
 
 def warn(message: str) -> None:

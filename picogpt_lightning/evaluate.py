@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import PicoGPTError
+from .errors import SettingsError
 from .prompt import fit_to_vocabulary
 
 ENCODE_BATCH_CHARS = 1 << 16  # text is encoded 64 KB at a time: batches for BPE, and a progress bar that keeps up
@@ -172,11 +172,11 @@ def evaluate_pieces(
     block_size = model.config.block_size
     stride = block_size if stride is None else stride
     if not 1 <= stride <= block_size:
-        raise PicoGPTError(f"stride must be from 1 to the model's block_size {block_size}, got {stride}")
+        raise SettingsError(f"stride must be from 1 to the model's block_size {block_size}, got {stride}")
     if batch_size is None:
         batch_size = auto_batch_size(block_size, model.config.vocab_size)
     if batch_size < 1:
-        raise PicoGPTError(f"batch_size must be >= 1, got {batch_size}")
+        raise SettingsError(f"batch_size must be >= 1, got {batch_size}")
     device = model.wte.weight.device
     meter = _TextMeter(tokenizer, on_bytes)
     tokens, nll = 0, 0.0

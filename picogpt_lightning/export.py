@@ -258,6 +258,17 @@ def hf_tokenizer(tokenizer):
     return exported, ENDOFTEXT
 
 
+def compatible_tokenizer_json(description: dict) -> dict:
+    """tokenizer.json as every `tokenizers` since 0.19 reads it (so transformers 4.40 loads the export, as the
+    test extra allows): since 0.20 the BPE merges are written as pairs, which 0.19 cannot parse, while the
+    older "a b" strings are read by all. Byte-level tokens never hold a space (it is Ġ), so the join is exact."""
+    model = description.get("model") or {}
+    merges = model.get("merges")
+    if merges and all(isinstance(m, list) and len(m) == 2 and " " not in "".join(m) for m in merges):
+        model["merges"] = [" ".join(merge) for merge in merges]
+    return description
+
+
 def hf_tokenizer_config(tokenizer_kind: str, special: str | None, block_size: int, chat_template: str) -> dict:
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -266,6 +277,9 @@ def hf_tokenizer_config(tokenizer_kind: str, special: str | None, block_size: in
         "clean_up_tokenization_spaces": False,
         "add_prefix_space": False,
         "chat_template": chat_template,
+        # GPT-2 takes no token_type_ids: without this, PreTrainedTokenizerFast returns them and transformers 4.x
+        # models reject them (or, given positional arguments, misread them).
+        "model_input_names": ["input_ids", "attention_mask"],
     }
     if special:  # padding only ever follows the text, so end-of-text can pad too (as in GPT-2)
         config.update(bos_token=special, eos_token=special, pad_token=special)
@@ -297,7 +311,8 @@ def export_hf(ckpt: str, out_dir: str) -> list[Path]:
     write_json_atomically(written[1], {"bos_token_id": endoftext_id, "eos_token_id": endoftext_id,
                                        "pad_token_id": endoftext_id})
     _write_safetensors(written[2], hf_state, {"format": "pt"})
-    write_atomically(written[3], lambda temporary: fast_tokenizer.save(str(temporary)))
+    tokenizer_json = json.dumps(compatible_tokenizer_json(json.loads(fast_tokenizer.to_str())), ensure_ascii=False)
+    write_atomically(written[3], lambda temporary: temporary.write_text(tokenizer_json, encoding="utf-8"))
     write_json_atomically(written[4], hf_tokenizer_config(tokenizer.kind, special, config.block_size, chat_template))
     specials = {"bos_token": special, "eos_token": special, "pad_token": special} if special else {}
     if tokenizer.kind == "word":

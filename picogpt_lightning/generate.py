@@ -14,7 +14,7 @@ import torch
 
 from .errors import PicoGPTError
 from .prompt import StreamingDecoder
-from .settings import SamplingSettings
+from .settings import SamplingSettings, check_seed
 
 # ----------------------------------------------------------------------------------------------- devices
 
@@ -46,6 +46,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     """A random generator on the model's device: the same seed gives the same text on the same device."""
+    check_seed(seed)
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()

@@ -7,12 +7,14 @@ checkpoint lacks (older files, or files written by `save_checkpoint`) is shown a
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
+import safetensors
 import yaml
 
-from .checkpoint import model_state_dict, read_checkpoint
+from .checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS, find_checkpoint, model_state_dict, read_checkpoint
 from .errors import PicoGPTError
 from .tokenizer import tokenizer_from_json
 
@@ -57,8 +59,11 @@ def _resolved_config(checkpoint: dict) -> tuple[dict | None, str | None]:
 
 
 def describe_checkpoint(path: str | Path) -> dict:
-    """Everything `info` reports, as plain JSON-ready values (None for what the checkpoint does not say)."""
-    path = Path(path)
+    """Everything `info` reports, as plain JSON-ready values (None for what the checkpoint does not say).
+    A run folder stands for its best.ckpt (else last.ckpt); a `--format safetensors` export folder is read too."""
+    path = find_checkpoint(path)
+    if path.is_dir():
+        return _describe_export(path)
     checkpoint = read_checkpoint(path)
     meta = checkpoint["picogpt"]
     model_config = meta.get("model_config")
@@ -82,6 +87,37 @@ def describe_checkpoint(path: str | Path) -> dict:
         "versions": versions,
         "config": config,
         "config_source": config_source,
+    }
+
+
+def _describe_export(folder: Path) -> dict:
+    """The facts of a `picogpt export --format safetensors` folder: picogpt.json and the weights' shapes."""
+    try:
+        description = json.loads((folder / EXPORT_CONFIG).read_text(encoding="utf-8"))
+        with safetensors.safe_open(str(folder / EXPORT_WEIGHTS), framework="pt") as weights:
+            shapes = {name: weights.get_slice(name).get_shape() for name in weights.keys()}
+    except Exception as error:  # unreadable or damaged files: safetensors raises its own Exception subclass
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise PicoGPTError(f"{folder} is not a complete `picogpt export --format safetensors` folder ({reason}); "
+                           f"export the checkpoint again") from None
+    total = sum(math.prod(shape) for shape in shapes.values())  # a tied output layer is stored once
+    position = math.prod(shapes["wpe.weight"]) if "wpe.weight" in shapes else 0
+    tokenizer = description.get("tokenizer")
+    return {
+        "path": str(folder),
+        "file_bytes": sum(p.stat().st_size for p in (folder / EXPORT_WEIGHTS, folder / EXPORT_CONFIG)),
+        "format": description.get("format"),
+        "model_config": description.get("model_config"),
+        "parameters": total,
+        "parameters_without_position_embeddings": total - position,
+        "tokenizer": _tokenizer_facts(json.dumps(tokenizer) if tokenizer else None),
+        "data": description.get("data"),
+        "global_step": None,
+        "epoch": None,
+        "best_val_loss": description.get("best_val_loss"),
+        "versions": description.get("versions"),
+        "config": None,
+        "config_source": None,
     }
 
 
@@ -125,7 +161,8 @@ def format_description(facts: dict) -> str:
     versions = facts["versions"]
     total, without = facts["parameters"], facts["parameters_without_position_embeddings"]
     lines = {
-        "checkpoint": f"{facts['path']} ({facts['file_bytes'] / 1e6:.1f} MB, picogpt format "
+        "checkpoint": f"{facts['path']} ({facts['file_bytes'] / 1e6:.1f} MB, picogpt "
+                      f"{'export ' if Path(facts['path']).is_dir() else ''}format "
                       f"{facts['format'] if facts['format'] is not None else UNKNOWN})",
         "model": _model_line(facts["model_config"]),
         "parameters": f"{total / 1e6:.2f}M ({total:,}; {without:,} without position embeddings)",

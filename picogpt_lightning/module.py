@@ -15,9 +15,10 @@ from torchmetrics import MeanMetric
 
 from . import __version__
 from .checkpoint import model_state_dict, read_checkpoint
-from .errors import PicoGPTError
+from .errors import PicoGPTError, SettingsError
 from .model import GPT, GPTConfig, next_token_loss
 from .optim import MuonAdamW, OptimizerSettings, lr_at, param_groups
+from .tokenizer import fingerprint, tokenizer_from_json, vocabulary
 
 AUTO_TIE_MAX_TOKENS = 1_000_000
 # Strategies that shard parameters over ranks, so no rank holds a whole matrix.
@@ -38,35 +39,6 @@ def resolve_tie_weights(tie_weights: bool | str, train_tokens: int) -> bool:
     if isinstance(tie_weights, bool):
         return tie_weights
     raise PicoGPTError(f"tie_weights {tie_weights!r} is unknown; choose true, false or auto")
-
-
-def group_name(group: dict) -> str:
-    """What LearningRateMonitor calls a parameter group: muon, decay (AdamW, decayed) or no_decay."""
-    if group["rule"] == "muon":
-        return "muon"
-    return "decay" if group["params"][0].dim() >= 2 else "no_decay"
-
-
-def resolve_tie_weights(tie_weights: bool | str, train_tokens: int) -> bool:
-    """`auto` ties the embeddings when the training split is known and below AUTO_TIE_MAX_TOKENS."""
-    if tie_weights == "auto":
-        return 0 < train_tokens < AUTO_TIE_MAX_TOKENS
-    if isinstance(tie_weights, bool):
-        return tie_weights
-    raise PicoGPTError(f"tie_weights {tie_weights!r} is unknown; choose true, false or auto")
-
-
-def lr_at(step: int, learning_rate: float, min_lr: float, warmup_iters: int, decay_iters: int, cosine: bool) -> float:
-    """Linear warmup to `learning_rate`, then (if `cosine`) a half cosine down to `min_lr` at `decay_iters`,
-    and `min_lr` after that; without `cosine` the rate stays at `learning_rate` after warmup."""
-    if step < warmup_iters:
-        return learning_rate * (step + 1) / (warmup_iters + 1)
-    if not cosine:
-        return learning_rate
-    if step >= decay_iters:
-        return min_lr
-    progress = (step - warmup_iters) / max(1, decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
 class GPTLightningModule(L.LightningModule):
@@ -164,14 +136,26 @@ class GPTLightningModule(L.LightningModule):
         self._tokens_at_last_log = 0
         self._time_at_last_log = None
 
-    def warm_start(self, path: str, strict: bool) -> None:
+    def warm_start(self, path: str, strict: bool, tokenizer=None) -> None:
         """Load weights only (no optimizer, no step) from a checkpoint, opened with weights_only=True.
 
-        The CLI calls it once, when a new run starts; resuming a run (or rebuilding the module from one of its
-        checkpoints) never loads the warm-start weights again."""
-        source = model_state_dict(read_checkpoint(path))
+        When the checkpoint's tokenizer is not `tokenizer` (the data's), the token-indexed tensors (embedding,
+        output layer) would put every id's row on another token: strict refuses; otherwise they are mapped
+        token by token (a token both vocabularies have keeps its row, the others their fresh initialisation),
+        or, between tokenizers of different kinds, left fresh. The CLI calls it once, when a new run starts;
+        resuming a run (or rebuilding the module from one of its checkpoints) never loads them again."""
+        checkpoint = read_checkpoint(path)
+        source = model_state_dict(checkpoint)
         target = self.model.state_dict()
-        mismatched = [k for k in source if k in target and source[k].shape != target[k].shape]
+        rows = _token_rows(checkpoint, tokenizer)  # None: same tokenizer (or unknown), ids mean the same tokens
+        if strict and rows is not None:
+            raise PicoGPTError(
+                f"warm start from {path}: its tokenizer is not this data's ({rows[1]}); pass "
+                f"--model.init_strict false to map the embeddings and output layer token by token"
+            )
+        token_tensors = [k for k in TOKEN_INDEXED if k in source and k in target] if rows is not None else []
+        mismatched = [k for k in source if k in target and source[k].shape != target[k].shape
+                      and k not in token_tensors]
         missing = [k for k in target if k not in source]
         unexpected = [k for k in source if k not in target]
         if strict and (mismatched or missing or unexpected):
@@ -184,10 +168,21 @@ class GPTLightningModule(L.LightningModule):
                 f"warm start from {path} does not fit this model ({detail}); use the same model settings and data, "
                 f"or pass --model.init_strict false to load only the weights that match"
             )
-        loadable = {k: v for k, v in source.items() if k in target and v.shape == target[k].shape}
+        loadable = {k: v for k, v in source.items()
+                    if k in target and v.shape == target[k].shape and k not in token_tensors}
+        mapped = []
+        for key in token_tensors:
+            pairs = rows[0]
+            if pairs is not None and source[key].shape[1:] == target[key].shape[1:]:
+                tensor = target[key].clone()
+                tensor[pairs[:, 1]] = source[key][pairs[:, 0]].to(tensor.dtype)
+                loadable[key] = tensor
+                mapped.append(key)
         self.model.load_state_dict(loadable, strict=False)
-        skipped = sorted(set(mismatched) | set(missing))
+        skipped = sorted(set(mismatched) | set(missing) | (set(token_tensors) - set(mapped)))
         message = f"warm start: loaded {len(loadable)} tensors from {path}"
+        if mapped:
+            message += f"; mapped {', '.join(mapped)} token by token ({rows[1]})"
         if skipped:
             message += f"; kept fresh initialisation for {len(skipped)}: {', '.join(skipped)}"
         rank_zero_only(print)(message)  # every rank loads; one says so
@@ -264,14 +259,14 @@ class GPTLightningModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Everything needed to use the weights without Lightning, as plain types (weights_only-loadable)."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        callback = getattr(self.trainer, "checkpoint_callback", None) if self._trainer else None
-        best = callback.best_model_score if callback is not None else None
+        best = best_val_loss(self.trainer) if self._trainer else None
         checkpoint["picogpt"] = {
             "format": 1,
             "model_config": self.model.config.to_dict(),
             "tokenizer": datamodule.tokenizer.to_json() if datamodule is not None else None,
+            "tokenizer_sha256": datamodule.tokenizer_sha256 if datamodule is not None else None,
             "data": datamodule.describe() if datamodule is not None else None,
-            "best_val_loss": float(best) if best is not None else None,
+            "best_val_loss": best,
             "config": getattr(self, "run_config", None),
             "versions": {"picogpt_lightning": __version__, "torch": str(torch.__version__), "lightning": L.__version__,
                          "python": platform.python_version()},
@@ -287,6 +282,62 @@ class GPTLightningModule(L.LightningModule):
         if state is not None:
             torch.set_rng_state(state)
             self._rng_state_to_restore = None
+
+
+TOKEN_INDEXED = ("wte.weight", "lm_head.weight", "lm_head.bias")  # one row per token id
+
+
+def _token_rows(checkpoint: dict, tokenizer) -> tuple[torch.Tensor | None, str] | None:
+    """None when the checkpoint's tokenizer is `tokenizer` (or either is unknown); else (pairs of (its row,
+    our row) for the tokens both have, or None between tokenizers of different kinds; a note on the overlap)."""
+    stored = checkpoint["picogpt"].get("tokenizer")
+    if tokenizer is None or not stored:
+        return None
+    theirs = tokenizer_from_json(stored)
+    if fingerprint(theirs) == fingerprint(tokenizer):
+        return None
+    if theirs.kind != tokenizer.kind:
+        return None, f"a {theirs.kind} tokenizer, this data's is {tokenizer.kind}"
+    index = {token: row for row, token in enumerate(vocabulary(theirs))}
+    pairs = [(index[token], row) for row, token in enumerate(vocabulary(tokenizer)) if token in index]
+    same_ids = sum(1 for their_row, our_row in pairs if their_row == our_row)
+    note = (f"{len(pairs):,} of this data's {tokenizer.vocab_size:,} tokens are in its vocabulary, "
+            f"{same_ids:,} of them under the same id")
+    return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2), note
+
+
+def check_training_settings(settings: dict) -> None:
+    """The model and recipe settings that would fail late (a division by zero, a NaN) or silently (a beta
+    of 1.5), checked before any data is prepared; `settings` is this class's init arguments as a dict."""
+    def need(name: str, ok, rule: str) -> None:
+        value = settings.get(name)
+        if name in settings and value is not None and not (isinstance(value, (int, float)) and ok(value)):
+            raise SettingsError(f"model.{name} must be {rule}, got {value}")
+
+    finite = math.isfinite
+    for name in ("n_layer", "n_head", "n_embd", "block_size"):
+        need(name, lambda v: v >= 1, "a positive integer")
+    need("learning_rate", lambda v: finite(v) and v > 0, "a number > 0")
+    need("min_lr", lambda v: finite(v) and v >= 0, "a number >= 0")
+    need("weight_decay", lambda v: finite(v) and v >= 0, "a number >= 0")
+    for name in ("beta1", "beta2"):
+        need(name, lambda v: 0 <= v < 1, "in [0, 1)")
+    for name in ("dropout", "label_smoothing"):
+        need(name, lambda v: 0 <= v < 1, "in [0, 1)")
+    need("muon_lr", lambda v: finite(v) and v > 0, "a number > 0")
+    need("muon_momentum", lambda v: 0 <= v < 1, "in [0, 1)")
+    need("muon_weight_decay", lambda v: finite(v) and v >= 0, "a number >= 0")
+    need("rope_theta", lambda v: finite(v) and v > 0, "a number > 0")
+    need("warmup_iters", lambda v: v >= 0, "a number of steps >= 0")
+    need("lr_decay_iters", lambda v: v >= 1, "a positive number of steps (or null: trainer.max_steps)")
+
+
+def best_val_loss(trainer) -> float | None:
+    """The lowest val_loss any checkpoint callback tracking it has seen (ours, or one the user brought)."""
+    scores = [float(callback.best_model_score) for callback in trainer.checkpoint_callbacks
+              if getattr(callback, "monitor", None) == "val_loss" and getattr(callback, "mode", "min") == "min"
+              and callback.best_model_score is not None]
+    return min(scores) if scores else None
 
 
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")

@@ -14,6 +14,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
+import shutil
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
@@ -22,13 +24,20 @@ import numpy as np
 
 from .corpus import TextStats, chunks, find_text_files, source_sha256, split_parts
 from .errors import PicoGPTError
-from .files import commit, temporary_path, write_json_atomically
+from .files import FolderInUse, FolderLock, commit, remove_leftovers, temporary_path, write_json_atomically
+from .progress import Progress
 from .settings import PrepareSettings
-from .tokenizer import BPETokenizer, CharTokenizer, Tokenizer, WordTokenizer, load_tokenizer
+from .tokenizer import (BPE_FILE, VOCAB_FILE, BPETokenizer, CharTokenizer, Tokenizer, WordTokenizer, fingerprint,
+                        load_tokenizer)
 
 DEFAULT_CACHE_DIR = "data/prepared"
 FORMAT = 1  # bump when the layout of a prepared folder changes; old caches are then prepared again
 ENCODE_BATCH_CHARS = 4 << 20  # chunks are encoded about 1,000 at a time: enough for every core
+TOKENIZER_FILES = (BPE_FILE, VOCAB_FILE)
+PREPARED_FILES = ("meta.json", "train.bin", "val.bin", *TOKENIZER_FILES)
+FIRST_PASS = {"char": "reading the characters of", "bpe": "training the BPE tokenizer on",
+              "word": "counting the words of"}
+CACHE_FOLDER = re.compile(r".+-[0-9a-f]{12}")  # NAME-<cache key>, as cached_prepare names its folders
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -76,10 +85,12 @@ def _encode(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> np.ndarr
 
 def _write_bins(
     folder: Path, tokenizer: Tokenizer, parts: Iterable[tuple[str, bool]], dtype: np.dtype
-) -> tuple[dict[str, Path], dict[str, int]]:
-    """Encode the parts into temporary train and val files; returns their paths and token counts."""
+) -> tuple[dict[str, Path], dict[str, int], int]:
+    """Encode the parts into temporary train and val files; returns their paths, token counts and the largest
+    id written (recorded in meta.json, so that loading can check it against the vocabulary for free)."""
     temps = {split: temporary_path(folder / f"{split}.bin") for split in ("train", "val")}
     counts = {"train": 0, "val": 0}
+    max_id = -1
     try:
         with open(temps["train"], "xb") as train_file, open(temps["val"], "xb") as val_file:
             for batch in _batches(parts):
@@ -88,11 +99,13 @@ def _write_bins(
                     tokens = _encode(tokenizer, texts, dtype)
                     tokens.tofile(file)
                     counts[split] += len(tokens)
+                    if len(tokens):
+                        max_id = max(max_id, int(tokens.max()))
     except BaseException:
         for path in temps.values():
             path.unlink(missing_ok=True)
         raise
-    return temps, counts
+    return temps, counts, max_id
 
 
 def _source_meta(text_path: str, files: list[Path], stats: TextStats) -> dict:
@@ -105,16 +118,29 @@ def _source_meta(text_path: str, files: list[Path], stats: TextStats) -> dict:
     }
 
 
-def _make_writable_folder(folder: Path) -> None:
-    """Create the folder, mark it unfinished, and try a write: fail in a second, not after reading the text."""
+def _make_writable_folder(folder: Path) -> list[Path]:
+    """Create the folder (returning the folders created, for clean-up after a failure) and try a write: fail in
+    a second, not after reading the text. An existing preparation in it is left alone until the new one is
+    complete."""
+    missing = [folder, *folder.parents]
+    missing = [path for path in missing if not path.exists()][::-1]
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "meta.json").unlink(missing_ok=True)
         probe = temporary_path(folder / "probe")
         probe.touch(exist_ok=False)
         probe.unlink()
     except OSError as error:
         raise _write_failed(folder, error) from None
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed preparation created, deepest first, if nothing else was put in them."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _write_failed(folder: Path, error: OSError) -> PicoGPTError:
@@ -134,20 +160,73 @@ def prepare(text_path: str, out_dir: str, **settings) -> dict:
     return _prepare(text_path, Path(out_dir), checked, checked.tokenizer_kind())
 
 
-def _prepare(text_path: str, folder: Path, settings: PrepareSettings, kind: str) -> dict:
+def _prepare(text_path: str, folder: Path, settings: PrepareSettings, kind: str, wait_if_busy: bool = False,
+             announce: str | None = None) -> dict:
+    """Prepare under the folder's lock; what the folder held before is replaced only once the new preparation
+    is complete, and a failure leaves no temporary file (and no folder it created) behind. A folder another
+    process is preparing is refused, or with `wait_if_busy` reported by raising FolderInUse."""
     files = find_text_files(text_path)
-    _make_writable_folder(folder)
+    created = _make_writable_folder(folder)
+    try:
+        with _locked(folder, wait_if_busy):
+            remove_leftovers(folder)  # of a writer killed earlier: nobody else can be writing here now
+            if announce:
+                print(announce, flush=True)
+            return _prepare_locked(text_path, files, folder, settings, kind)
+    except BaseException:
+        _remove_if_empty(created)
+        raise
+
+
+def _locked(folder: Path, wait_if_busy: bool) -> FolderLock:
+    try:
+        return FolderLock(folder).acquire()
+    except FolderInUse as busy:
+        if wait_if_busy:
+            raise
+        raise PicoGPTError(f"{folder} is being prepared by process {busy.pid}; wait for it to finish, or "
+                           f"prepare into another folder") from None
+    except OSError as error:
+        raise _write_failed(folder, error) from None
+
+
+def clean_abandoned(cache_dir: Path) -> None:
+    """Remove what killed preparations left in the cache: folders without meta.json that nobody is writing."""
+    if not cache_dir.is_dir():
+        return
+    for folder in cache_dir.iterdir():
+        if not folder.is_dir() or not CACHE_FOLDER.fullmatch(folder.name) or (folder / "meta.json").exists():
+            continue
+        try:
+            with FolderLock(folder):
+                remove_leftovers(folder)
+                for name in PREPARED_FILES:
+                    (folder / name).unlink(missing_ok=True)
+        except (FolderInUse, OSError):
+            continue
+        _remove_if_empty([folder])
+
+
+def _prepare_locked(text_path: str, files: list[Path], folder: Path, settings: PrepareSettings, kind: str) -> dict:
     stats = TextStats()
-    tokenizer = _train_tokenizer(kind, settings.vocab_size, stats.observe(chunks(files, warn_on_bad_bytes=True)))
+    with Progress(f"{FIRST_PASS[kind]} {text_path}", sum(path.stat().st_size for path in files)) as progress:
+        def observed() -> Iterator[str]:
+            for chunk in stats.observe(chunks(files, warn_on_bad_bytes=True)):
+                yield chunk
+                progress.update(stats.bytes - progress.done)
+
+        tokenizer = _train_tokenizer(kind, settings.vocab_size, observed())
     stats.check(text_path, settings.random_split)
     dtype = token_dtype(tokenizer.vocab_size)
-    parts = split_parts(files, stats, settings.val_fraction, settings.random_split, settings.split_seed)
+    encoding = Progress(f"encoding {text_path} into train.bin and val.bin", stats.chars, unit="chars")
+    parts = encoding.track(split_parts(files, stats, settings.val_fraction, settings.random_split,
+                                       settings.split_seed), lambda part: len(part[0]))
     temps: dict[str, Path] = {}
+    staging = temporary_path(folder / "tokenizer")  # a folder: the tokenizer saves itself by name into it
     try:
-        temps, counts = _write_bins(folder, tokenizer, parts, dtype)
-        tokenizer_path = tokenizer.save(folder)
-        for split, temp in temps.items():
-            commit(temp, folder / f"{split}.bin")
+        temps, counts, max_id = _write_bins(folder, tokenizer, parts, dtype)
+        staging.mkdir()
+        staged = tokenizer.save(staging)
         meta = {
             "format": FORMAT,
             "mode": settings.mode,
@@ -156,16 +235,30 @@ def _prepare(text_path: str, folder: Path, settings: PrepareSettings, kind: str)
             "dtype": dtype.name,
             "train_tokens": counts["train"],
             "val_tokens": counts["val"],
-            "tokenizer_file": tokenizer_path.name,
+            "max_id": max_id,
+            "tokenizer_file": staged.name,
+            "tokenizer_sha256": fingerprint(tokenizer),
             "source": _source_meta(text_path, files, stats),
             "settings": {key: value for key, value in asdict(settings).items() if key not in ("mode", "backend")},
         }
+        # Complete: now the old preparation (if any) is replaced. Without meta.json the folder reads as
+        # unfinished, so a crash between these renames is never taken for a finished preparation.
+        (folder / "meta.json").unlink(missing_ok=True)
+        for split, temp in temps.items():
+            commit(temp, folder / f"{split}.bin")
+        commit(staged, folder / staged.name)
+        for name in TOKENIZER_FILES:
+            if name != staged.name:
+                (folder / name).unlink(missing_ok=True)  # an earlier preparation's other kind of tokenizer
         write_json_atomically(folder / "meta.json", meta)  # last: its presence marks a finished preparation
     except OSError as error:
         raise _write_failed(folder, error) from None
     finally:
+        encoding.close()
         for temp in temps.values():
             temp.unlink(missing_ok=True)
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
     return meta
 
 
@@ -212,12 +305,22 @@ def cached_prepare(
     if _is_prepared(folder):
         return folder
     if is_writer:
-        print(f"preparing {text_path} into {folder} (once: later runs with the same text and settings reuse it)")
-        _prepare(text_path, folder, settings, kind)
-        return folder
+        clean_abandoned(Path(cache_dir))
     deadline = time.monotonic() + wait_timeout
+    said = False
     while not _is_prepared(folder):
-        if time.monotonic() >= deadline:
+        if is_writer:
+            # Another process (a second run on the same text) may be preparing it: wait for that one.
+            try:
+                _prepare(text_path, folder, settings, kind, wait_if_busy=True,
+                         announce=f"preparing {text_path} into {folder} (once: later runs with the same text and "
+                                  f"settings reuse it)")
+                return folder
+            except FolderInUse as busy:
+                if not said:
+                    print(f"waiting for process {busy.pid}, which is preparing {folder}")
+                    said = True
+        elif time.monotonic() >= deadline:
             raise PicoGPTError(
                 f"waited {wait_timeout:.0f} s for rank 0 to prepare {folder}: check rank 0's output for an error, "
                 "or run `picogpt prepare` first"
@@ -243,6 +346,16 @@ def load_prepared(folder: str | os.PathLike) -> tuple[dict, Tokenizer]:
         raise PicoGPTError(
             f"{folder / meta['tokenizer_file']} has {tokenizer.vocab_size} tokens but meta.json says "
             f"{meta['vocab_size']}: the preparation is damaged; delete the folder and run again"
+        )
+    if meta.get("tokenizer_sha256") not in (None, fingerprint(tokenizer)):
+        raise PicoGPTError(
+            f"{folder / meta['tokenizer_file']} was changed after the data was prepared (it is not the tokenizer "
+            f"that made these ids): prepare the text again"
+        )
+    if meta.get("max_id", -1) >= tokenizer.vocab_size:
+        raise PicoGPTError(
+            f"{folder} holds token ids up to {meta['max_id']}, beyond its tokenizer's {tokenizer.vocab_size} "
+            f"tokens: the preparation is damaged; delete the folder and run again"
         )
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in ("train", "val"):

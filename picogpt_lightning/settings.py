@@ -14,8 +14,17 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from .errors import PicoGPTError, warn
+from .errors import SettingsError, warn
 from .tokenizer import BPETokenizer, WordTokenizer, bpe_available
+
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 to 2**64 - 1
+
+
+def check_seed(seed: int | None, name: str = "seed") -> None:
+    """A seed torch and numpy both accept: a whole number from 0 to 2**64 - 1 (or None for a random one)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise SettingsError(f"{name} must be a whole number from 0 to 2**64 - 1, got {seed}")
 
 
 @dataclass
@@ -39,13 +48,13 @@ class SamplingSettings:
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise PicoGPTError(f"temperature must be a number >= 0 (0 is greedy), got {self.temperature}")
+            raise SettingsError(f"temperature must be a number >= 0 (0 is greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
-            raise PicoGPTError(f"top_k must be a positive number of tokens (or null for all), got {self.top_k}")
+            raise SettingsError(f"top_k must be a positive number of tokens (or null for all), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise PicoGPTError(f"top_p must be in (0, 1] (or null for no nucleus filter), got {self.top_p}")
+            raise SettingsError(f"top_p must be in (0, 1] (or null for no nucleus filter), got {self.top_p}")
         if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
-            raise PicoGPTError(f"repetition_penalty must be > 0 (1 is none), got {self.repetition_penalty}")
+            raise SettingsError(f"repetition_penalty must be > 0 (1 is none), got {self.repetition_penalty}")
 
 
 @dataclass(frozen=True)
@@ -71,13 +80,14 @@ class PrepareSettings:
 
     def __post_init__(self) -> None:
         if self.mode not in ("char", "token"):
-            raise PicoGPTError(f"mode {self.mode!r} is unknown: use 'char' or 'token'")
+            raise SettingsError(f"mode {self.mode!r} is unknown: use 'char' or 'token'")
         if self.mode == "token" and self.backend not in ("bpe", "word"):
-            raise PicoGPTError(f"backend {self.backend!r} is unknown: use 'bpe' or 'word'")
+            raise SettingsError(f"backend {self.backend!r} is unknown: use 'bpe' or 'word'")
         if self.mode == "token":
             (BPETokenizer if self.backend == "bpe" else WordTokenizer).check_vocab_size(self.vocab_size)
+        check_seed(self.split_seed, "split_seed")
         if not 0 < self.val_fraction <= 0.5:
-            raise PicoGPTError(
+            raise SettingsError(
                 f"val_fraction {self.val_fraction} is out of range: choose a value in (0, 0.5], e.g. 0.1"
             )
 
@@ -120,15 +130,15 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         if self.host not in SERVE_HOSTS:
-            raise PicoGPTError(f"host {self.host!r} cannot be served; use 127.0.0.1 (this machine), 0.0.0.0 or ::")
+            raise SettingsError(f"host {self.host!r} cannot be served; use 127.0.0.1 (this machine), 0.0.0.0 or ::")
         if not 1024 <= self.port <= 65535:
-            raise PicoGPTError(f"port must be from 1024 to 65535, got {self.port}")
+            raise SettingsError(f"port must be from 1024 to 65535, got {self.port}")
         if self.workers < 1:
-            raise PicoGPTError(f"workers must be at least 1, got {self.workers}")
+            raise SettingsError(f"workers must be at least 1, got {self.workers}")
         if self.threads is not None and self.threads < 1:
-            raise PicoGPTError(f"threads must be at least 1 (or null for the default), got {self.threads}")
+            raise SettingsError(f"threads must be at least 1 (or null for the default), got {self.threads}")
         if self.max_tokens < 1:
-            raise PicoGPTError(f"max_tokens must be at least 1, got {self.max_tokens}")
+            raise SettingsError(f"max_tokens must be at least 1, got {self.max_tokens}")
 
     @property
     def bind_address(self) -> str:

@@ -18,6 +18,7 @@ This file imports neither torch nor Lightning, and `tokenizers` only when a BPE 
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
 import os
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from picogpt_lightning.errors import PicoGPTError
+from picogpt_lightning.errors import PicoGPTError, SettingsError
 from picogpt_lightning.files import write_atomically, write_text_atomically
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ def _import_tokenizers():
 
 def _check_vocab_size(kind: str, vocab_size: int, smallest: int, largest: int) -> None:
     if not smallest <= vocab_size <= largest:
-        raise PicoGPTError(
+        raise SettingsError(
             f"vocab_size {vocab_size} is out of range for the {kind} tokenizer: "
             f"choose a value from {smallest:,} to {largest:,}"
         )
@@ -399,3 +400,22 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if isinstance(description, dict) and isinstance(description.get("model"), dict):
         return _bpe_from_str(text, str(path))  # a standard Hugging Face tokenizer.json
     raise PicoGPTError(f"{path} is not a tokenizer file: prepare the data again")
+
+
+def fingerprint(tokenizer: Tokenizer) -> str:
+    """sha256 of the tokenizer's canonical JSON (keys sorted, no spaces): two tokenizers with the same
+    fingerprint give the same ids. Stored in prepared data and checkpoints, and compared wherever ids made by
+    one tokenizer meet a model trained with another (resume, validate, warm start, prepared data)."""
+    canonical = json.dumps(json.loads(tokenizer.to_json()), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def vocabulary(tokenizer: Tokenizer) -> list[str]:
+    """The token each id stands for, as the tokenizer writes it (byte-level BPE: its own byte alphabet), so
+    that two tokenizers of the same kind can be matched token by token (a warm start with a new vocabulary)."""
+    if isinstance(tokenizer, CharTokenizer):
+        return list(tokenizer.chars)
+    if isinstance(tokenizer, WordTokenizer):
+        return list(tokenizer.tokens)
+    by_id = {index: token for token, index in tokenizer.tokenizer.get_vocab(with_added_tokens=True).items()}
+    return [by_id.get(index, "") for index in range(tokenizer.vocab_size)]

@@ -20,7 +20,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python scripts/train_smoke_test.py`: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
+from scripts import ensure_dependencies  # noqa: E402
+
+ensure_dependencies("train_smoke_test")
+
+import torch  # noqa: E402
 
 from picogpt_lightning.checkpoint import load_checkpoint, save_checkpoint
 from picogpt_lightning.errors import PicoGPTError

@@ -25,3 +25,48 @@ class PoisonRank(L.Callback):
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
             with torch.no_grad():
                 pl_module.model.ln_f.weight.fill_(float("nan"))
+
+
+class SlowSteps(L.Callback):
+    """Sleeps after each training step, so that a subprocess can be interrupted mid-run (test use only)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import time
+
+        time.sleep(self.seconds)
+
+
+class ListLogger(L.pytorch.loggers.Logger):
+    """A logger a user might bring (test use only): keeps the metrics in memory."""
+
+    logged: list = []
+
+    def __init__(self):
+        super().__init__()
+        ListLogger.logged = []
+
+    @property
+    def name(self):
+        return "list"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        ListLogger.logged.append((step, dict(metrics)))
+
+
+class RecordCallbackOrder(L.Callback):
+    """Keeps the names of the trainer's callbacks in order (test use only)."""
+
+    order: list = []
+
+    def on_fit_start(self, trainer, pl_module):
+        RecordCallbackOrder.order = [type(callback).__name__ for callback in trainer.callbacks]

@@ -90,7 +90,7 @@ def test_load_reads_a_safetensors_export_too(model, ckpt, tmp_path):
 
 
 def test_a_folder_that_is_not_an_export_is_a_clear_error(tmp_path):
-    with pytest.raises(PicoGPTError, match="folder without picogpt.json"):
+    with pytest.raises(PicoGPTError, match="folder without best.ckpt, last.ckpt or picogpt.json"):
         load(tmp_path, device="cpu")
 
 

@@ -22,3 +22,121 @@ def test_no_live_sample_when_the_strategy_shards_the_weights(capsys):
     callback.on_fit_start(trainer, Untouchable())
     callback.on_validation_end(trainer, Untouchable())
     assert "live samples are off under FSDPStrategy" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Lightning features users bring (issue 14, items 6, 17, 18)
+
+import json  # noqa: E402
+import logging  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from picogpt_lightning.cli import main  # noqa: E402
+
+from helpers import make_config, make_text  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    return make_text(tmp_path_factory.mktemp("callbacks") / "t.txt", sentences=200)
+
+
+def fit(tmp_path, text, name, *args, **trainer):
+    config = make_config(tmp_path, text, name=name, trainer={"max_steps": 4, "val_check_interval": 2, **trainer})
+    return main(["fit", "--config", str(config), *args]), tmp_path / "checkpoints" / name
+
+
+@pytest.mark.parametrize("bar", [
+    {"class_path": "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 3}},
+    {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
+], ids=["tqdm", "rich"])
+def test_a_users_own_progress_bar_replaces_ours(tmp_path, text, bar):
+    order = {"class_path": "record_batches.RecordCallbackOrder"}
+    status, run = fit(tmp_path, text, "bar", callbacks=[bar, order], enable_progress_bar=True)
+    assert status == 0 and (run / "best.ckpt").is_file()
+    from record_batches import RecordCallbackOrder
+
+    assert bar["class_path"].rsplit(".", 1)[1] in RecordCallbackOrder.order
+    assert "StepProgressBar" not in RecordCallbackOrder.order
+
+
+def test_a_users_own_model_checkpoint_runs_beside_ours_and_best_stays_known(tmp_path, text, capsys):
+    theirs = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+              "init_args": {"dirpath": str(tmp_path / "theirs"), "every_n_train_steps": 2, "save_top_k": -1}}
+    status, run = fit(tmp_path, text, "own", callbacks=[theirs])
+    assert status == 0
+    assert sorted(p.name for p in (tmp_path / "theirs").iterdir()) != []
+    out = capsys.readouterr().out
+    assert f"in {run / 'best.ckpt'}" in out  # the end-of-run summary is still there
+    assert main(["info", "--ckpt", str(run / "best.ckpt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["best_val_loss"] is not None  # and info knows the best
+
+
+def test_checkpointing_off_saves_nothing_and_says_so(tmp_path, text, capsys):
+    status, run = fit(tmp_path, text, "off", "--trainer.enable_checkpointing", "false")
+    assert status == 0
+    assert not list(run.glob("*.ckpt"))
+    assert "no best.ckpt was written (checkpointing is off)" in capsys.readouterr().out
+
+
+def test_metrics_csv_is_written_whatever_loggers_are_installed_or_given(tmp_path, text, monkeypatch, capsys):
+    """A user's logger is added to ours; an installed tensorboard no longer replaces metrics.csv (item 6)."""
+    from lightning.pytorch.trainer.connectors.logger_connector import logger_connector
+
+    from record_batches import ListLogger
+
+    status, run = fit(tmp_path, text, "given", "--trainer.logger", "record_batches.ListLogger", log_every_n_steps=1)
+    assert status == 0 and ListLogger.logged  # theirs got the metrics...
+    assert len(list(run.glob("lightning_logs/version_0/metrics.csv"))) == 1  # ...and so did ours
+
+    made = []
+
+    class FakeTensorBoardLogger(ListLogger):
+        def __init__(self, save_dir, name="lightning_logs", version=None, **kwargs):
+            super().__init__()
+            made.append(save_dir)
+
+    monkeypatch.setattr(logger_connector, "_TENSORBOARD_AVAILABLE", True)
+    monkeypatch.setattr(logger_connector, "TensorBoardLogger", FakeTensorBoardLogger)
+    status, run = fit(tmp_path, text, "tensorboard")
+    assert status == 0 and made  # tensorboard "installed": its logger is used, as Lightning would...
+    assert (run / "lightning_logs" / "version_0" / "metrics.csv").is_file()  # ...beside our CSV metrics
+    assert main(["plot", "--run", str(run)]) == 0 or pytest.importorskip("matplotlib")
+
+
+def test_the_summary_survives_ddp_spawn(tmp_path, text):
+    """Under ddp_spawn the main process gets back a trainer without the best score: the final line is read
+    from best.ckpt itself (item 18)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = make_config(tmp_path, text, name="spawn", trainer={"max_steps": 2, "val_check_interval": 2,
+                                                                  "strategy": "ddp_spawn", "devices": 1})
+    tests = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-m", "picogpt_lightning.cli", "fit", "--config", str(config)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"at step 2 in {tmp_path / 'checkpoints' / 'spawn' / 'best.ckpt'}" in result.stdout
+
+
+def test_resumed_progress_counts_total_steps_and_the_summary_has_no_zero_flops(tmp_path, text, capsys, caplog):
+    order = {"class_path": "record_batches.RecordCallbackOrder"}
+    status, run = fit(tmp_path, text, "bar", callbacks=[order])
+    assert status == 0
+    caplog.set_level(logging.INFO)
+    assert main(["fit", "--ckpt_path", str(run / "last.ckpt"), "--trainer.max_steps", "6",
+                 "--trainer.enable_progress_bar", "true", "--trainer.enable_model_summary", "true"]) == 0
+    out = capsys.readouterr().out
+    assert "Training from step 4" in out and "6/6" in out and "/?" not in out.split("Training from step 4")[1]
+    summary = caplog.text
+    assert "Total params" in summary and "Flops" not in summary and "FLOPs" not in summary
+    from record_batches import RecordCallbackOrder
+
+    # The bar closes its validation bar before the sample is printed under it.
+    assert RecordCallbackOrder.order.index("StepProgressBar") < RecordCallbackOrder.order.index("ValidationSample")

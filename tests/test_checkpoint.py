@@ -109,3 +109,50 @@ def test_cli_reports_bad_checkpoints_in_one_line_without_running_them(tmp_path):
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1 and "refused to load" in result.stderr
     assert "Traceback" not in result.stderr and not marker.exists()
+
+
+def flip_bytes_in_the_weights(path: Path, count: int = 1000) -> None:
+    """Damage the largest tensor's bytes inside the zip, as a bad disk or copy would (the zip CRC, which torch
+    does not check, is left alone)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        entry = max((info for info in archive.infolist() if "/data/" in info.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as file:
+        file.seek(entry.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", file.read(4))
+        start = entry.header_offset + 30 + name_length + extra_length
+        file.seek(start)
+        data = bytearray(file.read(min(count, entry.file_size)))
+        file.seek(start)
+        file.write(bytes(b ^ 0x5A for b in data))
+
+
+def test_flipped_bytes_in_the_weights_are_refused_by_the_checksum(saved):
+    path, _, _ = saved
+    assert read_checkpoint(path)["picogpt"]["weights_sha256"]
+    flip_bytes_in_the_weights(path)
+    torch.load(path, weights_only=True)  # torch itself loads it without a word
+    with pytest.raises(PicoGPTError, match="is damaged: its weights differ from the checksum"):
+        load_checkpoint(path)
+
+
+def test_non_finite_weights_are_refused_in_one_line(saved, tmp_path, capsys):
+    from picogpt_lightning.cli import main
+
+    path, model, tokenizer = saved
+    with torch.no_grad():
+        model.ln_f.weight[0] = float("nan")
+    save_checkpoint(tmp_path / "nan.ckpt", model, tokenizer)
+    assert main(["sample", "--ckpt", str(tmp_path / "nan.ckpt"), "--max_new_tokens", "3"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "NaN or infinite weights (model.ln_f.weight)" in error
+
+
+def test_a_checkpoint_without_a_checksum_still_loads(saved, tmp_path):
+    path, model, _ = saved
+    old = torch.load(path, weights_only=True)
+    del old["picogpt"]["weights_sha256"], old["picogpt"]["tokenizer_sha256"]
+    torch.save(old, tmp_path / "old.ckpt")
+    assert load_checkpoint(tmp_path / "old.ckpt").model.config == model.config

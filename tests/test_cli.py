@@ -2,6 +2,9 @@
 
 import csv
 import math
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,10 +47,10 @@ def trained(workspace):
 
 def test_fit_writes_best_and_a_last_checkpoint_at_the_final_step(trained):
     _, _, _, run = trained
-    assert step_of(run / "last.ckpt") == 25  # not 20, the last validation
+    assert step_of(run / "last.ckpt") == 25  # not 20, the last scheduled validation
     best = torch.load(run / "best.ckpt", weights_only=True)
     losses = val_losses(run)
-    assert set(losses) == {10, 20}
+    assert set(losses) == {10, 20, 25}  # every 10 steps, and once more at the end
     # best.ckpt is the step whose own validation gave the lowest loss
     assert best["global_step"] == min(losses, key=losses.get)
     assert best["picogpt"]["best_val_loss"] == pytest.approx(min(losses.values()), rel=1e-5)
@@ -56,7 +59,7 @@ def test_fit_writes_best_and_a_last_checkpoint_at_the_final_step(trained):
 def test_each_validation_writes_a_sample_to_the_log_folder(trained):
     _, _, _, run = trained
     samples = next(run.glob("lightning_logs/version_*/samples.txt")).read_text(encoding="utf-8")
-    assert samples.count("--- step ") == 2 and "--- step 10 ---" in samples and "--- step 20 ---" in samples
+    assert samples.count("--- step ") == 3 and "--- step 10 ---" in samples and "--- step 25 ---" in samples
     after_step_10 = samples.split("--- step 10 ---\n", 1)[1].split("--- step 20 ---", 1)[0]
     assert after_step_10.strip(), "the sample after step 10 is empty"
 
@@ -99,7 +102,7 @@ def test_refitting_the_same_run_does_not_abort_on_the_saved_config(workspace):
     root, text = workspace
     config = make_config(root, text, name="refit", trainer={"max_steps": 4, "val_check_interval": 2})
     assert main(["fit", "--config", str(config)]) == 0
-    assert main(["fit", "--config", str(config)]) == 0
+    assert main(["fit", "--config", str(config), "--overwrite", "true"]) == 0
 
 
 def test_resume_with_a_different_model_shape_fails_with_a_clear_message(trained, capsys):
@@ -117,7 +120,7 @@ def test_resume_last_without_a_run_says_there_is_nothing_to_resume(workspace, ca
     assert "no last.ckpt" in capsys.readouterr().err
 
 
-def test_warm_start_strict_loads_and_strict_mismatch_fails_nonstrict_skips(trained, workspace, capsys):
+def test_warm_start_strict_loads_and_strict_mismatch_fails_nonstrict_maps_tokens(trained, workspace, capsys):
     root, text = workspace
     _, _, _, run = trained
     source = str(run / "best.ckpt")
@@ -133,7 +136,7 @@ def test_warm_start_strict_loads_and_strict_mismatch_fails_nonstrict_skips(train
     assert main(["fit", "--config", str(different), "--model.init_from", source,
                  "--model.init_strict", "false"]) == 0
     out = capsys.readouterr().out
-    assert "kept fresh initialisation" in out and "wte.weight" in out
+    assert "mapped wte.weight" in out and "token by token" in out
 
 
 def test_prepare_command_writes_bins_and_tokenizer(workspace, tmp_path):
@@ -161,3 +164,81 @@ def test_warm_start_runs_once_not_again_on_resume_or_reload(trained, workspace, 
     assert step_of(resumed) == 6
     module = GPTLightningModule.load_from_checkpoint(resumed, weights_only=True)
     assert module.hparams.init_from == str(source)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nothing silently wrong (issue 14)
+
+
+def files_of(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+
+def test_validate_takes_the_checkpoints_own_settings_and_logs_nothing_into_the_run(trained, tmp_path, monkeypatch,
+                                                                                    capsys):
+    _, _, _, run = trained
+    before = files_of(run)
+    monkeypatch.chdir(tmp_path)  # no config, another folder: the checkpoint says which data and model
+    assert main(["validate", "--ckpt_path", str(run / "best.ckpt")]) == 0
+    out = capsys.readouterr().out
+    loss = float([line for line in out.splitlines() if line.startswith("val_loss")][-1].split()[1])
+    best = torch.load(run / "best.ckpt", weights_only=True)["picogpt"]["best_val_loss"]
+    assert loss == pytest.approx(best, abs=1e-4)  # the same val set as the run's own validation
+    assert "preparing" not in out  # the run's cached preparation, not a new tokenizer
+    assert files_of(run) == before and not (tmp_path / "checkpoints").exists()  # no logs, no folder
+
+
+def test_fast_dev_run_never_touches_the_runs_checkpoints_or_logs(trained, capsys):
+    _, _, config, run = trained
+    before = files_of(run)
+    assert main(["fit", "--config", str(config), "--trainer.fast_dev_run", "true"]) == 0
+    assert "fast_dev_run: 1 step(s) and a validation ran; nothing was saved" in capsys.readouterr().out
+    assert files_of(run) == before
+
+
+def test_a_run_that_ends_before_its_first_validation_still_validates_and_writes_best(workspace, capsys):
+    root, text = workspace
+    config = make_config(root, text, name="short", trainer={"max_steps": 5, "val_check_interval": 10})
+    assert main(["fit", "--config", str(config)]) == 0
+    run = root / "checkpoints" / "short"
+    assert step_of(run / "best.ckpt") == 5 and set(val_losses(run)) == {5}
+    assert f"at step 5 in {run / 'best.ckpt'}" in capsys.readouterr().out
+
+
+def test_seed_everything_alone_changes_the_order_of_the_training_blocks(workspace, tmp_path):
+    root, text = workspace
+    record = {"class_path": "record_batches.RecordFirstBatch", "init_args": {"out_dir": str(tmp_path)}}
+    first = []
+    for seed in (1, 2):
+        config = make_config(root, text, name=f"seed{seed}", trainer={"max_steps": 1, "callbacks": [record]})
+        assert main(["fit", "--config", str(config), "--seed_everything", str(seed)]) == 0
+        first.append(torch.load(tmp_path / "rank0.pt"))
+        stored = torch.load(root / "checkpoints" / f"seed{seed}" / "last.ckpt", weights_only=True)
+        assert stored["picogpt"]["config"]["data"]["seed"] == seed  # resolved, so a resume keeps it
+    assert not torch.equal(first[0], first[1])
+
+
+def test_a_typo_in_fit_is_refused_before_lightning_is_imported():
+    script = ("import sys; from picogpt_lightning.cli import main; "
+              "status = main(['fit', '--trainer.max_step', '60']); print(status, 'lightning' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["2", "False"], result.stderr
+    assert result.stderr.strip() == ("picogpt fit: error: unknown option --trainer.max_step; did you mean "
+                                     "--trainer.max_steps? (see `picogpt fit --help`)")
+
+
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_the_early_option_check_knows_every_option_of_the_parser(command, capsys):
+    from picogpt_lightning.cli.flags import lightning_options
+    from picogpt_lightning.cli.main import FIT_OPTIONS, VALIDATE_OPTIONS
+
+    known, unchecked = lightning_options(FIT_OPTIONS if command == "fit" else VALIDATE_OPTIONS)
+    assert not unchecked
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    listed = set(re.findall(r"^ {2,4}(--[\w.]+)", capsys.readouterr().out, flags=re.MULTILINE))
+    # Nested keys of known options (--trainer.logger.init_args...) and the free sections are checked only
+    # up to their first part.
+    listed = {option for option in listed if option.count(".") <= 1 and not option.startswith(
+        ("--optimizer", "--lr_scheduler"))}
+    assert listed and listed - known == set()

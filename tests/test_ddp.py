@@ -18,7 +18,8 @@ TESTS = Path(__file__).resolve().parent
 
 
 def picogpt(*args, expect: int = 0):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-m", "picogpt_lightning.cli", *args], capture_output=True,
                             text=True, env=env, timeout=300)
     assert result.returncode == expect, result.stderr[-3000:]

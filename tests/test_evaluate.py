@@ -3,6 +3,7 @@
 import io
 import itertools
 import json
+import re
 import math
 import sys
 
@@ -173,7 +174,7 @@ def test_picogpt_evaluate_command_line(checkpoint, tmp_path, capsys):
     text.write_text(TEXT)
     assert main(["evaluate", "--ckpt", str(checkpoint), "--text_path", str(text), "--json", "true"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == len(TEXT) - 1
-    assert main(["evaluate", "--ckpt", str(checkpoint), "--text_path", str(text), "--stride", "0"]) == 1
+    assert main(["evaluate", "--ckpt", str(checkpoint), "--text_path", str(text), "--stride", "0"]) == 2  # a bad setting
     assert "stride must be from 1" in capsys.readouterr().err
 
 
@@ -182,3 +183,19 @@ def test_a_bare_json_flag_means_true(checkpoint, tmp_path, capsys):
     text.write_text(TEXT)
     assert main(["evaluate", "--ckpt", str(checkpoint), "--text_path", str(text), "--json", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == len(TEXT) - 1
+
+
+def test_evaluate_reports_its_speed_and_shows_progress_in_a_log(checkpoint, tmp_path, monkeypatch, capsys):
+    """Not only on a terminal: in a log, a line every 10 s (here at every update) says how far it is (item 19)."""
+    from picogpt_lightning import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    text = tmp_path / "eval.txt"
+    text.write_text(TEXT)
+    evaluate_command(str(checkpoint), str(text), device="cpu")
+    captured = capsys.readouterr()
+    assert re.search(r"^speed: +[\d,]+ tokens/s \([\d.]+ s on cpu\)$", captured.out, flags=re.MULTILINE)
+    assert f"evaluating {text}: " in captured.err and "(100%)" in captured.err
+    evaluate_command(str(checkpoint), str(text), device="cpu", json=True, quiet=True)
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["tokens_per_s"] > 0 and captured.err == ""

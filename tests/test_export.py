@@ -2,6 +2,9 @@
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,6 +81,9 @@ def test_transformers_gives_our_logits_greedy_tokens_and_token_ids(tmp_path, tra
     text = TEXT if kind != "word" else "Q: What is truth?\nA:"
     ids = ours.tokenizer.encode(text)
     assert tokenizer(text)["input_ids"] == ids
+    # What the README does, model(**tokenizer(text)): GPT-2 takes no token_type_ids (transformers 4.x rejects
+    # them), so the tokenizer must not return them.
+    assert set(tokenizer(text, return_tensors="pt")) == {"input_ids", "attention_mask"}
     assert tokenizer.decode(ids) == ours.tokenizer.decode(ids)
 
     window = torch.tensor([ids[:32]])
@@ -207,3 +213,44 @@ def test_an_architecture_transformers_cannot_compute_is_refused_naming_the_optio
     error = capsys.readouterr().err.strip()
     assert named in error and len(error.splitlines()) == 1
     assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())  # nothing written
+
+
+OLDEST_TRANSFORMERS = Path(os.environ.get("PICOGPT_OLDEST_TRANSFORMERS", Path(sys.prefix) / "transformers-oldest"))
+OLDEST_CHECK = """
+import json, sys, torch, transformers
+folder, text = sys.argv[1], sys.argv[2]
+model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+inputs = tokenizer(text, return_tensors="pt")
+with torch.no_grad():
+    logits = model(**inputs).logits
+    output = model.generate(**inputs, max_new_tokens=10, do_sample=False, pad_token_id=0)
+torch.save(logits, folder + "/logits.pt")
+print(json.dumps({"version": transformers.__version__, "keys": sorted(inputs), "ids": inputs["input_ids"][0].tolist(),
+                  "generated": output[0].tolist()}))
+"""
+
+
+@pytest.mark.skipif(not OLDEST_TRANSFORMERS.is_dir(), reason=f"no {OLDEST_TRANSFORMERS}: `make test` installs the "
+                    f"oldest transformers the test extra allows there (constraints-oldest-transformers.txt)")
+@pytest.mark.parametrize("kind,bias,architecture", [("bpe", True, {}), ("char", True, LLAMA), ("bpe", False, QWEN3)],
+                         ids=["gpt2", "llama", "qwen3"])
+def test_the_oldest_transformers_the_extra_allows_runs_the_export(tmp_path, kind, bias, architecture):
+    """pyproject allows transformers >= 4.51 (the first with Qwen3, and with Llama's mlp_bias): the export must
+    work there too (in a subprocess, with its own tokenizers and huggingface_hub in front of ours)."""
+    ckpt = make_checkpoint(tmp_path / "model.ckpt", kind, bias=bias, **architecture)
+    folder = tmp_path / "hf"
+    export_command(str(ckpt), str(folder))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(OLDEST_TRANSFORMERS)}
+    result = subprocess.run([sys.executable, "-c", OLDEST_CHECK, str(folder), TEXT[:20]], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    facts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert facts["version"] == "4.51.3" and facts["keys"] == ["attention_mask", "input_ids"]
+    ours = load_checkpoint(ckpt)
+    ids = ours.tokenizer.encode(TEXT[:20])
+    assert facts["ids"] == ids
+    with torch.no_grad():
+        expected = ours.model(torch.tensor([ids]))[0]
+    torch.testing.assert_close(torch.load(folder / "logits.pt"), expected, atol=1e-4, rtol=1e-4)
+    assert facts["generated"][len(ids):] == list(generate(ours.model, ids, 10, SamplingSettings(temperature=0)))

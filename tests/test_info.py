@@ -88,3 +88,23 @@ def test_picogpt_info_command_line(fitted, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["model_config"]["n_embd"] == 16
     assert main(["info", "--ckpt", str(tmp_path / "missing.ckpt")]) == 1
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_a_run_folder_stands_for_its_best_checkpoint_and_an_export_folder_is_read(fitted, tmp_path, capsys):
+    run = fitted.parent
+    assert main(["info", "--ckpt", str(run), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["path"] == str(run / "best.ckpt")
+    assert f"(using {run / 'best.ckpt'}, the run's best checkpoint)" in captured.err
+    assert main(["sample", "--ckpt", str(run), "--max_new_tokens", "3"]) == 0
+    capsys.readouterr()
+
+    assert main(["export", "--ckpt", str(run), "--out_dir", str(tmp_path / "weights"), "--format", "safetensors"]) == 0
+    assert main(["export", "--ckpt", str(run), "--out_dir", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    assert main(["info", "--ckpt", str(tmp_path / "weights"), "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["model_config"]["n_embd"] == 16 and facts["parameters"] == load_checkpoint(fitted).model.num_params(
+        non_embedding=False)
+    assert main(["info", "--ckpt", str(tmp_path / "hf")]) == 1
+    assert "is a Hugging Face export: load it with transformers" in capsys.readouterr().err

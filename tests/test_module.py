@@ -131,3 +131,36 @@ def test_muon_under_fsdp_is_refused_before_training_naming_the_alternatives():
     module._trainer = type("Trainer", (), {"strategy": FSDPStrategy()})()
     with pytest.raises(PicoGPTError, match="FSDPStrategy.*--trainer.strategy ddp.*--model.optimizer adamw"):
         module.setup("fit")
+
+
+def test_warm_start_with_another_vocabulary_of_the_same_size_maps_rows_by_token(tmp_path, capsys):
+    """Same vocab size, other tokens (issue 14, item 4c): strict refuses; otherwise each token both tokenizers
+    have keeps its trained row, the others keep their fresh initialisation, and the message says so."""
+    from picogpt_lightning.checkpoint import save_checkpoint
+    from picogpt_lightning.tokenizer import BPETokenizer, vocabulary
+
+    theirs = BPETokenizer.train(["the mind knows the truth of the world " * 50], vocab_size=270)
+    ours = BPETokenizer.train(["a friend asks why the law is good " * 50], vocab_size=270)
+    assert theirs.vocab_size == ours.vocab_size and theirs.to_json() != ours.to_json()
+    source = tiny_module(vocab_size=270, train_tokens=10_000)
+    save_checkpoint(tmp_path / "source.ckpt", source.model, theirs)
+
+    with pytest.raises(PicoGPTError, match="its tokenizer is not this data's .* --model.init_strict false"):
+        tiny_module(vocab_size=270, train_tokens=10_000).warm_start(str(tmp_path / "source.ckpt"), True, ours)
+    target = tiny_module(vocab_size=270, train_tokens=10_000)
+    fresh = target.model.wte.weight.detach().clone()
+    target.warm_start(str(tmp_path / "source.ckpt"), False, ours)
+    message = capsys.readouterr().out
+    assert "mapped wte.weight" in message and "token by token" in message and "under the same id" in message
+    their_ids = {token: i for i, token in enumerate(vocabulary(theirs))}
+    trained, shared, only_ours = source.model.wte.weight.detach(), 0, 0
+    for our_id, token in enumerate(vocabulary(ours)):
+        row = target.model.wte.weight[our_id].detach()
+        if token in their_ids:
+            assert torch.equal(row, trained[their_ids[token]]), token
+            shared += 1
+        else:
+            assert torch.equal(row, fresh[our_id]), token
+            only_ours += 1
+    assert shared > 256 and only_ours > 0  # the bytes are shared; some merges are not
+    assert torch.equal(target.model.blocks[0].attn.qkv.weight, source.model.blocks[0].attn.qkv.weight)

@@ -80,3 +80,11 @@ def test_picogpt_plot_command_line(tmp_path, capsys):
     assert main(["plot", "--run", str(tmp_path)]) == 0
     assert str(tmp_path / "training.png") in capsys.readouterr().out
     assert main(["plot", "--run", str(tmp_path / "missing")]) == 1
+
+
+def test_out_without_a_suffix_names_the_png_it_really_writes(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    write_version(tmp_path, 0, "0,0.1,9,,3.0,,\n")
+    plot_command(str(tmp_path), out=str(tmp_path / "notes"))
+    assert (tmp_path / "notes.png").read_bytes().startswith(PNG_MAGIC)
+    assert f"wrote {tmp_path / 'notes.png'}" in capsys.readouterr().out

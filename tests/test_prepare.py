@@ -213,18 +213,19 @@ def test_out_dir_that_cannot_be_created_is_explained(tmp_path):
         prepare(str(path), str(path / "out"), mode="char")
 
 
-def test_a_failed_write_leaves_no_meta_and_no_temporary_files(tmp_path, monkeypatch):
+def test_a_failed_write_keeps_the_previous_preparation_and_leaves_no_temporary_files(tmp_path, monkeypatch):
     path = write(tmp_path, "input.txt", sample_text())
     out = tmp_path / "out"
-    prepare(str(path), str(out), mode="char")
+    before = prepare(str(path), str(out), mode="char")
 
     def disk_full(*args):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(prepare_module.os, "replace", disk_full)
     with pytest.raises(PicoGPTError, match="No space left on device"):
-        prepare(str(path), str(out), mode="char")
-    assert sorted(p.name for p in out.iterdir()) == ["train.bin", "val.bin", "vocab.json"]
+        prepare(str(path), str(out), mode="char", val_fraction=0.2)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin", "vocab.json"]
+    assert load_prepared(out)[0] == before
 
 
 def test_prepare_cli_prints_a_summary_and_fills_the_cache_that_fit_uses(tmp_path, monkeypatch, capsys):
@@ -236,3 +237,92 @@ def test_prepare_cli_prints_a_summary_and_fills_the_cache_that_fit_uses(tmp_path
     meta, _ = load_prepared(folder)
     assert f"{meta['train_tokens']:,} train" in output and str(folder.relative_to(tmp_path)) in output
     assert cached_prepare("input.txt", mode="char").resolve() == folder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nothing silently wrong (issue 14, items 12, 14 and 19)
+
+
+def test_a_failed_prepare_over_a_good_preparation_removes_nothing(tmp_path):
+    good = write(tmp_path, "good.txt", sample_text())
+    out = tmp_path / "out"
+    before = prepare(str(good), str(out), mode="char")
+    stamps = {p.name: p.read_bytes() for p in out.iterdir()}
+    empty = write(tmp_path, "empty.txt", "")
+    with pytest.raises(PicoGPTError, match="empty"):
+        prepare(str(empty), str(out), mode="char")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == stamps
+    assert load_prepared(out)[0] == before
+
+
+def test_a_failed_preparation_leaves_no_folder_and_a_killed_one_is_cleaned_on_the_next_run(tmp_path):
+    cache = tmp_path / "cache"
+    empty = write(tmp_path, "empty.txt", " \n")
+    with pytest.raises(PicoGPTError, match="empty"):
+        cached_prepare(str(empty), str(cache), mode="char")
+    assert not cache.exists()  # neither the cache folder nor the preparation's own folder stays behind
+
+    # What a kill -9 leaves: a folder without meta.json, temporary bins and a staged tokenizer.
+    abandoned = cache / "other-0123456789ab"
+    (abandoned / ".tokenizer.abc.tmp").mkdir(parents=True)
+    (abandoned / ".train.bin.abc.tmp").write_bytes(b"\0" * 10)
+    (abandoned / "train.bin").write_bytes(b"\0" * 10)
+    mine = cached_prepare(str(write(tmp_path, "input.txt", sample_text())), str(cache), mode="char")
+    assert sorted(p.name for p in cache.iterdir()) == [mine.name]
+    assert not list(mine.glob(".*"))  # no temporary files, and the lock is gone
+
+
+def test_the_largest_id_and_the_tokenizer_fingerprint_are_recorded_and_checked(tmp_path):
+    path = write(tmp_path, "input.txt", sample_text())
+    meta = prepare(str(path), str(tmp_path / "out"), vocab_size=300)
+    train, val = open_bins(tmp_path / "out", meta)
+    assert meta["max_id"] == max(int(train.max()), int(val.max())) < meta["vocab_size"]
+    # An edited tokenizer.json of the same size: two merges swapped, so the same text gives other ids.
+    tokenizer_file = tmp_path / "out" / "tokenizer.json"
+    description = json.loads(tokenizer_file.read_text())
+    vocab = description["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[260:262]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    tokenizer_file.write_text(json.dumps(description))
+    with pytest.raises(PicoGPTError, match="tokenizer.json was changed after the data was prepared"):
+        load_prepared(tmp_path / "out")
+
+
+def test_ids_beyond_the_vocabulary_are_one_clear_error_not_an_index_error(tmp_path):
+    from picogpt_lightning.data import GPTDataModule
+
+    path = write(tmp_path, "input.txt", sample_text(lines=400))
+    prepare(str(path), str(tmp_path / "out"), mode="char")
+    meta, tokenizer = load_prepared(tmp_path / "out")
+    with open(tmp_path / "out" / "train.bin", "r+b") as file:  # same length, one id out of range everywhere
+        np.full(meta["train_tokens"], tokenizer.vocab_size + 5, dtype=meta["dtype"]).tofile(file)
+    data = GPTDataModule(prepared_dir=str(tmp_path / "out"), block_size=8, batch_size=2)
+    with pytest.raises(PicoGPTError, match=f"holds token id {tokenizer.vocab_size + 5}, beyond the tokenizer"):
+        next(iter(data.train_dataloader()))
+
+
+def test_a_long_preparation_says_what_it_is_doing_in_a_log(tmp_path, monkeypatch, capsys):
+    from picogpt_lightning import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)  # a line at every update, instead of every 10 s
+    path = write(tmp_path, "input.txt", sample_text())
+    prepare(str(path), str(tmp_path / "out"), vocab_size=300)
+    err = capsys.readouterr().err
+    assert f"training the BPE tokenizer on {path}: " in err and "(100%)" in err
+    assert f"encoding {path} into train.bin and val.bin: " in err
+
+
+def test_a_folder_lock_names_its_holder_and_is_free_once_the_holder_is_gone(tmp_path, monkeypatch):
+    from picogpt_lightning import files
+    from picogpt_lightning.files import FolderInUse, FolderLock
+
+    with FolderLock(tmp_path):
+        with pytest.raises(FolderInUse) as busy:
+            FolderLock(tmp_path).acquire()
+        assert busy.value.pid == str(os.getpid())
+    assert not (tmp_path / ".lock").exists()
+    # Where flock is missing, the pid decides: a pid that is no longer a process is a stale lock.
+    monkeypatch.setattr(files, "_try_lock", lambda fd, path: files._holder_is_gone(path))
+    (tmp_path / ".lock").write_text("999999999\n")
+    with FolderLock(tmp_path) as lock:
+        assert (tmp_path / ".lock").read_text().strip() == str(os.getpid()) and lock.fd is not None

@@ -2,9 +2,11 @@
 
 import csv
 import os
+import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -82,13 +84,21 @@ def test_resume_is_exact_with_the_weight_average_and_checkpoints_hold_the_averag
     assert not same(a["state_dict"], a["current_model_state"])
 
 
-def start_long_run(tmp_path, name="long"):
+TESTS = Path(__file__).resolve().parent
+
+
+def subprocess_env() -> dict:
+    """The test's own environment, with tests/ importable (for the callbacks of record_batches.py)."""
+    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
+
+
+def start_long_run(tmp_path, name="long", *flags):
     text = make_text(tmp_path / "t.txt")
     config = make_config(tmp_path, text, name=name,
                          trainer={"max_steps": 100_000, "val_check_interval": 5, "log_every_n_steps": 5})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "picogpt_lightning.cli", "fit", "--config", str(config)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen([sys.executable, "-m", "picogpt_lightning.cli", "fit", "--config", str(config), *flags],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
     return process, config, tmp_path / "checkpoints" / name
 
 
@@ -101,32 +111,135 @@ def wait_for(path: Path, process, timeout=120.0):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_interrupt_saves_last_and_says_how_to_resume_then_resume_continues(tmp_path, signum):
-    process, config, run = start_long_run(tmp_path)
+def test_interrupt_saves_last_and_the_printed_resume_command_continues_the_same_run(tmp_path, signum):
+    """The command printed on interrupt, run as printed, continues the run with its own text, model and trainer
+    settings, though they were given as flags (issue 14, item 1)."""
+    other = make_text(tmp_path / "other.txt", seed=5)
+    run = tmp_path / "elsewhere"
+    process, _, _ = start_long_run(
+        tmp_path, "long", "--data.text_path", str(other), "--model.n_embd", "24", "--ckpt_dir", str(run),
+        "--trainer.max_steps", "40", "--trainer.callbacks+=record_batches.SlowSteps",
+        "--trainer.callbacks.seconds", "0.05")
     wait_for(run / "best.ckpt", process)
-    time.sleep(0.5)
     process.send_signal(signum)
     out, err = process.communicate(timeout=60)
     assert process.returncode != 0
     assert "Traceback" not in err, err
-    assert "Resume with: picogpt fit --config" in err and "--ckpt_path last" in err
     stopped_at = read_checkpoint(run / "last.ckpt")["global_step"]
-    assert stopped_at > 5 and f"Interrupted at step {stopped_at}" in err
+    assert 5 <= stopped_at < 40 and f"Interrupted at step {stopped_at}" in err
+    command = err.split("Resume with: ", 1)[1].splitlines()[0]
+    assert command == f"picogpt fit --ckpt_path {run / 'last.ckpt'}"  # short, and all it takes
 
-    assert main(["fit", "--config", str(config), "--ckpt_path", "last", "--additional_steps", "3"]) == 0
-    assert read_checkpoint(run / "last.ckpt")["global_step"] == stopped_at + 3
+    arguments = shlex.split(command)[1:]
+    if signum == signal.SIGINT:  # as a user types it
+        resumed = subprocess.run([sys.executable, "-m", "picogpt_lightning.cli", *arguments], capture_output=True,
+                                 text=True, env=subprocess_env(), timeout=300)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+    else:
+        assert main(arguments) == 0
+    last = read_checkpoint(run / "last.ckpt")
+    assert last["global_step"] == 40  # continued to the run's own max_steps
+    assert last["picogpt"]["model_config"]["n_embd"] == 24
+    assert last["picogpt"]["data"]["source"]["name"] == "other.txt"
+    resumed_steps = [int(row["step"]) for row in csv.DictReader((run / "lightning_logs/version_1/metrics.csv").open())
+                     if row.get("train_loss")]
+    assert min(resumed_steps) >= stopped_at - 1 and max(resumed_steps) == 39  # went on from there, not over
 
 
-def test_kill_9_at_any_moment_leaves_loadable_checkpoints(tmp_path):
+def test_kill_9_at_any_moment_leaves_loadable_checkpoints_and_a_lock_the_next_run_takes_over(tmp_path, capsys):
     for attempt in range(3):
         process, _, run = start_long_run(tmp_path, name=f"kill{attempt}")
         wait_for(run / "best.ckpt", process)
+        if attempt == 0:  # while it runs, a second run into its folder is refused, naming it (item 11)
+            assert main(["fit", "--ckpt_path", str(run / "last.ckpt"), "--additional_steps", "1"]) == 1
+            assert f"is in use by another run (process {process.pid})" in capsys.readouterr().err
         time.sleep(0.3 + 0.37 * attempt)
         process.kill()
         process.communicate()
         for name in ("best.ckpt", "last.ckpt"):
             if (run / name).exists():
                 read_checkpoint(run / name)  # raises if half-written
+    # The killed run's lock is stale: the next run takes it over, and removes it when it ends.
+    assert (run / ".lock").read_text().strip() == str(process.pid)
+    step = read_checkpoint(run / "last.ckpt")["global_step"]
+    assert main(["fit", "--ckpt_path", str(run / "last.ckpt"), "--additional_steps", "1"]) == 0
+    assert read_checkpoint(run / "last.ckpt")["global_step"] == step + 1
+    assert not (run / ".lock").exists() and not list(run.glob(".*.tmp"))
+
+
+def test_checkpoints_are_staged_in_their_own_folder_never_in_tmpdir(tmp_path, monkeypatch):
+    """A rename within one filesystem is atomic; Lightning's own writer stages checkpoints in $TMPDIR, and when
+    that is another filesystem (tmpfs) its move is a copy that kill -9 can cut short (item 9)."""
+    elsewhere = tmp_path / "tmpdir"
+    elsewhere.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))
+    renames = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renames.append((Path(src), Path(dst))), real_replace(src, dst)))
+    config = make_config(tmp_path, make_text(tmp_path / "t.txt"), name="atomic",
+                         trainer={"max_steps": 4, "val_check_interval": 2})
+    assert main(["fit", "--config", str(config)]) == 0
+    written = [(src, dst) for src, dst in renames if dst.suffix == ".ckpt"]
+    assert {dst.name for _, dst in written} == {"best.ckpt", "last.ckpt"}
+    assert all(src.parent == dst.parent for src, dst in written)
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_failed_save_is_an_error_and_no_line_names_a_file_that_is_not_there(tmp_path, monkeypatch, capsys):
+    """The folder turns unwritable mid-run (item 10): the run fails in one line, and does not claim a best.ckpt."""
+    from picogpt_lightning import callbacks
+
+    real_write = callbacks.write_atomically
+    saves = []
+
+    def unwritable_after_the_first_save(path, write):
+        saves.append(path)
+        if len(saves) > 1:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_write(path, write)
+
+    monkeypatch.setattr(callbacks, "write_atomically", unwritable_after_the_first_save)
+    config = make_config(tmp_path, make_text(tmp_path / "t.txt"), name="fails",
+                         trainer={"max_steps": 6, "val_check_interval": 2})
+    assert main(["fit", "--config", str(config)]) == 1
+    captured = capsys.readouterr()
+    assert "Permission denied" in captured.err and "Traceback" not in captured.err
+    assert "best val_loss" not in captured.out
+
+
+def test_an_old_checkpoint_resumes_with_its_own_settings(tmp_path):
+    """Checkpoints from before the tie_weights rework (model.auto_tie_weights, no tokenizer fingerprint, no
+    checksum) resume, rebuilt as they were trained."""
+    config = make_config(tmp_path, make_text(tmp_path / "t.txt"), name="old",
+                         trainer={"max_steps": 4, "val_check_interval": 4})
+    assert main(["fit", "--config", str(config)]) == 0
+    last = tmp_path / "checkpoints" / "old" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=False)
+    meta = checkpoint["picogpt"]
+    assert meta["model_config"]["tie_weights"]  # auto tied this small corpus
+    meta["config"]["model"].update(tie_weights=False, auto_tie_weights=True)
+    for key in ("tokenizer_sha256", "weights_sha256"):
+        del meta[key]
+    torch.save(checkpoint, last)
+    assert main(["fit", "--ckpt_path", str(last), "--additional_steps", "2"]) == 0
+    resumed = read_checkpoint(last)
+    assert resumed["global_step"] == 6 and resumed["picogpt"]["model_config"]["tie_weights"]
+
+
+def test_resume_and_validate_refuse_another_tokenizer_of_the_same_size_unless_allowed(tmp_path, capsys):
+    """Two more lines in the corpus retrain the BPE tokenizer: same vocab size, other ids (item 2)."""
+    text = make_text(tmp_path / "t.txt")
+    config = make_config(tmp_path, text, name="bpe", trainer={"max_steps": 2, "val_check_interval": 2},
+                         data={"mode": "token", "vocab_size": 300})
+    assert main(["fit", "--config", str(config)]) == 0
+    last = tmp_path / "checkpoints" / "bpe" / "last.ckpt"
+    text.write_text(text.read_text() + "Zebras quote Xenophon.\nQuartz jugs vex.\n")
+    capsys.readouterr()
+    for command in (["fit", "--ckpt_path", str(last), "--additional_steps", "1"], ["validate", "--ckpt_path", str(last)]):
+        assert main(command) == 1
+        assert "the data's tokenizer is not the one" in capsys.readouterr().err
+    assert main(["fit", "--ckpt_path", str(last), "--additional_steps", "1", "--allow_data_change", "true"]) == 0
+    assert read_checkpoint(last)["global_step"] == 3
 
 
 def test_non_finite_loss_stops_with_advice_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):

@@ -93,3 +93,18 @@ def test_train_smoke_test_reports_user_errors_in_one_line(tmp_path, capsys):
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "does not exist" in error
     assert train_smoke_test.run(["--text_path", str(tmp_path / "nope.txt"), "--resume", "--out_dir", "x"]) == 1
+
+
+def test_cpu_smoke_test_without_the_venv_active_reruns_under_it_or_says_how(text_path):
+    """`python scripts/cpu_smoke_test.py` with a Python that lacks torch (here: site-packages turned off with
+    -S) starts again under .venv/bin/python when `make install` made it, and otherwise says so in one line."""
+    command = [sys.executable, "-S", "scripts/cpu_smoke_test.py", "--text_path", str(text_path),
+               "--max_new_tokens", "5"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    if (REPO_ROOT / ".venv" / "bin" / "python").is_file():
+        assert result.returncode == 0, result.stderr
+        assert "ok:" in result.stderr
+    else:
+        assert result.returncode == 1
+        assert result.stderr.count("\n") == 1 and "make install" in result.stderr
+        assert "Traceback" not in result.stderr

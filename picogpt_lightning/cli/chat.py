@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable
 
-from ..errors import PicoGPTError
+from ..errors import SettingsError
 from ..settings import SamplingSettings
 from .common import run_function
 
@@ -44,7 +44,7 @@ def chat_command(
     from ..prompt import read_escapes, read_stop_strings
 
     if max_new_tokens < 1:
-        raise PicoGPTError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise SettingsError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     settings = SamplingSettings(**sampling)
     target = resolve_device(device)
     template = get_template(chat_template) if chat_template is not None else None  # checked before loading

@@ -14,7 +14,8 @@ from dataclasses import fields
 
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
-from ..errors import PicoGPTError
+from ..errors import SettingsError
+from .flags import check_options, unknown_option_error
 
 
 def bool_flags(parameters: dict[str, object]) -> set[str]:
@@ -58,9 +59,20 @@ def run_function(name: str, function, args: list[str], settings: tuple[type, ...
     for dataclass in settings:
         parser.add_class_arguments(dataclass, nested_key=None, as_group=False)
         hints.update(typing.get_type_hints(dataclass))
+    known = set(parser._option_string_actions)
+    check_options(name, args, known)
     try:
         values = parser.parse_args(expand_bare_flags(bool_flags(hints), args)).as_dict()
     except ArgumentError as error:
-        raise PicoGPTError(f"{error} (see `picogpt {name} --help`)") from None
+        raise settings_error(name, error, known) from None
     values.pop("config", None)
     function(**values)
+
+
+def settings_error(command: str, error: Exception, known: set[str]) -> SettingsError:
+    """jsonargparse's complaint as one line; an unrecognized option gets the same suggestion as the early check."""
+    message = " ".join(str(error).split())
+    if message.startswith("unrecognized arguments:"):
+        name = message.split(":", 1)[1].split()[0].split("=", 1)[0]
+        return unknown_option_error(command, name, known)
+    return SettingsError(f"{message} (see `picogpt {command} --help`)")

@@ -9,13 +9,6 @@ from ..errors import PicoGPTError
 from .common import run_function
 
 
-def _progress_bar(total_bytes: int, quiet: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="evaluating", file=sys.stderr,
-                disable=quiet or not sys.stderr.isatty(), leave=False)
-
-
 def evaluate_command(
     ckpt: str,
     text_path: str,
@@ -31,7 +24,8 @@ def evaluate_command(
     / UTF-8 bytes of the text scored, which does not depend on the tokenizer.
 
     Args:
-        ckpt: Checkpoint written by `picogpt fit` (e.g. checkpoints/small/best.ckpt).
+        ckpt: Checkpoint written by `picogpt fit` (e.g. checkpoints/small/best.ckpt), or a run folder (its
+            best.ckpt) or a `picogpt export --format safetensors` folder.
         text_path: A UTF-8 text file, or a folder whose .txt files are joined with a blank line (as prepare does).
         stride: Tokens between window starts, from 1 to block_size (default block_size: windows do not
             overlap, as in training). Smaller gives each token more context: lower loss, more time.
@@ -39,29 +33,32 @@ def evaluate_command(
             so that a batch's logits take about 64 MB).
         device: cpu, cuda, cuda:N, mps, or auto (cuda, then mps, then cpu).
         json: Print one JSON object on stdout instead of the table.
-        quiet: No progress bar (it is also off when stderr is not a terminal).
+        quiet: No progress: no bar on a terminal, no periodic lines (every 10 s) elsewhere.
     """
     from ..checkpoint import load_checkpoint
     from ..corpus import chunks, find_text_files
     from ..errors import warn
     from ..evaluate import evaluate_pieces
     from ..generate import resolve_device
+    from ..progress import Progress
     from ..prompt import describe_replacements
 
     files = find_text_files(text_path)
     loaded = load_checkpoint(ckpt, resolve_device(device))
     total = sum(path.stat().st_size for path in files)
-    with _progress_bar(total, quiet) as bar:
+    with Progress(f"evaluating {text_path}", total, quiet=quiet, stream=sys.stderr) as progress:
         result, replacements, counts = evaluate_pieces(
             loaded.model, loaded.tokenizer, chunks(files, warn_on_bad_bytes=not json), stride, batch_size,
-            bar.update,
+            progress.update,
         )
+    seconds = progress.seconds
     if result.tokens == 0:
         raise PicoGPTError(f"{text_path} has fewer than 2 tokens for this model: nothing to score")
     if replacements:
         warn(f"{sum(counts.values()):,} {describe_replacements(replacements)}")
     report = {"checkpoint": ckpt, "text_path": text_path, "files": len(files), "tokenizer": loaded.tokenizer.kind,
-              **result.to_dict(), "unknown_chars": sum(counts.values())}
+              **result.to_dict(), "unknown_chars": sum(counts.values()), "seconds": round(seconds, 3),
+              "tokens_per_s": round(result.tokens / max(seconds, 1e-9), 1)}
     if json:
         print(json_module.dumps(report))
         return
@@ -71,6 +68,7 @@ def evaluate_command(
     print(f"loss:           {result.loss:.4f} nats/token")
     print(f"perplexity:     {result.perplexity:.2f}")
     print(f"bits per byte:  {result.bits_per_byte:.4f}")
+    print(f"speed:          {report['tokens_per_s']:,.0f} tokens/s ({seconds:.1f} s on {loaded.model.wte.weight.device})")
 
 
 def main(args: list[str]) -> None:

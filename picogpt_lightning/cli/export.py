@@ -17,7 +17,8 @@ def export_command(ckpt: str, out_dir: str, format: Literal["hf", "safetensors"]
     transformers has no equivalent for (relu2, say) is refused.
 
     Args:
-        ckpt: Checkpoint written by `picogpt fit` (e.g. checkpoints/small/best.ckpt).
+        ckpt: Checkpoint written by `picogpt fit` (e.g. checkpoints/small/best.ckpt), or a run folder (its
+            best.ckpt) or a `picogpt export --format safetensors` folder.
         out_dir: Folder to write into (created if missing; files of an earlier export are replaced).
         format: hf: config.json, generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json
             and special_tokens_map.json for `transformers`.

@@ -1,33 +1,49 @@
 """`picogpt fit` and `picogpt validate`: a LightningCLI over the GPT module and data module.
 
-Beyond what LightningCLI gives (YAML configs, `--print_config`, every Trainer flag), this adds the run folder
-(`--ckpt_dir`, default `checkpoints/<config stem>`, holding `best.ckpt` and `last.ckpt`), `--ckpt_path last`
-and `best` resolved in that folder, `--additional_steps N` (train N steps beyond the checkpoint), a clear error
-when a checkpoint's model shape differs from the config, and the callbacks of `callbacks.py`.
+Beyond what LightningCLI gives (YAML configs, `--print_config`, every Trainer flag), this adds:
+- the run folder (`--ckpt_dir`, default `checkpoints/<config stem>`) holding `best.ckpt`, `last.ckpt` and the
+  logs, locked while a run writes into it; a new run refuses a folder that holds one unless `--overwrite true`;
+- `--ckpt_path last|best|FILE`: a resume starts from the run's own settings, stored in the checkpoint
+  (cli/resume.py), with the command line on top; `--additional_steps N`; checks that the data, tokenizer and
+  model shape are the checkpoint's; validate takes the checkpoint's data and model settings;
+- every setting checked before any data is prepared or any folder is made (exit status 2 for a bad one);
+- our callbacks (callbacks.py) next to any the user brings, our CSV metrics next to any logger the user adds.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
 
+import torch
 import yaml
-from jsonargparse import ArgumentError
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import ArgumentError, Namespace
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.trainer.connectors.logger_connector import logger_connector
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from ..callbacks import GracefulInterrupt, LastCheckpoint, NonFiniteLossGuard, StepProgressBar, ValidationSample
-from ..checkpoint import read_checkpoint
-from ..data import GPTDataModule
-from ..errors import PicoGPTError
-from ..module import GPTLightningModule, model_mismatch_message, optimizer_mismatch_message
+from ..callbacks import (AtomicCheckpointIO, BestCheckpoint, FinalValidation, GracefulInterrupt, LastCheckpoint,
+                         NonFiniteLossGuard, QuietFlopsSummary, StepProgressBar, ValidationSample)
+from ..checkpoint import find_checkpoint, read_checkpoint
+from ..corpus import find_text_files, source_sha256
+from ..data import GPTDataModule, check_data_settings
+from ..errors import PicoGPTError, SettingsError, warn
+from ..files import FolderInUse, FolderLock
+from ..module import GPTLightningModule, check_training_settings, model_mismatch_message, optimizer_mismatch_message
 from ..prompt import read_escapes
+from ..settings import PrepareSettings
+from ..tokenizer import fingerprint, tokenizer_from_json
+from . import resume
+from .common import settings_error
 
 TRAINER_DEFAULTS = {
     "max_steps": 2000,
@@ -38,6 +54,9 @@ TRAINER_DEFAULTS = {
     "log_every_n_steps": 10,
 }
 PROGRESS_REFRESH_STEPS = 5
+LOGS = "lightning_logs"
+RUN_FILES = ("best.ckpt", "last.ckpt", LOGS, "training.png")  # what --overwrite deletes
+MAX_SEED_EVERYTHING = 2**32 - 1  # Lightning's seed_everything (numpy's legacy seeding) takes 0 to 2**32 - 1
 # Lightning warnings that do not apply to how this tool uses it.
 QUIET_WARNINGS = (
     "LightningCLI's args parameter",  # we pass the subcommand's arguments on purpose
@@ -46,32 +65,128 @@ QUIET_WARNINGS = (
     "Your `IterableDataset` has `__len__`",  # the val dataset shards itself per rank and worker
     "`isinstance(treespec, LeafSpec)`",  # inside Lightning, not actionable
     "It is recommended to use `self.log('val_",  # val_loss comes from torchmetrics, already reduced over ranks
+    "callbacks used to create the checkpoint need to be provided",  # validate saves nothing: no checkpoint callbacks
 )
 
 
 def default_ckpt_dir(config_files) -> Path:
     """checkpoints/<stem of the last --config file>, or checkpoints/default without one."""
-    if config_files:
-        return Path("checkpoints") / Path(str(config_files[-1])).stem
+    files = [f for f in config_files or [] if f is not None]
+    if files:
+        return Path("checkpoints") / Path(str(files[-1])).stem
     return Path("checkpoints") / "default"
 
 
-def ensure_writable(folder: Path) -> None:
-    """Fail before training, not at the first checkpoint, when the run folder cannot be written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise PicoGPTError(
-            f"cannot write checkpoints to {folder} ({error.strerror or error}); pass --ckpt_dir with a writable folder"
-        ) from None
+def is_rank_zero() -> bool:
+    """Before the Trainer exists only the launcher's environment tells the processes of a job apart; rank 0
+    alone checks, locks and cleans the run folder."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"))
+
+
+class RunFolder:
+    """The run folder of a `fit`: created if needed, locked while the run writes into it, and removed again
+    when the run failed before writing anything into a folder it created."""
+
+    def __init__(self):
+        self.path: Path | None = None
+        self.lock: FolderLock | None = None
+        self.created = False
+
+    def open(self, path: Path) -> None:
+        self.path = path
+        self.created = not path.exists()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+                pass
+            self.lock = FolderLock(path).acquire()
+        except FolderInUse as busy:
+            raise PicoGPTError(
+                f"{path} is in use by another run (process {busy.pid}): wait for it to finish, stop it, or pass "
+                f"another --ckpt_dir"
+            ) from None
+        except OSError as error:
+            raise PicoGPTError(
+                f"cannot write checkpoints to {path} ({error.strerror or error}); pass --ckpt_dir with a writable "
+                f"folder"
+            ) from None
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        if self.created and self.path is not None:
+            try:
+                self.path.rmdir()  # only if the run left nothing in it
+            except OSError:
+                pass
+
+
+def holds_run(folder: Path) -> str | None:
+    """What shows that `folder` holds a run (its checkpoints), or None."""
+    for name in ("last.ckpt", "best.ckpt"):
+        if (folder / name).is_file():
+            return name
+    return None
+
+
+def check_trainer_settings(subcommand: str, trainer: Namespace) -> None:
+    """The Trainer settings whose wrong values Lightning reports late, or as a traceback, or not at all."""
+    if trainer.get("fast_dev_run"):
+        return
+    for name in ("accumulate_grad_batches", "log_every_n_steps") + (("max_steps",) if subcommand == "fit" else ()):
+        value = trainer.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            what = "optimizer steps to train (the LR schedule needs a total)" if name == "max_steps" else "whole number"
+            raise SettingsError(f"trainer.{name} must be a positive {what}, got {value}")
+    interval = trainer.get("val_check_interval")
+    if isinstance(interval, float) and interval.is_integer():
+        interval = int(interval)
+    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
+        raise SettingsError(f"trainer.val_check_interval counts training batches here (the training set is an "
+                            f"endless stream): pass a whole number >= 1, got {interval}")
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and not (math.isfinite(clip) and clip >= 0):
+        raise SettingsError(f"trainer.gradient_clip_val must be a number >= 0 (or null for none), got {clip}")
+
+
+def check_settings(subcommand: str, config: Namespace) -> None:
+    """Every setting that can be checked without data or a model, so that a bad one stops the command before
+    any data is prepared or any folder made."""
+    seed = config.get("seed_everything")
+    if not isinstance(seed, bool) and not (isinstance(seed, int) and 0 <= seed <= MAX_SEED_EVERYTHING):
+        raise SettingsError(f"seed_everything must be a whole number from 0 to 2**32 - 1 (or true for a random "
+                            f"one), got {seed}")
+    if config.get("additional_steps") is not None and config.additional_steps < 1:
+        raise SettingsError(f"--additional_steps must be a positive number of steps, got {config.additional_steps}")
+    if config.get("sample_tokens", 0) < 0:
+        raise SettingsError(f"--sample_tokens must be >= 0 (0 turns the samples off), got {config.sample_tokens}")
+    check_trainer_settings(subcommand, config.trainer)
+    check_training_settings(config.model.as_dict())
+    data = config.data
+    check_data_settings(data.block_size, data.batch_size, data.eval_iters, data.num_workers, data.seed)
+    if data.prepared_dir is None:
+        PrepareSettings(**{name: data[name] for name in PrepareSettings.__dataclass_fields__})
 
 
 class PicoGPTCLI(LightningCLI):
+    def __init__(self, *args, command: str, run_folder: RunFolder, **kwargs):
+        self.command = command
+        self.run_folder = run_folder
+        self.checkpoint: dict | None = None  # the checkpoint of --ckpt_path, read (and verified) once
+        self.checkpoint_path: Path | None = None
+        self.stored: dict | None = None  # the run's own settings that the command line was applied over
+        super().__init__(*args, **kwargs)
+
+    def subcommands(self) -> dict[str, set[str]]:
+        """Only the subcommand that runs: LightningCLI would build a parser for each of fit, validate, test and
+        predict (the Trainer's, the module's and the data module's signatures, four times), 0.6 s of start-up."""
+        return {self.command: LightningCLI.subcommands()[self.command]}
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--ckpt_dir", type=str | None, default=None,
-                            help="run folder for best.ckpt, last.ckpt and logs (default: checkpoints/<config stem>)")
+                            help="run folder for best.ckpt, last.ckpt and logs (default: checkpoints/<config stem>; "
+                                 "on resume: the checkpoint's folder)")
         parser.add_argument("--additional_steps", type=int | None, default=None,
                             help="with --ckpt_path: train this many steps beyond the checkpoint's step "
                                  "(sets trainer.max_steps to checkpoint step + N)")
@@ -80,76 +195,209 @@ class PicoGPTCLI(LightningCLI):
                                  "(escapes like \\n are read)")
         parser.add_argument("--sample_tokens", type=int, default=80,
                             help="length of that sample in tokens; 0 turns it off")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="start a new run in a --ckpt_dir that holds one, deleting its best.ckpt, last.ckpt, "
+                                 "lightning_logs and training.png once the new run has started")
+        parser.add_argument("--allow_data_change", type=bool, default=False,
+                            help="with --ckpt_path: resume or validate on other data or with another tokenizer than "
+                                 "the checkpoint's (the token ids may then mean other things)")
         parser.link_arguments("data.block_size", "model.block_size")
         parser.link_arguments("data.tokenizer_vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.train_tokens", "model.train_tokens", apply_on="instantiate")
 
-    def _parse_ckpt_path(self) -> None:
-        """Replaces LightningCLI's version, which silently swaps the config's model settings for the
-        checkpoint's: here the checkpoint is found (`last`/`best` in the run folder), opened safely, and later
-        compared with the config (see after_instantiate_classes)."""
-        subcommand = self.config.get("subcommand")
-        if not subcommand:
-            return
+    # ------------------------------------------------------------------------------------------ settings
+
+    def parse_arguments(self, parser, args) -> None:
+        """Parse; with --ckpt_path, parse again over the run's own settings from the checkpoint."""
+        printing = [arg for arg in args if arg.split("=")[0] == "--print_config"]
+        plain = [arg for arg in args if arg not in printing]
+        super().parse_arguments(parser, plain)
+        subcommand = self.config.subcommand
         config = self.config[subcommand]
-        config.ckpt_dir = str(config.ckpt_dir or default_ckpt_dir(config.get("config")))
-        if subcommand == "fit":
-            ensure_writable(Path(config.ckpt_dir))
-        self.resume_from = None
-        if config.ckpt_path in ("last", "best"):
-            path = Path(config.ckpt_dir) / f"{config.ckpt_path}.ckpt"
-            if not path.is_file():
-                raise PicoGPTError(
-                    f"no {path.name} in {config.ckpt_dir}: nothing to resume; drop --ckpt_path to start a new run, "
-                    f"or pass --ckpt_dir (or --config) of the run to resume"
-                )
-            config.ckpt_path = str(path)
+        if subcommand == "validate" and not config.ckpt_path:
+            raise SettingsError("validate needs --ckpt_path: a checkpoint file, a run folder, or last/best of "
+                                "--ckpt_dir (without one it would report the loss of random weights)")
         if config.ckpt_path:
-            self.resume_from = read_checkpoint(config.ckpt_path)
-            self.resume_from.pop("optimizer_states", None)
+            self.checkpoint_path = self._find_checkpoint(config)
+            self.checkpoint = read_checkpoint(self.checkpoint_path)
+            self.checkpoint.pop("optimizer_states", None)  # Lightning reads the file again to resume
+            sections = None if subcommand == "fit" else ("data", "model")
+            stored = resume.stored_settings(self.checkpoint, sections)
+            if stored:
+                defaults = self._parser(subcommand).get_defaults()
+                self.stored = resume.known_only(stored, set(defaults.keys()), set(defaults.keys(branches=True)),
+                                                str(self.checkpoint_path))
+                plain = [subcommand, "--config", resume.as_config_text(self.stored), *plain[1:]]
+        if printing or self.stored:
+            super().parse_arguments(parser, [*plain, *printing])
+        config = self.config[subcommand]
+        if self.checkpoint_path is not None:
+            config.ckpt_path = str(self.checkpoint_path)
+        check_settings(subcommand, config)
+
+    def _find_checkpoint(self, config) -> Path:
+        """--ckpt_path as a file: `last`/`best` in the run folder, a run folder's best.ckpt, or the file itself."""
+        if config.ckpt_path not in ("last", "best"):
+            path = Path(config.ckpt_path)
+            if path.is_dir() and (path / "last.ckpt").is_file() and self.config.subcommand == "fit":
+                return path / "last.ckpt"  # resuming a run folder continues from its newest step
+            return find_checkpoint(path)
+        folder = Path(config.ckpt_dir) if config.ckpt_dir else default_ckpt_dir(config.get("config"))
+        path = folder / f"{config.ckpt_path}.ckpt"
+        if not path.is_file():
+            raise PicoGPTError(
+                f"no {path.name} in {folder}: nothing to resume; drop --ckpt_path to start a new run, "
+                f"or pass --ckpt_dir (or --config) of the run to resume"
+            )
+        return path
+
+    def _parse_ckpt_path(self) -> None:
+        """Replaces LightningCLI's, which silently swaps the config's model settings for the checkpoint's
+        hyperparameters: here parse_arguments starts from the run's whole stored config instead, and the run
+        folder is settled before any data is prepared."""
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand]
+        if self.checkpoint is not None:
+            self._check_resume(subcommand, config)
+        if subcommand == "fit":
+            config.ckpt_dir = str(self._run_folder_path(config))
+            if not config.trainer.get("fast_dev_run") and is_rank_zero():
+                self._claim_run_folder(config)
+
+    def _run_folder_path(self, config) -> Path:
+        if config.ckpt_dir:
+            return Path(config.ckpt_dir)
+        if self.checkpoint_path is not None and self.checkpoint_path.name in ("last.ckpt", "best.ckpt"):
+            return self.checkpoint_path.parent  # a resume continues in the run's own folder
+        return default_ckpt_dir(config.get("config"))
+
+    def _check_resume(self, subcommand: str, config) -> None:
+        """List what the command line changes in the run's settings; refuse what changes its data; turn
+        --additional_steps into max_steps; refuse a resume with nothing to train."""
+        step = int(self.checkpoint.get("global_step", 0))
+        if self.stored:
+            current = yaml.safe_load(self.parser.dump(self.config))[subcommand]
+            found = resume.changes(self.stored, current)
+            self._check_shape(found)
+            resume.check_data_changes(found, self.checkpoint, self.checkpoint_path, config.allow_data_change,
+                                      same_text)
+            verb = "resuming" if subcommand == "fit" else "validating"
+            changed = f", with {resume.describe_changes(found)}" if found else " with the run's own settings"
+            rank_zero_only(print)(f"{verb} {self.checkpoint_path} (step {step}){changed}")
+        if subcommand != "fit" or config.trainer.get("fast_dev_run"):
+            return
         if config.get("additional_steps") is not None:
-            if self.resume_from is None:
-                raise PicoGPTError("--additional_steps needs --ckpt_path (a checkpoint or `last`) to count from")
-            config.trainer.max_steps = int(self.resume_from["global_step"]) + config.additional_steps
+            config.trainer.max_steps = step + config.additional_steps
+        if config.trainer.max_steps <= step:
+            raise SettingsError(
+                f"{self.checkpoint_path} is at step {step} and trainer.max_steps is {config.trainer.max_steps}: "
+                f"nothing to train; pass a larger --trainer.max_steps, or --additional_steps N"
+            )
+
+    def _check_shape(self, found: dict) -> None:
+        """A changed model shape, refused now rather than after the data is prepared and the model built (the
+        vocabulary, known only then, is checked in after_instantiate_classes)."""
+        saved = self.checkpoint["picogpt"].get("model_config") or {}
+        current = dict(saved)
+        for key, (_, value) in found.items():
+            section, _, name = key.partition(".")
+            if name == "block_size" or (section == "model" and name in saved and name != "vocab_size"):
+                if not (name == "tie_weights" and value == "auto"):
+                    current[name] = value
+        message = model_mismatch_message(saved, current)
+        if message:
+            raise PicoGPTError(message)
+
+    def _claim_run_folder(self, config) -> None:
+        """Refuse a new run in a folder that holds one (unless --overwrite), then create and lock the folder."""
+        folder = Path(config.ckpt_dir)
+        resuming_here = self.checkpoint_path is not None and self.checkpoint_path.parent.resolve() == folder.resolve()
+        if config.overwrite and resuming_here:
+            raise SettingsError(f"--overwrite deletes the run in {folder}, which --ckpt_path resumes from: "
+                                f"leave out one of them")
+        existing = holds_run(folder)
+        if existing and not resuming_here and not config.overwrite:
+            step = _peek(folder / existing).get("global_step", "?")
+            raise PicoGPTError(
+                f"{folder} already holds a run ({existing} at step {step}): continue it with --ckpt_path "
+                f"{folder / 'last.ckpt'}, start over with --overwrite true (deletes its checkpoints and logs), "
+                f"or choose another --ckpt_dir"
+            )
+        self.run_folder.open(folder)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        if config.data.seed is None:
+            # One seed is enough for another run: the block order follows seed_everything unless data.seed is set.
+            seed = config.seed_everything
+            config.data.seed = seed if not isinstance(seed, bool) else torch.initial_seed() % (2**32)
 
     def after_instantiate_classes(self) -> None:
-        if self.resume_from is not None:
-            saved = self.resume_from["picogpt"]["model_config"]
+        if self.checkpoint is not None:
+            saved = self.checkpoint["picogpt"]["model_config"]
             message = model_mismatch_message(saved, self.model.model.config.to_dict()) or (
                 self.subcommand == "fit"
-                and optimizer_mismatch_message(self.resume_from["hyper_parameters"], self.model.hparams.optimizer)
+                and optimizer_mismatch_message(self.checkpoint["hyper_parameters"], self.model.hparams.optimizer)
             )
             if message:
                 raise PicoGPTError(message)
-            self.resume_from = None  # the weights are loaded again by Lightning; free this copy
+            config = self.config[self.subcommand]
+            mismatch = resume.tokenizer_mismatch(self.checkpoint, self.checkpoint_path,
+                                                 self.datamodule.tokenizer_sha256, fingerprint_of_json)
+            if mismatch and not config.allow_data_change:
+                raise PicoGPTError(mismatch)
+            self._warn_if_text_changed()
+            self.checkpoint = None  # Lightning loads the weights again; free this copy
         elif self.subcommand == "fit" and self.model.hparams.init_from:
             # A new run: the warm start happens here, once; a resume continues from its own weights.
-            self.model.warm_start(self.model.hparams.init_from, self.model.hparams.init_strict)
-        # The whole resolved config, as plain types, goes into every checkpoint (`picogpt info` shows it).
-        self.model.run_config = yaml.safe_load(self.parser.dump(self.config))[self.subcommand]
+            self.model.warm_start(self.model.hparams.init_from, self.model.hparams.init_strict,
+                                  self.datamodule.tokenizer)
+        # The run's resolved settings, as plain types, go into every checkpoint: `picogpt info` shows them and a
+        # resume starts from them (the options of this one invocation are left out).
+        stored = yaml.safe_load(self.parser.dump(self.config))[self.subcommand]
+        stored.update(ckpt_path=None, additional_steps=None, overwrite=False, allow_data_change=False)
+        self.model.run_config = stored
+
+    def _warn_if_text_changed(self) -> None:
+        saved = ((self.checkpoint["picogpt"].get("data") or {}).get("source") or {}).get("sha256")
+        now = ((self.datamodule.describe() or {}).get("source") or {}).get("sha256")
+        if saved and now and saved != now:
+            warn(f"the text differs from the one {self.checkpoint_path} was trained on (same tokenizer, so the "
+                 f"ids mean the same tokens): going on with the new text")
+
+    # ------------------------------------------------------------------------------------------ trainer
 
     def instantiate_trainer(self, **kwargs):
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer_config = self._get(self.config_init, "trainer", default={})
-        ckpt_dir = config.ckpt_dir
-        callbacks = list(trainer_config.get("callbacks") or [])
-        resume = f"picogpt fit {self._config_args(config)}--ckpt_path last"
-        callbacks += [
-            ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1,
-                            save_last=True, auto_insert_metric_name=False, enable_version_counter=False),
-            LastCheckpoint(ckpt_dir, resume),
-            GracefulInterrupt(),
-            NonFiniteLossGuard(ckpt_dir),
-        ]
-        if trainer_config.get("logger", True) is not False:
-            callbacks.append(LearningRateMonitor(logging_interval="step"))
-        if config.sample_tokens > 0:
-            callbacks.append(ValidationSample(read_escapes(config.sample_prompt), config.sample_tokens))
-        if trainer_config.get("enable_progress_bar", True) is not False:
+        ckpt_dir = config.ckpt_dir or str(default_ckpt_dir(config.get("config")))
+        dry_run = bool(trainer_config.get("fast_dev_run"))
+        checkpointing = trainer_config.get("enable_checkpointing") is not False and not dry_run
+        given = list(trainer_config.get("callbacks") or [])
+        callbacks = []
+        if self.subcommand == "fit":
+            if checkpointing:
+                callbacks.append(BestCheckpoint(ckpt_dir))
+            callbacks += [LastCheckpoint(ckpt_dir, f"picogpt fit --ckpt_path {Path(ckpt_dir) / 'last.ckpt'}",
+                                         save=checkpointing),
+                          GracefulInterrupt(), NonFiniteLossGuard(ckpt_dir), FinalValidation()]
+        if trainer_config.get("enable_progress_bar", True) is not False and not _has(given, ProgressBar):
             callbacks.append(StepProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS))
-        kwargs["callbacks"] = callbacks
+        if trainer_config.get("enable_model_summary", True) is not False and not _has(given, ModelSummary):
+            callbacks.append(QuietFlopsSummary())
+        # After the progress bar, which closes the validation bar before the sample is printed under it.
+        if self.subcommand == "fit" and config.sample_tokens > 0:
+            callbacks.append(ValidationSample(read_escapes(config.sample_prompt), config.sample_tokens))
+        kwargs["logger"] = self._loggers(trainer_config.get("logger"), ckpt_dir)
+        if kwargs["logger"] is not False and self.subcommand == "fit":
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        kwargs["callbacks"] = given + callbacks
         if trainer_config.get("default_root_dir") is None:
             kwargs["default_root_dir"] = ckpt_dir
+        plugins = trainer_config.get("plugins")
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [] if plugins is None else [plugins]
+        if not any(hasattr(plugin, "save_checkpoint") for plugin in plugins):  # the user's CheckpointIO wins
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         try:
             return super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as error:
@@ -158,28 +406,85 @@ class PicoGPTCLI(LightningCLI):
                     if "ccelerator" in reason else "check the --trainer.* values in the config and command line")
             raise PicoGPTError(f"trainer settings rejected: {reason} ({hint})") from None
 
-    @staticmethod
-    def _config_args(config) -> str:
-        files = config.get("config") or []
-        args = "".join(f"--config {f} " for f in files)
-        if not files or str(default_ckpt_dir(files)) != config.ckpt_dir:
-            args += f"--ckpt_dir {config.ckpt_dir} "
-        return args
+    def _loggers(self, given, ckpt_dir: str):
+        """Our CSV metrics (metrics.csv, read by `picogpt plot`) next to whatever loggers the user gives, and
+        TensorBoard's as well when it is installed (Lightning's default would replace the CSV one with it).
+        `validate` logs nothing unless asked: the run's logs hold training only."""
+        if given is False or (self.subcommand != "fit" and given in (None, True)):
+            return False
+        loggers = [] if given in (None, True) else list(given) if isinstance(given, (list, tuple)) else [given]
+        if self.subcommand != "fit":
+            return loggers  # validate logs where the user asked, never into a run's logs
+        root = Path(ckpt_dir).resolve()
+        if any(isinstance(logger, CSVLogger) and Path(logger.root_dir).resolve() == root / LOGS for logger in loggers):
+            return loggers
+        overwriting = self.subcommand == "fit" and self.config["fit"].overwrite  # before_fit deletes the old logs
+        version = 0 if overwriting else _next_version(Path(ckpt_dir) / LOGS)
+        ours = [CSVLogger(save_dir=ckpt_dir, name=LOGS, version=version)]
+        if given in (None, True) and (logger_connector._TENSORBOARD_AVAILABLE or logger_connector._TENSORBOARDX_AVAILABLE):
+            ours.append(logger_connector.TensorBoardLogger(save_dir=ckpt_dir, name=LOGS, version=version))
+        return ours + loggers
+
+    def before_fit(self) -> None:
+        config = self.config["fit"]
+        if config.overwrite and is_rank_zero() and not config.trainer.get("fast_dev_run"):
+            # Only now, with the data prepared and the model built: a failed start leaves the old run alone.
+            folder = Path(config.ckpt_dir)
+            for name in RUN_FILES:
+                path = folder / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+
+
+def _has(callbacks: list, kind: type) -> bool:
+    return any(isinstance(callback, kind) for callback in callbacks)
+
+
+def _next_version(logs: Path) -> int:
+    numbers = [int(m.group(1)) for p in logs.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    return max(numbers, default=-1) + 1
+
+
+def _peek(path: Path) -> dict:
+    """A checkpoint's plain facts without reading its weights (memory-mapped): for messages and the summary."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # a damaged file: the facts are only for a message
+        return {}
+
+
+def same_text(text_path: str, sha256: str) -> bool:
+    try:
+        return source_sha256(find_text_files(text_path)) == sha256
+    except PicoGPTError:
+        return False
+
+
+def fingerprint_of_json(tokenizer_json: str) -> str | None:
+    try:
+        return fingerprint(tokenizer_from_json(tokenizer_json))
+    except PicoGPTError:
+        return None
 
 
 def run_lightning_cli(command: str, args: list[str]) -> int:
     """Runs `picogpt fit|validate ARGS`; returns the process exit code."""
+    run_folder = RunFolder()
     try:
-        return _run_lightning_cli(command, args)
+        return _run_lightning_cli(command, args, run_folder)
     except PicoGPTError:
         # Every rank meets the same error (same settings and data; the NaN check is reduced over ranks), so
         # under a multi-process strategy rank 0 alone reports it, in one line.
         if rank_zero_only.rank != 0:
             return 1
         raise
+    finally:
+        run_folder.close()
 
 
-def _run_lightning_cli(command: str, args: list[str]) -> int:
+def _run_lightning_cli(command: str, args: list[str], run_folder: RunFolder) -> int:
     # Lightning's start-up banners (GPU/TPU availability, tips) say nothing a user of this tool needs.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
@@ -195,20 +500,50 @@ def _run_lightning_cli(command: str, args: list[str]) -> int:
             trainer_defaults=TRAINER_DEFAULTS,
             seed_everything_default=1337,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"exit_on_error": False},
+            # The resolved config goes into the run's log folder; validate writes nothing anywhere.
+            save_config_callback=SaveConfigCallback if command == "fit" else None,
+            parser_kwargs={"exit_on_error": False, "allow_abbrev": False, "prog": "picogpt"},
+            command=command,
+            run_folder=run_folder,
         )
     except ArgumentError as error:
-        raise PicoGPTError(f"{error} (see `picogpt {command} --help`)") from None
+        raise settings_error(command, error, _known_options(command)) from None
     except SIGTERMException:
         return 130
-    trainer = cli.trainer
-    if command == "fit" and trainer.is_global_zero and trainer.checkpoint_callback.best_model_score is not None:
-        best = float(trainer.checkpoint_callback.best_model_score)
-        vocab = cli.model.model.config.vocab_size
-        print(f"best val_loss {best:.4f} (perplexity {math.exp(best):.1f}; untrained ~ ln({vocab}) = "
-              f"{math.log(vocab):.2f}) in {trainer.checkpoint_callback.best_model_path}")
-    if command == "validate" and trainer.is_global_zero:
-        metrics = cli.trainer.callback_metrics
-        if "val_loss" in metrics:
-            print(f"val_loss {float(metrics['val_loss']):.4f}  val_ppl {float(metrics['val_ppl']):.2f}")
+    if cli.trainer.is_global_zero:
+        print(summary_line(command, cli))
     return 0
+
+
+def _known_options(command: str) -> set[str]:
+    from .flags import lightning_options
+    from .main import FIT_OPTIONS, VALIDATE_OPTIONS
+
+    return lightning_options(FIT_OPTIONS if command == "fit" else VALIDATE_OPTIONS)[0]
+
+
+def summary_line(command: str, cli: PicoGPTCLI) -> str:
+    """The last line of a run, from what is on disk (so it never names a file that is not there, and holds
+    also where the trainer's own record is lost, as under ddp_spawn)."""
+    trainer = cli.trainer
+    metrics = trainer.callback_metrics
+    if command == "validate":
+        if "val_loss" not in metrics:
+            return "no validation batches: nothing was measured (check --trainer.limit_val_batches)"
+        return f"val_loss {float(metrics['val_loss']):.4f}  val_ppl {float(metrics['val_ppl']):.2f}"
+    config = cli.config["fit"]
+    vocab = cli.model.model.config.vocab_size
+    untrained = f"untrained ~ ln({vocab}) = {math.log(vocab):.2f}"
+    if config.trainer.get("fast_dev_run"):
+        return f"fast_dev_run: {trainer.global_step} step(s) and a validation ran; nothing was saved"
+    best = Path(config.ckpt_dir) / "best.ckpt"
+    facts = _peek(best) if best.is_file() else {}
+    loss = (facts.get("picogpt") or {}).get("best_val_loss")
+    if loss is not None:
+        return (f"best val_loss {loss:.4f} (perplexity {math.exp(loss):.1f}; {untrained}) at step "
+                f"{facts.get('global_step')} in {best}")
+    if "val_loss" in metrics:
+        loss = float(metrics["val_loss"])
+        return (f"val_loss {loss:.4f} at step {trainer.global_step} (perplexity {math.exp(loss):.1f}; {untrained}); "
+                f"no best.ckpt was written (checkpointing is off)")
+    return f"trained to step {trainer.global_step}; no validation ran, so no best.ckpt"

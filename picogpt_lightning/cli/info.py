@@ -12,7 +12,8 @@ def info_command(ckpt: str, json: bool = False) -> None:
     the resolved config and library versions.
 
     Args:
-        ckpt: Checkpoint written by `picogpt fit` (or by checkpoint.save_checkpoint).
+        ckpt: Checkpoint written by `picogpt fit` (or by checkpoint.save_checkpoint), a run folder (its
+            best.ckpt, else last.ckpt) or a folder of `picogpt export --format safetensors`.
         json: Print one JSON object instead of the table; facts the checkpoint lacks are null.
     """
     from ..info import describe_checkpoint, format_description

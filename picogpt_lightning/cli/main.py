@@ -11,18 +11,18 @@ from __future__ import annotations
 import importlib
 import sys
 
-from ..errors import PicoGPTError
+from ..errors import PicoGPTError, SettingsError
 
 USAGE = """usage: picogpt {fit,validate,prepare,sample,chat,serve,evaluate,export,info,plot} [options]
 
   fit        train a GPT (picogpt fit --config configs/tiny.yaml)
-  validate   val loss and perplexity of a checkpoint (picogpt validate --config ... --ckpt_path best.ckpt)
+  validate   val loss and perplexity of a checkpoint (picogpt validate --ckpt_path checkpoints/tiny/best.ckpt)
   prepare    tokenize text into train.bin/val.bin (picogpt prepare --text_path data/philosophy.txt)
   sample     generate text from a checkpoint (picogpt sample --ckpt checkpoints/tiny/best.ckpt)
   chat       talk to a checkpoint in a REPL (picogpt chat --ckpt checkpoints/tiny/best.ckpt)
   serve      an OpenAI-compatible chat server (picogpt serve --ckpt checkpoints/tiny/best.ckpt --port 8000)
   evaluate   loss, perplexity and bits per byte of a checkpoint on any text
-  export     write a Hugging Face (GPT-2) folder or a safetensors file from a checkpoint
+  export     write a Hugging Face folder (GPT-2, Llama or Qwen3 layout) or safetensors from a checkpoint
   info       what a checkpoint holds: model, tokenizer, data, steps, config, versions
   plot       draw a run's loss and learning-rate curves into a PNG
 
@@ -31,10 +31,19 @@ Run `picogpt COMMAND --help` for the options of each command."""
 LIGHTNING_COMMANDS = ("fit", "validate")
 # Plain commands: each is the module of this package with the same name, whose `main(args)` runs it.
 FUNCTION_COMMANDS = ("prepare", "sample", "chat", "serve", "evaluate", "export", "info", "plot")
+# The options cli/fit.py adds to LightningCLI's (kept here too, so typos are caught before Lightning loads;
+# tests/test_cli.py checks that the two lists agree).
+FIT_OPTIONS = ("--ckpt_dir", "--additional_steps", "--sample_prompt", "--sample_tokens", "--overwrite",
+               "--allow_data_change")
+VALIDATE_OPTIONS = (*FIT_OPTIONS, "--verbose")
 
 
 def run(command: str, args: list[str]) -> int:
     if command in LIGHTNING_COMMANDS:
+        from .flags import check_lightning_options
+
+        # Typos are refused here, in milliseconds, before Lightning is imported.
+        check_lightning_options(command, args, FIT_OPTIONS if command == "fit" else VALIDATE_OPTIONS)
         from .fit import run_lightning_cli
 
         return run_lightning_cli(command, args)
@@ -54,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run(command, rest)
+    except SettingsError as error:
+        print(f"picogpt {command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
     except PicoGPTError as error:
         print(f"picogpt {command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1

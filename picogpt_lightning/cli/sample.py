@@ -6,8 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import PicoGPTError
-from ..settings import SamplingSettings
+from ..errors import PicoGPTError, SettingsError
+from ..settings import SamplingSettings, check_seed
 from .common import run_function
 
 MODES = {"char": ("char",), "token": ("bpe", "word"), "bpe": ("bpe",), "word": ("word",)}
@@ -32,7 +32,8 @@ def sample_command(
     The tokenizer and the mode (char or token) come from the checkpoint itself.
 
     Args:
-        ckpt: Checkpoint written by `picogpt fit` (e.g. checkpoints/small/best.ckpt).
+        ckpt: Checkpoint written by `picogpt fit` (e.g. checkpoints/small/best.ckpt), or a run folder (its
+            best.ckpt) or a `picogpt export --format safetensors` folder.
         prompt: Text to continue; \\n and \\t are read as a newline and a tab. Characters a char model never
             saw are mapped to a close one or dropped, with a warning. A prompt longer than the context keeps
             its end.
@@ -52,9 +53,10 @@ def sample_command(
     from ..prompt import crop_note, encode_prompt, read_escapes, read_stop_strings
 
     if max_new_tokens < 0:
-        raise PicoGPTError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise SettingsError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if num_samples < 1:
-        raise PicoGPTError(f"num_samples must be >= 1, got {num_samples}")
+        raise SettingsError(f"num_samples must be >= 1, got {num_samples}")
+    check_seed(seed)
     settings = SamplingSettings(**sampling)
     target = resolve_device(device)
     loaded = load_checkpoint(ckpt, target)
@@ -89,7 +91,7 @@ def check_tokenizer_options(
     tokenizer stored in the checkpoint."""
     if mode is not None:
         if mode not in MODES:
-            raise PicoGPTError(f"unknown --mode {mode!r}; use char or token (or leave it out)")
+            raise SettingsError(f"unknown --mode {mode!r}; use char or token (or leave it out)")
         if tokenizer.kind not in MODES[mode]:
             actual = "char" if tokenizer.kind == "char" else f"token ({tokenizer.kind})"
             raise PicoGPTError(

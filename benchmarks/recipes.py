@@ -1,0 +1,112 @@
+"""Old recipe against new on the bundled corpus, at equal wall time: which default should a config ship?
+
+    python -m benchmarks.recipes --config configs/tiny.yaml \\
+        --old '[--model.optimizer, adamw, --model.position, learned, ...]' --new '[...]'
+    python -m benchmarks.recipes --config configs/small.yaml --budget 600     # a 10-minute budget per recipe
+
+Each recipe is the config plus its overrides. A short probe (`--probe_steps`, in this process, after a
+warm-up) measures each recipe's seconds per step; each then trains, as a separate `picogpt fit` process, for
+the number of steps that fills the budget (the LR schedule stretched to it), validating `--validations`
+times. The budget defaults to the old recipe's own run of the config as written. Reported: best val loss,
+wall time, steps, and seconds per step, with the machine and load; the recipes alternate when `--rounds` > 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import cpu_name, run_cli
+
+REPO = Path(__file__).resolve().parent.parent
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--sample_tokens", "0"]
+
+
+def fit(config: str, overrides: list[str], work: Path, name: str, threads: int, extra: list[str]) -> dict:
+    """One `picogpt fit` process: wall seconds and every validation's (step, val_loss)."""
+    folder = work / name
+    records = folder / "validations.jsonl"
+    folder.mkdir(parents=True, exist_ok=True)
+    records.unlink(missing_ok=True)
+    clock = {"class_path": "benchmarks.speedrun.ValidationClock",
+             "init_args": {"out": str(records), "started": time.time()}}
+    command = [sys.executable, "-m", "picogpt_lightning.cli", "fit", "--config", config, *overrides, *extra,
+               "--ckpt_dir", str(folder / "run"), *QUIET, f"--trainer.callbacks+={json.dumps(clock)}"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+    started = time.time()
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    seconds = time.time() - started
+    if result.returncode:
+        raise SystemExit(f"{name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    curve = [json.loads(line) for line in records.read_text().splitlines()] if records.exists() else []
+    return {"seconds": seconds, "curve": curve, "best": min((p["val_loss"] for p in curve), default=float("nan"))}
+
+
+def seconds_per_step(config: str, overrides: list[str], work: Path, threads: int, steps: int) -> float:
+    """Steady-state seconds per step: two short runs of different length, so start-up and validation cancel."""
+    runs = []
+    for count in (steps, 2 * steps):
+        extra = ["--trainer.max_steps", str(count), "--trainer.val_check_interval", str(10 * count)]
+        runs.append(fit(config, overrides, work, f"probe-{count}", threads, extra)["seconds"])
+    return max(1e-3, (runs[1] - runs[0]) / steps)
+
+
+def main(
+    config: str = "configs/tiny.yaml",
+    old: list[str] | None = None,
+    new: list[str] | None = None,
+    budget: float | None = None,
+    probe_steps: int = 30,
+    validations: int = 5,
+    rounds: int = 1,
+    threads: int = 2,
+) -> None:
+    """Best val loss of the old and the new recipe of a config, each trained for the same wall time.
+
+    Args:
+        config: the picogpt config both recipes start from.
+        old: overrides that make the old recipe (default: the config as written).
+        new: overrides that make the new recipe.
+        budget: seconds of training per recipe (default: the old recipe's steps as the config has them).
+        probe_steps: steps of each probe run that measures a recipe's seconds per step.
+        validations: validations per run (the val split is evaluated this many times, evenly spaced).
+        rounds: repetitions, alternating the recipes.
+        threads: OMP_NUM_THREADS of every run.
+    """
+    recipes = {"old": old or [], "new": new or []}
+    results: dict[str, list[dict]] = {name: [] for name in recipes}
+    with tempfile.TemporaryDirectory(prefix="recipes-") as scratch:
+        work = Path(scratch)
+        speed = {name: seconds_per_step(config, overrides, work, threads, probe_steps)
+                 for name, overrides in recipes.items()}
+        if budget is None:
+            import yaml
+
+            budget = speed["old"] * yaml.safe_load(Path(config).read_text())["trainer"]["max_steps"]
+        for _ in range(rounds):
+            for name, overrides in recipes.items():
+                steps = max(10, round(budget / speed[name]))
+                interval = max(1, steps // validations)
+                extra = ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(interval)]
+                run = fit(config, overrides, work, name, threads, extra)
+                run["steps"] = steps
+                results[name].append(run)
+                print(f"{name}: {steps} steps, best val {run['best']:.4f}, wall {run['seconds']:.0f} s", flush=True)
+    load = os.getloadavg()[0]
+    print(f"\nmachine: {cpu_name()}, {os.cpu_count()} cores, {threads} threads; load average {load:.2f}")
+    print(f"config {config}, budget {budget:.0f} s of training per recipe")
+    for name, runs in results.items():
+        best = [run["best"] for run in runs]
+        print(f"{name}: {speed[name] * 1000:.1f} ms/step, {runs[0]['steps']} steps, best val "
+              f"{statistics.mean(best):.4f}" + (f" ± {statistics.stdev(best):.4f}" if len(best) > 1 else "")
+              + f", wall {statistics.mean(run['seconds'] for run in runs):.0f} s; overrides {recipes[name]}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,128 @@
+"""A run's own settings, read back from its checkpoint: what `fit --ckpt_path` and `validate` start from.
+
+Every checkpoint `fit` writes holds the run's resolved config (`picogpt.config`: data, model, trainer and our
+options). Resuming starts from it, so `picogpt fit --ckpt_path checkpoints/notes/last.ckpt` continues the run
+exactly as it was started, whatever config files and flags that took; whatever is passed on the command line
+(config files and flags, in order) applies on top, and every change is listed. `validate` takes the data and
+model settings from the checkpoint the same way, and its trainer settings from the command line.
+
+A change of what the token ids or the training data mean (the text, the tokenizer settings, the split) is
+refused, unless `--allow_data_change true` says it is deliberate; a change of the model's shape is refused by
+the shape check (cli/fit.py), since the weights would not fit. Nothing here imports Lightning.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import PicoGPTError, warn
+
+# Options that describe this invocation rather than the run: never taken from the checkpoint.
+INVOCATION_KEYS = ("config", "ckpt_path", "ckpt_dir", "additional_steps", "overwrite", "allow_data_change",
+                   "print_config", "verbose", "weights_only")
+# Settings that change which tokens the ids stand for, or which text is trained and validated on.
+DATA_KEYS = ("data.text_path", "data.prepared_dir", "data.mode", "data.backend", "data.vocab_size",
+             "data.val_fraction", "data.random_split", "data.split_seed")
+ALLOW_FLAG = "--allow_data_change true"
+
+
+def stored_settings(checkpoint: dict, sections: tuple[str, ...] | None) -> dict | None:
+    """The run's settings as stored in the checkpoint, brought up to date (migrate), limited to `sections`
+    (None: all but INVOCATION_KEYS). None for checkpoints that predate stored configs."""
+    config = (checkpoint.get("picogpt") or {}).get("config")
+    if not isinstance(config, dict):
+        return None
+    config = migrate(config, checkpoint["picogpt"].get("model_config") or {})
+    keep = sections if sections is not None else tuple(k for k in config if k not in INVOCATION_KEYS)
+    return {key: config[key] for key in keep if key in config}
+
+
+def migrate(config: dict, model_config: dict) -> dict:
+    """Options renamed since older checkpoints were written, mapped to today's."""
+    config = {key: dict(value) if isinstance(value, dict) else value for key, value in config.items()}
+    model = config.get("model")
+    if isinstance(model, dict) and "auto_tie_weights" in model:
+        # Before tie_weights took auto: tie_weights (bool) + auto_tie_weights. The checkpoint's model_config
+        # says what they resolved to, which is what the resumed run must build.
+        del model["auto_tie_weights"]
+        model["tie_weights"] = bool(model_config.get("tie_weights", model.get("tie_weights", False)))
+    return config
+
+
+def known_only(settings: dict, known_leaves: set[str], known_branches: set[str], source: str) -> dict:
+    """`settings` without the keys today's parser does not know (an option removed since), with a warning each."""
+    def keep(tree: dict, prefix: str) -> dict:
+        kept = {}
+        for key, value in tree.items():
+            path = f"{prefix}{key}"
+            if path in known_leaves:
+                kept[key] = value
+            elif path in known_branches and isinstance(value, dict):
+                kept[key] = keep(value, f"{path}.")
+            else:
+                warn(f"{source} sets {path}, an option this version no longer has; it is ignored")
+        return kept
+
+    return keep(settings, "")
+
+
+def as_config_text(settings: dict) -> str:
+    """The settings as YAML, to be given to the parser as the first `--config` (lowest precedence)."""
+    return yaml.safe_dump(settings, sort_keys=False)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"data.text_path": ..., ...}: nested dicts flattened, other values (lists included) as leaves."""
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    leaves = {}
+    for key, value in tree.items():
+        leaves.update(flatten(value, f"{prefix}{key}."))
+    return leaves
+
+
+def changes(stored: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+    """{key: (the run's value, the value now)} for every stored setting that differs now."""
+    before, after = flatten(stored), flatten(current)
+    return {key: (value, after.get(key)) for key, value in before.items()
+            if key in after and after[key] != value}
+
+
+def describe_changes(found: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in found.items())
+
+
+def check_data_changes(found: dict[str, tuple[Any, Any]], checkpoint: dict, path: Path, allowed: bool,
+                       same_text) -> None:
+    """Refuse changes of DATA_KEYS unless `allowed`. A changed text_path that holds the very text the run
+    trained on (moved, or named another way) is no change: `same_text(text_path)` compares the content."""
+    data_changes = {key: values for key, values in found.items() if key in DATA_KEYS}
+    if "data.text_path" in data_changes and not data_changes.get("data.prepared_dir"):
+        source = ((checkpoint["picogpt"].get("data") or {}).get("source") or {}).get("sha256")
+        if source and same_text(data_changes["data.text_path"][1], source):
+            del data_changes["data.text_path"]
+    if data_changes and not allowed:
+        raise PicoGPTError(
+            f"{path} was trained on other data than these settings give ({describe_changes(data_changes)}): the "
+            f"token ids would mean other things. Leave those options out to use the run's own, start a new run "
+            f"from these weights with --model.init_from {path} --model.init_strict false, or pass {ALLOW_FLAG} "
+            f"if this is deliberate"
+        )
+
+
+def tokenizer_mismatch(checkpoint: dict, path: Path, tokenizer_sha256: str, fingerprint_of_json) -> str | None:
+    """The refusal when the data's tokenizer is not the checkpoint's (older checkpoints store only the
+    tokenizer's JSON: its fingerprint is computed); None when they are the same."""
+    meta = checkpoint["picogpt"]
+    stored = meta.get("tokenizer_sha256")
+    if stored is None and meta.get("tokenizer"):
+        stored = fingerprint_of_json(meta["tokenizer"])
+    if stored is None or stored == tokenizer_sha256:
+        return None
+    return (f"the data's tokenizer is not the one {path} was trained with (same settings, but other text or an "
+            f"edited tokenizer): its token ids would mean other things. Use the run's own data, start a new run "
+            f"from these weights with --model.init_from {path} --model.init_strict false (which maps the "
+            f"embeddings by token), or pass {ALLOW_FLAG} if this is deliberate")
