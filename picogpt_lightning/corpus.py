@@ -5,6 +5,11 @@ joined (the files of a folder with a blank line between them) and cut into chunk
 characters at places where the byte-level BPE pre-tokenizer never joins two tokens, so that encoding chunk by
 chunk gives the same ids as encoding the whole text. The split assigns chunks (random split) or a byte offset
 snapped to a line end (sequential split) to val.
+
+With `end_of_text`, each document ends with `<|endoftext|>`, as the `qa` chat template ends each answer, so a
+model learns where a text (or an answer) stops: every file, and within a file every question/answer pair the
+text marks, a "Q: ..." line followed by an "A: ..." line that ends a paragraph, which becomes
+"A: ...<|endoftext|>" followed by the blank line, exactly the qa template's rendering of a conversation.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import PicoGPTError, warn
+from .tokenizer import ENDOFTEXT
 
 READ_BYTES = 1 << 20  # files are read in pieces of about 1 MB that end at a newline
 LONGEST_LINE_BYTES = 16 << 20  # a line longer than this is cut anyway, so memory stays bounded
@@ -30,6 +36,11 @@ FILE_SEPARATOR = "\n\n"  # the files of a folder are joined with a blank line
 # long line, before a single space between two non-spaces. (The word tokenizer may split such a run in two.)
 _SAFE_LINE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=\s)(?=\n[^\s<])")
 _SAFE_SPACE_CUT = re.compile(r"(?<=\S)(?= \S)")
+# A question/answer pair whose answer ends a paragraph (the blank line is looked at, not taken); at the end of
+# a document the paragraph also ends at the end of the text.
+_ANSWER = r"^Q:[^\r\n]*\r?\nA:[^\r\n]*"
+_ANSWER_END = re.compile(_ANSWER + r"(?=\r?\n\r?\n)", re.MULTILINE)
+_LAST_ANSWER_END = re.compile(_ANSWER + r"(?=\r?\n\r?\n|\s*\Z)", re.MULTILINE)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -94,21 +105,64 @@ def _read_file(path: Path, warn_on_bad_bytes: bool) -> Iterator[str]:
         raise PicoGPTError(f"cannot read {path} ({error.strerror}): check the file and its permissions") from None
 
 
-def _read_text(files: list[Path], warn_on_bad_bytes: bool) -> Iterator[str]:
+def _read_text(files: list[Path], warn_on_bad_bytes: bool, end_of_text: bool = False) -> Iterator[str]:
     for index, path in enumerate(files):
         if index:
             yield FILE_SEPARATOR
-        yield from _read_file(path, warn_on_bad_bytes)
+        pieces = _read_file(path, warn_on_bad_bytes)
+        yield from end_document(pieces) if end_of_text else pieces
 
 
-def chunks(files: list[Path], warn_on_bad_bytes: bool = False) -> Iterator[str]:
+def _mark_answers(text: str, pattern: re.Pattern) -> str:
+    """`text` with <|endoftext|> after every answer `pattern` finds (unless the text already has one there)."""
+    return pattern.sub(lambda found: found.group() + ("" if found.group().endswith(ENDOFTEXT) else ENDOFTEXT), text)
+
+
+def _undecided_start(text: str) -> int:
+    """Where the lines start that the text after `text` may still make part of a marked pair: the last two
+    complete lines and the unfinished one (an answer on the last complete line may yet be followed by a blank
+    line, or the unfinished line be the answer, and each needs the question line before it)."""
+    last = text.rfind("\n")
+    before = text.rfind("\n", 0, max(last, 0))
+    return text.rfind("\n", 0, max(before, 0)) + 1 if before != -1 else 0
+
+
+def end_document(pieces: Iterable[str]) -> Iterator[str]:
+    """One document's pieces with <|endoftext|> after each answer that ends a paragraph and at the end.
+
+    Streams: only the last lines are held back until the next piece shows how they continue, so memory stays
+    at a piece and a few lines. The end-of-text of the whole document goes before its trailing whitespace.
+    """
+    pending = ""
+    open_text = False  # whether text was given out since the last end-of-text
+    for piece in pieces:
+        text = _mark_answers(pending + piece, _ANSWER_END)
+        cut = _undecided_start(text)
+        content_end = len(text[:cut].rstrip())
+        if cut - content_end < CHUNK_CHARS:  # keep a short whitespace run too: the end-of-text may go before it
+            cut = content_end
+        if cut:
+            head = text[:cut].rstrip()
+            if head:
+                open_text = not head.endswith(ENDOFTEXT)
+            yield text[:cut]
+        pending = text[cut:]
+    text = _mark_answers(pending, _LAST_ANSWER_END)
+    body = text.rstrip()
+    if body:
+        open_text = not body.endswith(ENDOFTEXT)
+    yield body + (ENDOFTEXT if open_text else "") + text[len(body) :]
+
+
+def chunks(files: list[Path], warn_on_bad_bytes: bool = False, end_of_text: bool = False) -> Iterator[str]:
     """The joined text of the files in chunks of about CHUNK_CHARS characters, each ending at a safe cut.
 
     Encoding the chunks one by one gives the same ids as encoding the whole text at once, and lets
-    `encode_batch` encode many of them in parallel.
+    `encode_batch` encode many of them in parallel. With `end_of_text`, each document ends with <|endoftext|>
+    (see the top of this file).
     """
     text = ""
-    for piece in _read_text(files, warn_on_bad_bytes):
+    for piece in _read_text(files, warn_on_bad_bytes, end_of_text):
         text += piece
         start = 0
         while len(text) - start >= CHUNK_LOOKAHEAD:
@@ -135,7 +189,19 @@ def _chunk_end(text: str, start: int) -> int:
     if newline != -1:
         return newline + 1
     space = _SAFE_SPACE_CUT.search(text, low, low + CHUNK_CHARS)
-    return space.start() if space else min(low + CHUNK_CHARS, len(text))
+    if space:
+        return space.start()
+    # A long run without spaces or newlines is cut anywhere, but never inside <|endoftext|>.
+    return outside_endoftext(text, min(low + CHUNK_CHARS, len(text)))
+
+
+def outside_endoftext(text: str | bytes, cut: int) -> int:
+    """`cut`, or the edge of the <|endoftext|> literal it would split: the literal is one token."""
+    literal = ENDOFTEXT if isinstance(text, str) else ENDOFTEXT.encode()
+    inside = text.find(literal, max(0, cut - len(literal) + 1), cut + len(literal) - 1)
+    if inside == -1 or inside == cut:
+        return cut
+    return inside if inside > 0 else len(literal)
 
 
 def source_sha256(files: list[Path], extra: bytes = b"") -> str:
@@ -209,7 +275,7 @@ def _snap_to_line(data: bytes, local: int, is_last: bool) -> int:
         return backward + 1
     while local > 1 and data[local] & 0xC0 == 0x80:  # never split a character
         local -= 1
-    return local
+    return outside_endoftext(data, local)
 
 
 def _sequential_parts(chunks: Iterable[str], val_start: int, total_bytes: int) -> Iterator[tuple[str, bool]]:
@@ -228,10 +294,12 @@ def _sequential_parts(chunks: Iterable[str], val_start: int, total_bytes: int) -
 
 
 def split_parts(
-    files: list[Path], stats: TextStats, val_fraction: float, random_split: bool, split_seed: int
+    files: list[Path], stats: TextStats, val_fraction: float, random_split: bool, split_seed: int,
+    end_of_text: bool = False,
 ) -> Iterator[tuple[str, bool]]:
     """The text again, as (text, is_val) parts: the last val_fraction of it, or seeded random chunks."""
     if random_split:
-        return zip(chunks(files), _random_val_chunks(stats.chunks, val_fraction, split_seed).tolist())
+        return zip(chunks(files, end_of_text=end_of_text),
+                   _random_val_chunks(stats.chunks, val_fraction, split_seed).tolist())
     val_start = min(max(int(stats.bytes * (1 - val_fraction)), 1), stats.bytes - 1)
-    return _sequential_parts(chunks(files), val_start, stats.bytes)
+    return _sequential_parts(chunks(files, end_of_text=end_of_text), val_start, stats.bytes)

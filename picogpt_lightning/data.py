@@ -121,6 +121,8 @@ class GPTDataModule(L.LightningDataModule):
         val_fraction: float = PREPARE.val_fraction,
         random_split: bool = PREPARE.random_split,
         split_seed: int = PREPARE.split_seed,
+        end_of_text: bool = PREPARE.end_of_text,
+        tokenizer_from: str | None = PREPARE.tokenizer_from,
         block_size: int = 256,
         batch_size: int = 16,
         eval_iters: int = 50,
@@ -138,12 +140,18 @@ class GPTDataModule(L.LightningDataModule):
             val_fraction: share of the text held out for validation.
             random_split: split in random chunks (seeded by split_seed) instead of taking the end of the text.
             split_seed: seed of the random split.
+            end_of_text: end each document (each file, each Q/A pair that ends a paragraph) with the
+                end-of-text token when the tokenizer has one, so a model learns to stop.
+            tokenizer_from: encode with the tokenizer of this checkpoint, tokenizer.json, vocab.json or
+                prepared folder instead of training one; `--ckpt_path` (resume, validate) sets it to the
+                checkpoint when not given, so ids keep their meaning.
             block_size: context length in tokens (also the model's; linked by the CLI).
             batch_size: blocks per batch on each device.
             eval_iters: validation batches per evaluation (the whole val split when it is smaller).
             seed: seed of the training and validation block sampling; default (null): the run's seed_everything
                 (so one seed changes the whole run), or 1337 outside the command line.
-            cache_dir: where prepared data is cached, keyed by the text and the settings above.
+            cache_dir: where prepared data is cached, keyed by the text and the settings above (with
+                tokenizer_from, by the tokenizer's sha256 instead of mode, backend and vocab_size).
             prepared_dir: use this prepared folder (from `picogpt prepare --out_dir`) instead of text_path.
             num_workers: DataLoader workers; 0 (load in the training process) is fastest for memory-mapped blocks.
         """

@@ -69,6 +69,7 @@ class GPTLightningModule(L.LightningModule):
         muon_lr: float = 0.02,
         muon_momentum: float = 0.95,
         muon_weight_decay: float = 0.0,
+        lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
         cosine_lr: bool = True,
         warmup_iters: int = 100,
         lr_decay_iters: int | None = None,
@@ -98,16 +99,18 @@ class GPTLightningModule(L.LightningModule):
             optimizer: adamw (AdamW for every weight) or muon (Muon for the blocks' hidden matrices, AdamW for
                 embeddings, output layer, biases and gains).
             learning_rate: peak learning rate of AdamW's weights.
-            min_lr: final learning rate of the cosine schedule (Muon's falls in the same proportion).
+            min_lr: learning rate at the end of the decay (Muon's falls in the same proportion).
             weight_decay: AdamW weight decay on matrices and embeddings (not on biases or norm gains).
             beta1: AdamW beta1.
             beta2: AdamW beta2.
             muon_lr: peak learning rate of the matrices Muon trains (with optimizer muon).
             muon_momentum: Muon's (Nesterov) momentum.
             muon_weight_decay: Muon's decoupled weight decay.
-            cosine_lr: cosine decay after warmup; false keeps the peak rate constant after warmup.
+            lr_schedule: after warmup, decay to min_lr along a half cosine (cosine) or a straight line
+                (linear), or keep the peak rate (constant).
+            cosine_lr: the older switch: false means lr_schedule constant.
             warmup_iters: optimizer steps of linear warmup.
-            lr_decay_iters: step at which the cosine reaches min_lr (default: trainer.max_steps).
+            lr_decay_iters: step at which the decay reaches min_lr (default: trainer.max_steps).
             init_from: warm start: load weights (only) from this checkpoint when a new run starts (not on resume).
             init_strict: with init_from, require every weight to match; false loads what matches and lists the rest.
             compile: torch.compile the GPT (in place, so checkpoints keep plain parameter names).
@@ -213,9 +216,10 @@ class GPTLightningModule(L.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         inputs, targets = batch
         _, loss = self.model(inputs, targets)
-        # Weighted by tokens and synchronised across ranks by torchmetrics, so the val loss of a distributed
-        # run equals a single-process evaluation of the same batches.
-        self.val_loss.update(loss, weight=targets.numel())
+        # Weighted by the tokens that carry loss (all of them in text; the answers in conversations) and
+        # synchronised across ranks by torchmetrics, so the val loss of a distributed run equals a
+        # single-process evaluation of the same batches.
+        self.val_loss.update(loss, weight=(targets >= 0).sum())
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
@@ -249,9 +253,10 @@ class GPTLightningModule(L.LightningModule):
         except ValueError as error:  # Muon given flattened shards (FSDP), say
             raise PicoGPTError(f"{error}") from None
         decay_iters = hp.lr_decay_iters or max(1, self.trainer.max_steps)
+        shape = hp.get("lr_schedule", "cosine") if hp.get("cosine_lr", True) else "constant"
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda step: lr_at(step, 1.0, hp.min_lr / hp.learning_rate, hp.warmup_iters, decay_iters, hp.cosine_lr),
+            lambda step: lr_at(step, 1.0, hp.min_lr / hp.learning_rate, hp.warmup_iters, decay_iters, shape),
         )
         # "name" is the metric LearningRateMonitor logs, one per parameter group: lr/muon, lr/decay, lr/no_decay.
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "lr"}}
@@ -273,6 +278,9 @@ class GPTLightningModule(L.LightningModule):
             # Dropout draws from torch's global generator; Lightning does not save it, exact resume needs it.
             "torch_rng_state": torch.get_rng_state(),
         }
+        template = getattr(datamodule, "chat_template", None)  # a fine-tuning run's (chat_data.py)
+        if template is not None:
+            checkpoint["picogpt"]["chat_template"] = template.to_dict()  # read by conversation.template_from_meta
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._rng_state_to_restore = checkpoint.get("picogpt", {}).get("torch_rng_state")

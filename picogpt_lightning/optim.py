@@ -39,17 +39,23 @@ NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NEWTON_SCHULZ_STEPS = 5
 
 
-def lr_at(step: int, learning_rate: float, min_lr: float, warmup_iters: int, decay_iters: int, cosine: bool) -> float:
-    """Linear warmup to `learning_rate`, then (if `cosine`) a half cosine down to `min_lr` at `decay_iters`,
-    and `min_lr` after that; without `cosine` the rate stays at `learning_rate` after warmup."""
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def lr_at(step: int, learning_rate: float, min_lr: float, warmup_iters: int, decay_iters: int,
+          schedule: str = "cosine") -> float:
+    """Linear warmup to `learning_rate` over `warmup_iters` steps, then down to `min_lr` at `decay_iters` along
+    a half cosine (`cosine`) or a straight line (`linear`), and `min_lr` after that; `constant` stays at
+    `learning_rate` after warmup."""
     if step < warmup_iters:
         return learning_rate * (step + 1) / (warmup_iters + 1)
-    if not cosine:
+    if schedule == "constant":
         return learning_rate
     if step >= decay_iters:
         return min_lr
     progress = (step - warmup_iters) / max(1, decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    return min_lr + shape * (learning_rate - min_lr)
 
 
 @dataclass

@@ -6,7 +6,15 @@ val, encodes it piece by piece and appends the ids to the bins. Files are writte
 renamed into place, and meta.json is written last: a folder with meta.json is a finished preparation.
 
 `cached_prepare` keeps one folder per (text, settings), named by their hash, so `picogpt fit` prepares
-a text once and reuses it on every later run and on every rank of a distributed job.
+a text once and reuses it on every later run and on every rank of a distributed job. With `tokenizer_from` (a
+given tokenizer, e.g. the checkpoint's own when a run resumes) the key holds that tokenizer's sha256 instead
+of the settings that train one.
+
+Format 2 (this version) ends documents with <|endoftext|> (`end_of_text`, corpus.py), so folders prepared by
+earlier versions (format 1) are not reused: their cache key differs and `load_prepared` refuses their meta.json;
+the text is prepared again, once. A checkpoint trained on format 1 data resumes and validates with its own
+tokenizer (`tokenizer_from`); char and word tokenizers of that time have no end-of-text, so their text is
+prepared as it was, without end-of-text.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from .tokenizer import (BPE_FILE, VOCAB_FILE, BPETokenizer, CharTokenizer, Token
                         load_tokenizer)
 
 DEFAULT_CACHE_DIR = "data/prepared"
-FORMAT = 1  # bump when the layout of a prepared folder changes; old caches are then prepared again
+FORMAT = 2  # bump when the layout of a prepared folder changes; old caches are then prepared again (2: end-of-text)
 ENCODE_BATCH_CHARS = 4 << 20  # chunks are encoded about 1,000 at a time: enough for every core
 TOKENIZER_FILES = (BPE_FILE, VOCAB_FILE)
 PREPARED_FILES = ("meta.json", "train.bin", "val.bin", *TOKENIZER_FILES)
@@ -50,6 +58,32 @@ def _train_tokenizer(kind: str, vocab_size: int, text_chunks: Iterable[str]) -> 
     if kind == "bpe":
         return BPETokenizer.train(text_chunks, vocab_size)
     return WordTokenizer.train(text_chunks, vocab_size)
+
+
+def tokenizer_from_path(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a checkpoint (.ckpt, the one it was trained with), a tokenizer.json or vocab.json, or a
+    prepared folder."""
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".json":
+        return load_tokenizer(path)
+    from .checkpoint import read_checkpoint  # torch only when a checkpoint is given
+
+    meta = read_checkpoint(path)["picogpt"]
+    if not meta.get("tokenizer"):
+        raise PicoGPTError(f"{path} holds no tokenizer; use a checkpoint written by `picogpt fit`, or a "
+                           f"tokenizer.json or vocab.json")
+    from .tokenizer import tokenizer_from_json
+
+    return tokenizer_from_json(meta["tokenizer"])
+
+
+def _check_characters(tokenizer: CharTokenizer, text_chunks: Iterable[str], source: str) -> None:
+    """A char tokenizer given a text must know all its characters: ids for unknown ones do not exist."""
+    unknown = sorted(set(CharTokenizer.train(text_chunks).chars) - set(tokenizer.chars))
+    if unknown:
+        shown = ", ".join(repr(char) for char in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+        raise PicoGPTError(f"the text has {len(unknown)} character(s) that the char tokenizer of {source} does not "
+                           f"know ({shown}): remove or replace them, or prepare without tokenizer_from")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -157,14 +191,16 @@ def _write_failed(folder: Path, error: OSError) -> PicoGPTError:
 def prepare(text_path: str, out_dir: str, **settings) -> dict:
     """Prepare text_path into out_dir with the given `PrepareSettings` fields; returns the meta it wrote."""
     checked = PrepareSettings(**settings)
-    return _prepare(text_path, Path(out_dir), checked, checked.tokenizer_kind())
+    given = tokenizer_from_path(checked.tokenizer_from) if checked.tokenizer_from is not None else None
+    return _prepare(text_path, Path(out_dir), checked, given.kind if given else checked.tokenizer_kind(), given)
 
 
-def _prepare(text_path: str, folder: Path, settings: PrepareSettings, kind: str, wait_if_busy: bool = False,
-             announce: str | None = None) -> dict:
+def _prepare(text_path: str, folder: Path, settings: PrepareSettings, kind: str, given: Tokenizer | None = None,
+             wait_if_busy: bool = False, announce: str | None = None) -> dict:
     """Prepare under the folder's lock; what the folder held before is replaced only once the new preparation
     is complete, and a failure leaves no temporary file (and no folder it created) behind. A folder another
-    process is preparing is refused, or with `wait_if_busy` reported by raising FolderInUse."""
+    process is preparing is refused, or with `wait_if_busy` reported by raising FolderInUse. With `given`, the
+    text is encoded with that tokenizer instead of one trained on it."""
     files = find_text_files(text_path)
     created = _make_writable_folder(folder)
     try:
@@ -172,7 +208,7 @@ def _prepare(text_path: str, folder: Path, settings: PrepareSettings, kind: str,
             remove_leftovers(folder)  # of a writer killed earlier: nobody else can be writing here now
             if announce:
                 print(announce, flush=True)
-            return _prepare_locked(text_path, files, folder, settings, kind)
+            return _prepare_locked(text_path, files, folder, settings, kind, given)
     except BaseException:
         _remove_if_empty(created)
         raise
@@ -207,20 +243,32 @@ def clean_abandoned(cache_dir: Path) -> None:
         _remove_if_empty([folder])
 
 
-def _prepare_locked(text_path: str, files: list[Path], folder: Path, settings: PrepareSettings, kind: str) -> dict:
+def _prepare_locked(text_path: str, files: list[Path], folder: Path, settings: PrepareSettings, kind: str,
+                    given: Tokenizer | None) -> dict:
     stats = TextStats()
-    with Progress(f"{FIRST_PASS[kind]} {text_path}", sum(path.stat().st_size for path in files)) as progress:
+    # Newly trained tokenizers have end-of-text; one given without it (an old checkpoint's) keeps its old text.
+    end_of_text = settings.end_of_text and (given is None or given.eot_id is not None)
+    first_pass = FIRST_PASS[kind] if given is None else "reading"
+    with Progress(f"{first_pass} {text_path}", sum(path.stat().st_size for path in files)) as progress:
         def observed() -> Iterator[str]:
-            for chunk in stats.observe(chunks(files, warn_on_bad_bytes=True)):
+            for chunk in stats.observe(chunks(files, warn_on_bad_bytes=True, end_of_text=end_of_text)):
                 yield chunk
                 progress.update(stats.bytes - progress.done)
 
-        tokenizer = _train_tokenizer(kind, settings.vocab_size, observed())
+        if given is None:
+            tokenizer = _train_tokenizer(kind, settings.vocab_size, observed())
+        elif isinstance(given, CharTokenizer):
+            _check_characters(given, observed(), settings.tokenizer_from)
+            tokenizer = given
+        else:
+            for _ in observed():  # counts the text for the split; bpe and word encode any text
+                pass
+            tokenizer = given
     stats.check(text_path, settings.random_split)
     dtype = token_dtype(tokenizer.vocab_size)
     encoding = Progress(f"encoding {text_path} into train.bin and val.bin", stats.chars, unit="chars")
     parts = encoding.track(split_parts(files, stats, settings.val_fraction, settings.random_split,
-                                       settings.split_seed), lambda part: len(part[0]))
+                                       settings.split_seed, end_of_text), lambda part: len(part[0]))
     temps: dict[str, Path] = {}
     staging = temporary_path(folder / "tokenizer")  # a folder: the tokenizer saves itself by name into it
     try:
@@ -229,7 +277,7 @@ def _prepare_locked(text_path: str, files: list[Path], folder: Path, settings: P
         staged = tokenizer.save(staging)
         meta = {
             "format": FORMAT,
-            "mode": settings.mode,
+            "mode": "char" if kind == "char" else "token",
             "backend": kind,
             "vocab_size": tokenizer.vocab_size,
             "dtype": dtype.name,
@@ -262,8 +310,12 @@ def _prepare_locked(text_path: str, files: list[Path], folder: Path, settings: P
     return meta
 
 
-def _cache_key(files: list[Path], kind: str, settings: PrepareSettings) -> str:
-    """12 hex digits of sha256 over the files and the settings that change the result (not the ignored ones)."""
+def _cache_key(files: list[Path], kind: str, settings: PrepareSettings, given: Tokenizer | None = None) -> str:
+    """12 hex digits of sha256 over the files and the settings that change the result (not the ignored ones).
+
+    A given tokenizer counts by its sha256 (what it is), not by where it was read from; the settings that
+    would train one then play no part.
+    """
     relevant = {
         "format": FORMAT,
         "kind": kind,
@@ -271,7 +323,10 @@ def _cache_key(files: list[Path], kind: str, settings: PrepareSettings) -> str:
         "val_fraction": settings.val_fraction,
         "random_split": settings.random_split,
         "split_seed": settings.split_seed if settings.random_split else None,
+        "end_of_text": settings.end_of_text,
     }
+    if given is not None:
+        relevant.update(kind=None, vocab_size=None, tokenizer_sha256=fingerprint(given))
     return source_sha256(files, json.dumps(relevant, sort_keys=True).encode())[:12]
 
 
@@ -298,10 +353,11 @@ def cached_prepare(
     """
     settings = PrepareSettings(**settings)
     files = find_text_files(text_path)
-    kind = settings.tokenizer_kind(quiet=not is_writer)
+    given = tokenizer_from_path(settings.tokenizer_from) if settings.tokenizer_from is not None else None
+    kind = given.kind if given is not None else settings.tokenizer_kind(quiet=not is_writer)
     path = Path(text_path)
     name = path.stem if path.is_file() else path.name
-    folder = Path(cache_dir) / f"{name}-{_cache_key(files, kind, settings)}"
+    folder = Path(cache_dir) / f"{name}-{_cache_key(files, kind, settings, given)}"
     if _is_prepared(folder):
         return folder
     if is_writer:
@@ -312,7 +368,7 @@ def cached_prepare(
         if is_writer:
             # Another process (a second run on the same text) may be preparing it: wait for that one.
             try:
-                _prepare(text_path, folder, settings, kind, wait_if_busy=True,
+                _prepare(text_path, folder, settings, kind, given, wait_if_busy=True,
                          announce=f"preparing {text_path} into {folder} (once: later runs with the same text and "
                                   f"settings reuse it)")
                 return folder

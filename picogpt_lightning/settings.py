@@ -69,6 +69,14 @@ class PrepareSettings:
         val_fraction: The share of the text held out for validation, in (0, 0.5].
         random_split: Hold out random 4 KB chunks instead of the end of the text.
         split_seed: The seed that picks the chunks when random_split is on.
+        end_of_text: End each document with the end-of-text token, when the tokenizer has one: each file (the
+            one given, or each of a folder), and each question/answer pair the text marks (a "Q: ..." line,
+            then an "A: ..." line that ends a paragraph, becomes "A: ...<|endoftext|>"), as the qa chat
+            template ends an answer, so that a model learns to stop. Turn it off for text whose Q:/A: lines
+            are not separate exchanges.
+        tokenizer_from: Encode with the tokenizer of this checkpoint (.ckpt), tokenizer.json, vocab.json or
+            prepared folder instead of training one (mode, backend and vocab_size are then ignored); resuming
+            and validating a checkpoint use its own by default. A char tokenizer must know every character.
     """
 
     mode: Literal["char", "token"] = "token"
@@ -77,6 +85,8 @@ class PrepareSettings:
     val_fraction: float = 0.1
     random_split: bool = False
     split_seed: int = 1337
+    end_of_text: bool = True
+    tokenizer_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("char", "token"):

@@ -251,7 +251,10 @@ class BPETokenizer:
             initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),  # every byte, seen or not
             show_progress=False,
         )
-        tokenizer.train_from_iterator(iter(chunks), trainer=trainer)
+        # The text between end-of-text tokens, as encoding sees it: the literal is one special token, never
+        # text to learn merges from.
+        pieces = (piece for chunk in chunks for piece in chunk.split(ENDOFTEXT))
+        tokenizer.train_from_iterator(pieces, trainer=trainer)
         return cls(tokenizer)
 
     @property

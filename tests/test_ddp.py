@@ -44,17 +44,19 @@ def test_two_process_ddp_fit_validate_and_resume(tmp_path, capsys):
     rows = list(csv.DictReader(next(run.glob("lightning_logs/version_*/metrics.csv")).open()))
     ddp_loss = [float(r["val_loss"]) for r in rows if r.get("val_loss") and int(r["step"]) == 9][0]
     assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 10
+    # One writer: no leftovers of concurrent writes, one prepared folder.
+    assert not list(tmp_path.rglob("*.tmp"))
+    assert len(list((tmp_path / "prepared").iterdir())) == 1
     assert main(["validate", "--config", str(config), "--trainer.strategy", "auto", "--trainer.devices", "1",
                  "--trainer.callbacks", "[]", "--ckpt_path", str(run / "last.ckpt")]) == 0
     single = [l for l in capsys.readouterr().out.splitlines() if l.startswith("val_loss")][-1]
     assert float(single.split()[1]) == pytest.approx(ddp_loss, abs=1e-4)
 
-    # One writer: no leftovers of concurrent writes, one prepared folder.
-    assert not list(tmp_path.rglob("*.tmp"))
-    assert len(list((tmp_path / "prepared").iterdir())) == 1
-
     picogpt("fit", "--config", str(config), "--ckpt_path", "last", "--additional_steps", "4")
     assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 14
+    # Validate and resume read the text with the checkpoint's tokenizer: a second preparation, made once.
+    assert not list(tmp_path.rglob("*.tmp"))
+    assert len(list((tmp_path / "prepared").iterdir())) == 2
 
 
 def test_two_process_validate_and_warm_start_speak_once(tmp_path):

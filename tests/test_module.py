@@ -9,7 +9,7 @@ from picogpt_lightning.optim import lr_at
 
 
 def test_lr_warms_up_linearly_peaks_and_decays_to_min_lr():
-    kwargs = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, decay_iters=1000, cosine=True)
+    kwargs = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, decay_iters=1000, schedule="cosine")
     assert lr_at(0, **kwargs) == pytest.approx(1e-3 / 101)
     assert lr_at(49, **kwargs) == pytest.approx(1e-3 * 50 / 101)
     assert lr_at(100, **kwargs) == pytest.approx(1e-3)
@@ -20,8 +20,24 @@ def test_lr_warms_up_linearly_peaks_and_decays_to_min_lr():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
-def test_constant_lr_after_warmup_without_cosine():
-    assert lr_at(500, 1e-3, 1e-4, 10, 1000, cosine=False) == pytest.approx(1e-3)
+def test_constant_lr_after_warmup_and_a_straight_line_down_with_linear():
+    assert lr_at(500, 1e-3, 1e-4, 10, 1000, "constant") == pytest.approx(1e-3)
+    assert lr_at(9, 1e-3, 0.0, 10, 1010, "linear") == pytest.approx(1e-3 * 10 / 11)
+    assert lr_at(10, 1e-3, 0.0, 10, 1010, "linear") == pytest.approx(1e-3)
+    assert lr_at(510, 1e-3, 0.0, 10, 1010, "linear") == pytest.approx(5e-4)
+    assert lr_at(1010, 1e-3, 0.0, 10, 1010, "linear") == lr_at(2000, 1e-3, 0.0, 10, 1010, "linear") == 0.0
+
+
+def test_the_schedule_follows_lr_schedule_and_the_older_cosine_lr_switch():
+    def rates(**overrides):
+        module = tiny_module(learning_rate=1e-3, min_lr=0.0, warmup_iters=0, lr_decay_iters=100, **overrides)
+        module._trainer = type("T", (), {"max_steps": 100})()
+        scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+        return [scheduler.lr_lambdas[0](step) for step in (0, 50, 75)]
+
+    assert rates() == pytest.approx([1.0, 0.5, 0.5 * (1 + math.cos(math.pi * 0.75))])
+    assert rates(lr_schedule="linear") == pytest.approx([1.0, 0.5, 0.25])
+    assert rates(cosine_lr=False) == rates(lr_schedule="constant") == [1.0, 1.0, 1.0]
 
 
 def tiny_module(**overrides):

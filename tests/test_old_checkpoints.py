@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from picogpt_lightning.api import load
@@ -53,3 +54,18 @@ def test_an_old_checkpoint_exports(tmp_path, capsys):
     assert main(["export", "--ckpt", str(OLD), "--out_dir", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "hf" / "config.json").is_file()
     assert main(["info", "--ckpt", str(OLD)]) == 0
+
+
+def test_resuming_encodes_the_text_with_the_checkpoints_own_tokenizer(old_run, capsys):
+    """A tokenizer trained again on a changed text would give other ids (the old one has no end-of-text, a new
+    character shifts the rest): resume uses the checkpoint's, and says what it cannot encode."""
+    config, run = old_run
+    text = Path(yaml.safe_load(config.read_text())["data"]["text_path"])
+    text.write_text(text.read_text().replace("w", "%"), encoding="utf-8")
+    assert main(["fit", "--config", str(config), "--ckpt_path", "last", "--additional_steps", "2"]) == 1
+    assert "pass --allow_data_change true if this is deliberate" in capsys.readouterr().err  # another text
+    assert main(["fit", "--config", str(config), "--ckpt_path", "last", "--additional_steps", "2",
+                 "--allow_data_change", "true"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "1 character(s) that the char tokenizer of" in error and "('%')" in error
+    assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 6  # untouched

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ from picogpt_lightning import prepare as prepare_module
 from picogpt_lightning.cli.prepare import prepare_command as prepare_cli
 from picogpt_lightning.corpus import find_text_files
 from picogpt_lightning.errors import PicoGPTError
-from picogpt_lightning.prepare import cached_prepare, load_prepared, prepare, token_dtype
+from picogpt_lightning.prepare import FORMAT, cached_prepare, load_prepared, prepare, token_dtype
+from picogpt_lightning.tokenizer import ENDOFTEXT
 
 WORDS = ["the", "king", "queen", "speak", "hear", "me", "café", "日本", "😀", ",", "."]
 
@@ -18,6 +20,12 @@ def sample_text(lines: int = 120, seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
     rows = [" ".join(rng.choice(WORDS, size=rng.integers(0, 12))) for _ in range(lines)]
     return "\n".join(rows) + "\n"
+
+
+def ended(text: str) -> str:
+    """`text` as one document ends in prepared data: <|endoftext|> before its trailing whitespace."""
+    body = text.rstrip()
+    return body + ENDOFTEXT + text[len(body) :]
 
 
 def write(folder, name, text):
@@ -42,16 +50,17 @@ def test_prepare_writes_bins_tokenizer_and_meta(tmp_path, mode, backend):
     path = write(tmp_path, "input.txt", text)
     meta = prepare(str(path), str(tmp_path / "out"), mode=mode, backend=backend, vocab_size=300)
     assert meta == json.loads((tmp_path / "out" / "meta.json").read_text())
-    assert meta["format"] == 1 and meta["mode"] == mode and meta["dtype"] == "uint16"
+    assert meta["format"] == FORMAT and meta["mode"] == mode and meta["dtype"] == "uint16"
     assert meta["backend"] == ("char" if mode == "char" else backend)
     assert meta["source"]["files"] == ["input.txt"] and meta["source"]["bytes"] == len(text.encode())
-    assert meta["settings"] == {"val_fraction": 0.1, "random_split": False, "split_seed": 1337, "vocab_size": 300}
+    assert meta["settings"] == {"val_fraction": 0.1, "random_split": False, "split_seed": 1337, "vocab_size": 300,
+                                "end_of_text": True, "tokenizer_from": None}
     assert meta["train_tokens"] > 5 * meta["val_tokens"] > 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
         ["meta.json", "train.bin", "val.bin", meta["tokenizer_file"]]
     )
     train, val = decoded_splits(tmp_path / "out")
-    assert train + val == text  # word too: its vocabulary holds every token of this small text
+    assert train + val == ended(text)  # word too: its vocabulary holds every token of this small text
 
 
 def test_val_is_the_end_of_the_text_from_a_line_start(tmp_path):
@@ -59,21 +68,39 @@ def test_val_is_the_end_of_the_text_from_a_line_start(tmp_path):
     path = write(tmp_path, "input.txt", text)
     prepare(str(path), str(tmp_path / "out"), mode="char", val_fraction=0.2)
     train, val = decoded_splits(tmp_path / "out")
-    assert train.endswith("\n") and text.endswith(val)
-    assert 0.15 < len(val.encode()) / len(text.encode()) <= 0.2
+    assert train.endswith("\n") and ended(text).endswith(val)
+    assert 0.15 < len(val.encode()) / len(ended(text).encode()) <= 0.2
+
+
+def question_answer_text(pairs: int = 40, seed: int = 0) -> str:
+    """Q/A paragraphs, some followed by an extra line, a Windows line end or another Q line."""
+    rng = np.random.default_rng(seed)
+    paragraphs = []
+    for index in range(pairs):
+        question, answer = (" ".join(rng.choice(WORDS[:6], size=rng.integers(1, 6))) for _ in range(2))
+        ending = ["", "", "\nnot an answer", "\r"][index % 4]
+        paragraphs.append(f"Q: {question}?\nA: {answer}.{ending}")
+    return "\n\n".join(paragraphs) + "\n\nQ: no answer\n\nA: no question\n\n"
 
 
 def test_prepared_bpe_ids_are_what_the_tokenizer_gives_the_same_text(tmp_path, monkeypatch):
-    # Small chunks, so the text is cut and encoded in many pieces: the cuts must not change the ids.
+    # Small chunks and small reads, so the text is read, marked, cut and encoded in many pieces: neither the
+    # cuts nor the end-of-text marks may depend on where the pieces end.
     monkeypatch.setattr(corpus_module, "CHUNK_CHARS", 64)
     monkeypatch.setattr(corpus_module, "CHUNK_LOOKAHEAD", 17 * 64)
-    text = sample_text() + "  indented\n\n\n  \t lines\r\n<|endoftext|>\n" + sample_text(seed=1)
+    monkeypatch.setattr(corpus_module, "READ_BYTES", 50)
+    text = (sample_text() + "  indented\n\n\n  \t lines\r\n<|endoftext|>\n" + question_answer_text()
+            + sample_text(seed=1) + question_answer_text(seed=1))
     path = write(tmp_path, "input.txt", text)
     prepare(str(path), str(tmp_path / "out"), vocab_size=300)
     meta, tokenizer = load_prepared(tmp_path / "out")
     train, val = open_bins(tmp_path / "out", meta)
     assert train.tolist() == tokenizer.encode(tokenizer.decode(train))
-    assert tokenizer.decode(train) + tokenizer.decode(val) == text
+    # Each answer that ends a paragraph ends with end-of-text, as the qa chat template renders it.
+    marked = re.sub(r"(?m)^(Q:[^\n]*\nA:[^\r\n]*)(?=\r?\n\r?\n)", r"\1" + ENDOFTEXT, text)
+    assert marked.count(ENDOFTEXT) == 1 + 2 * 30  # the literal, and 3 of every 4 pairs
+    assert tokenizer.decode(train) + tokenizer.decode(val) == ended(marked)
+    assert tokenizer.decode(train).count("A: the.<|endoftext|>\n\nQ:") > 0
 
 
 def test_folder_joins_its_txt_files_with_a_blank_line(tmp_path):
@@ -85,14 +112,17 @@ def test_folder_joins_its_txt_files_with_a_blank_line(tmp_path):
     assert [p.name for p in find_text_files(str(folder))] == ["a.txt", "b.txt"]
     meta = prepare(str(folder), str(tmp_path / "out"), mode="char", val_fraction=0.5)
     assert meta["source"]["files"] == ["a.txt", "b.txt"] and meta["source"]["name"] == "books"
-    assert "".join(decoded_splits(tmp_path / "out")) == "first book\n\nsecond book\n"
+    assert "".join(decoded_splits(tmp_path / "out")) == "first book<|endoftext|>\n\nsecond book<|endoftext|>\n"
+    prepare(str(folder), str(tmp_path / "plain"), mode="char", val_fraction=0.5, end_of_text=False)
+    assert "".join(decoded_splits(tmp_path / "plain")) == "first book\n\nsecond book\n"
 
 
 def test_random_split_depends_only_on_the_seed(tmp_path):
     path = write(tmp_path, "input.txt", sample_text(lines=2000))  # about ten 4 KB chunks
 
     def val_text(seed, out):
-        meta = prepare(str(path), str(tmp_path / out), mode="char", random_split=True, split_seed=seed)
+        meta = prepare(str(path), str(tmp_path / out), mode="char", random_split=True, split_seed=seed,
+                       end_of_text=False)
         assert meta["train_tokens"] > 0 and meta["val_tokens"] > 0
         assert meta["train_tokens"] + meta["val_tokens"] == meta["source"]["chars"]
         return decoded_splits(tmp_path / out)[1]
@@ -189,7 +219,7 @@ def test_invalid_utf8_warns_once_and_still_prepares(tmp_path, capsys):
     prepare(str(path), str(tmp_path / "out"), mode="char")
     warnings = [line for line in capsys.readouterr().err.splitlines() if "UTF-8" in line]
     assert warnings == [f"warning: {path} is not valid UTF-8; undecodable bytes were replaced with U+FFFD"]
-    assert "".join(decoded_splits(tmp_path / "out")) == "caf\ufffd\n" * 50 + "fine\n"
+    assert "".join(decoded_splits(tmp_path / "out")) == "caf\ufffd\n" * 50 + "fine<|endoftext|>\n"
 
 
 def test_read_only_out_dir_is_explained(tmp_path):
@@ -237,6 +267,56 @@ def test_prepare_cli_prints_a_summary_and_fills_the_cache_that_fit_uses(tmp_path
     meta, _ = load_prepared(folder)
     assert f"{meta['train_tokens']:,} train" in output and str(folder.relative_to(tmp_path)) in output
     assert cached_prepare("input.txt", mode="char").resolve() == folder
+
+
+def test_a_given_tokenizer_encodes_the_text_and_keys_the_cache_by_its_sha256(tmp_path):
+    path = write(tmp_path, "input.txt", sample_text())
+    cache = str(tmp_path / "cache")
+    trained = cached_prepare(str(path), cache, mode="token", vocab_size=300)
+    _, tokenizer = load_prepared(trained)
+    copy = tmp_path / "elsewhere"
+    copy.mkdir()
+    tokenizer.save(copy)
+    # The same tokenizer from two places is one preparation, with the trained one's ids; mode and vocab_size
+    # play no part then.
+    given = cached_prepare(str(path), cache, tokenizer_from=str(trained / "tokenizer.json"))
+    assert given != trained
+    assert cached_prepare(str(path), cache, tokenizer_from=str(copy), mode="char", vocab_size=999) == given
+    assert (given / "train.bin").read_bytes() == (trained / "train.bin").read_bytes()
+    meta, loaded = load_prepared(given)
+    assert meta["mode"] == "token" and meta["backend"] == "bpe" and loaded.to_json() == tokenizer.to_json()
+    other = cached_prepare(str(path), str(tmp_path / "cache"), mode="token", vocab_size=280)
+    assert cached_prepare(str(path), cache, tokenizer_from=str(other)) not in (given, trained)
+
+
+def test_a_given_char_tokenizer_refuses_characters_it_does_not_know_in_one_line(tmp_path):
+    path = write(tmp_path, "input.txt", "abc abc\n")
+    prepare(str(path), str(tmp_path / "abc"), mode="char")
+    write(tmp_path, "input.txt", "abc xyz\n")
+    with pytest.raises(PicoGPTError, match=r"3 character\(s\) that the char tokenizer of .*abc does not know "
+                                           r"\('x', 'y', 'z'\)"):
+        prepare(str(path), str(tmp_path / "out"), tokenizer_from=str(tmp_path / "abc"))
+
+
+def test_a_tokenizer_without_end_of_text_prepares_the_text_as_it_was(tmp_path):
+    """Old char and word tokenizers have no end-of-text token: their text is prepared without it."""
+    path = write(tmp_path, "input.txt", "Q: why?\nA: because.\n\nQ: how?\nA: so.\n")
+    old = tmp_path / "vocab.json"
+    old.write_text(json.dumps({"kind": "char", "chars": sorted(set(path.read_text()))}))
+    meta = prepare(str(path), str(tmp_path / "out"), tokenizer_from=str(old), val_fraction=0.5)
+    assert meta["vocab_size"] == len(set(path.read_text()))
+    assert "".join(decoded_splits(tmp_path / "out")) == path.read_text()
+    prepare(str(path), str(tmp_path / "new"), mode="char", val_fraction=0.5)
+    assert "".join(decoded_splits(tmp_path / "new")) == (
+        "Q: why?\nA: because.<|endoftext|>\n\nQ: how?\nA: so.<|endoftext|>\n")
+
+
+def test_end_of_text_is_a_setting_of_the_cache_key(tmp_path):
+    path = write(tmp_path, "input.txt", "Q: why?\nA: because.\n\n" * 30)
+    cache = str(tmp_path / "cache")
+    plain = cached_prepare(str(path), cache, mode="char", end_of_text=False)
+    assert cached_prepare(str(path), cache, mode="char") != plain
+    assert ENDOFTEXT not in "".join(decoded_splits(plain))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 from picogpt_lightning.checkpoint import read_checkpoint
 from picogpt_lightning.cli import main
 from picogpt_lightning.module import GPTLightningModule
+from picogpt_lightning.prepare import prepare
 
 from helpers import make_config, make_text
 
@@ -233,13 +234,21 @@ def test_resume_and_validate_refuse_another_tokenizer_of_the_same_size_unless_al
                          data={"mode": "token", "vocab_size": 300})
     assert main(["fit", "--config", str(config)]) == 0
     last = tmp_path / "checkpoints" / "bpe" / "last.ckpt"
+    first = read_checkpoint(last)
     text.write_text(text.read_text() + "Zebras quote Xenophon.\nQuartz jugs vex.\n")
     capsys.readouterr()
     for command in (["fit", "--ckpt_path", str(last), "--additional_steps", "1"], ["validate", "--ckpt_path", str(last)]):
         assert main(command) == 1
-        assert "the data's tokenizer is not the one" in capsys.readouterr().err
+        assert f"the text differs from the one {last} was trained on" in capsys.readouterr().err
     assert main(["fit", "--ckpt_path", str(last), "--additional_steps", "1", "--allow_data_change", "true"]) == 0
     assert read_checkpoint(last)["global_step"] == 3
+    # The changed text was encoded with the checkpoint's tokenizer, never one trained again on it.
+    assert read_checkpoint(last)["picogpt"]["tokenizer_sha256"] == first["picogpt"]["tokenizer_sha256"]
+    # A tokenizer given deliberately that is not the checkpoint's is refused the same way.
+    other = tmp_path / "other"
+    prepare(str(text), str(other), mode="token", vocab_size=300)
+    assert main(["validate", "--ckpt_path", str(last), "--data.tokenizer_from", str(other)]) == 1
+    assert "the data's tokenizer is not the one" in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_with_advice_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):

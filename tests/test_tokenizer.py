@@ -10,6 +10,7 @@ from picogpt_lightning.tokenizer import (
     CharTokenizer,
     WordTokenizer,
     bpe_available,
+    fingerprint,
     load_tokenizer,
     tokenizer_from_json,
 )
@@ -202,3 +203,18 @@ def test_encode_with_offsets_gives_the_ids_of_encode_and_where_each_token_starts
     if kind != "bpe":  # whole characters per token: each token is exactly the text up to the next start
         pieces = [text[start:end] for start, end in zip(starts, starts[1:] + [len(text)])]
         assert [tokenizer.decode([i]) for i in ids] == pieces
+
+
+def test_bpe_learns_no_merges_from_the_end_of_text_literal():
+    """In training text the literal is the one special token, as encoding sees it, not letters to merge."""
+    pytest.importorskip("tokenizers")
+    tokenizer = BPETokenizer.train([f"Q: why?\nA: because.{ENDOFTEXT}\n\n" * 200], vocab_size=300)
+    assert [token for token in tokenizer.tokenizer.get_vocab() if "endof" in token or "xt|" in token] == [ENDOFTEXT]
+    assert tokenizer.encode(f"because.{ENDOFTEXT}")[-1] == tokenizer.eot_id
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe", "word"])
+def test_the_fingerprint_is_the_same_for_a_tokenizer_rebuilt_from_its_json(kind):
+    tokenizer = trained(kind)
+    assert fingerprint(tokenizer_from_json(tokenizer.to_json())) == fingerprint(tokenizer)
+    assert fingerprint(CharTokenizer.train(["abc"])) != fingerprint(CharTokenizer.train(["abd"]))

@@ -1,4 +1,5 @@
-"""`picogpt fit` and `picogpt validate`: a LightningCLI over the GPT module and data module.
+"""`picogpt fit` and `picogpt validate`: a LightningCLI over the GPT module and data module (and, with
+cli/finetune.py's subclass and the conversation data module, `picogpt finetune`).
 
 Beyond what LightningCLI gives (YAML configs, `--print_config`, every Trainer flag), this adds:
 - the run folder (`--ckpt_dir`, default `checkpoints/<config stem>`) holding `best.ckpt`, `last.ckpt` and the
@@ -37,7 +38,7 @@ from ..checkpoint import find_checkpoint, read_checkpoint
 from ..corpus import find_text_files, source_sha256
 from ..data import GPTDataModule, check_data_settings
 from ..errors import PicoGPTError, SettingsError, warn
-from ..files import FolderInUse, FolderLock
+from ..files import FolderInUse, FolderLock, remove_leftovers
 from ..module import GPTLightningModule, check_training_settings, model_mismatch_message, optimizer_mismatch_message
 from ..prompt import read_escapes
 from ..settings import PrepareSettings
@@ -88,18 +89,20 @@ class RunFolder:
     when the run failed before writing anything into a folder it created."""
 
     def __init__(self):
-        self.path: Path | None = None
         self.lock: FolderLock | None = None
-        self.created = False
+        self.created: list[Path] = []  # the folders open() made, deepest first
 
     def open(self, path: Path) -> None:
-        self.path = path
-        self.created = not path.exists()
+        missing = path.absolute()
+        while not missing.exists():
+            self.created.append(missing)
+            missing = missing.parent
         try:
             path.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
                 pass
             self.lock = FolderLock(path).acquire()
+            remove_leftovers(path)  # half-written checkpoints of a run killed in this folder
         except FolderInUse as busy:
             raise PicoGPTError(
                 f"{path} is in use by another run (process {busy.pid}): wait for it to finish, stop it, or pass "
@@ -115,11 +118,11 @@ class RunFolder:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
-        if self.created and self.path is not None:
+        for folder in self.created:
             try:
-                self.path.rmdir()  # only if the run left nothing in it
+                folder.rmdir()  # only if the run left nothing in it
             except OSError:
-                pass
+                break
 
 
 def holds_run(folder: Path) -> str | None:
@@ -164,6 +167,8 @@ def check_settings(subcommand: str, config: Namespace) -> None:
     check_trainer_settings(subcommand, config.trainer)
     check_training_settings(config.model.as_dict())
     data = config.data
+    if "text_path" not in data:
+        return  # finetune's conversation data: checked by its module once the base model is known
     check_data_settings(data.block_size, data.batch_size, data.eval_iters, data.num_workers, data.seed)
     if data.prepared_dir is None:
         PrepareSettings(**{name: data[name] for name in PrepareSettings.__dataclass_fields__})
@@ -171,17 +176,19 @@ def check_settings(subcommand: str, config: Namespace) -> None:
 
 class PicoGPTCLI(LightningCLI):
     def __init__(self, *args, command: str, run_folder: RunFolder, **kwargs):
-        self.command = command
+        self.command = command  # the picogpt command: fit, finetune (the Trainer's fit) or validate
         self.run_folder = run_folder
         self.checkpoint: dict | None = None  # the checkpoint of --ckpt_path, read (and verified) once
         self.checkpoint_path: Path | None = None
         self.stored: dict | None = None  # the run's own settings that the command line was applied over
+        self.tokenizer_from_checkpoint = False  # data.tokenizer_from was set to --ckpt_path here, not by the user
         super().__init__(*args, **kwargs)
 
     def subcommands(self) -> dict[str, set[str]]:
         """Only the subcommand that runs: LightningCLI would build a parser for each of fit, validate, test and
         predict (the Trainer's, the module's and the data module's signatures, four times), 0.6 s of start-up."""
-        return {self.command: LightningCLI.subcommands()[self.command]}
+        subcommand = lightning_subcommand(self.command)
+        return {subcommand: LightningCLI.subcommands()[subcommand]}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--ckpt_dir", type=str | None, default=None,
@@ -284,6 +291,11 @@ class PicoGPTCLI(LightningCLI):
             verb = "resuming" if subcommand == "fit" else "validating"
             changed = f", with {resume.describe_changes(found)}" if found else " with the run's own settings"
             rank_zero_only(print)(f"{verb} {self.checkpoint_path} (step {step}){changed}")
+        if config.data.get("tokenizer_from", "unset") is None and self.checkpoint["picogpt"].get("tokenizer"):
+            # Resume and validate with the checkpoint's own tokenizer, never one trained again on the text: the
+            # ids must keep the meaning the weights learnt (an old checkpoint's has no end-of-text, say).
+            config.data.tokenizer_from = str(self.checkpoint_path)
+            self.tokenizer_from_checkpoint = True
         if subcommand != "fit" or config.trainer.get("fast_dev_run"):
             return
         if config.get("additional_steps") is not None:
@@ -346,7 +358,7 @@ class PicoGPTCLI(LightningCLI):
                                                  self.datamodule.tokenizer_sha256, fingerprint_of_json)
             if mismatch and not config.allow_data_change:
                 raise PicoGPTError(mismatch)
-            self._warn_if_text_changed()
+            self._check_text_unchanged(config.allow_data_change)
             self.checkpoint = None  # Lightning loads the weights again; free this copy
         elif self.subcommand == "fit" and self.model.hparams.init_from:
             # A new run: the warm start happens here, once; a resume continues from its own weights.
@@ -356,14 +368,23 @@ class PicoGPTCLI(LightningCLI):
         # resume starts from them (the options of this one invocation are left out).
         stored = yaml.safe_load(self.parser.dump(self.config))[self.subcommand]
         stored.update(ckpt_path=None, additional_steps=None, overwrite=False, allow_data_change=False)
+        if self.tokenizer_from_checkpoint:
+            stored["data"]["tokenizer_from"] = None  # a later resume takes its own checkpoint's again
         self.model.run_config = stored
 
-    def _warn_if_text_changed(self) -> None:
+    def _check_text_unchanged(self, allowed: bool) -> None:
+        """The same text_path may hold another text than the run trained on: refused unless allowed (it is
+        encoded with the checkpoint's tokenizer either way, so the ids keep their meaning)."""
         saved = ((self.checkpoint["picogpt"].get("data") or {}).get("source") or {}).get("sha256")
         now = ((self.datamodule.describe() or {}).get("source") or {}).get("sha256")
-        if saved and now and saved != now:
-            warn(f"the text differs from the one {self.checkpoint_path} was trained on (same tokenizer, so the "
-                 f"ids mean the same tokens): going on with the new text")
+        if not (saved and now and saved != now):
+            return
+        if not allowed:
+            raise PicoGPTError(f"the text differs from the one {self.checkpoint_path} was trained on: pass "
+                               f"{resume.ALLOW_FLAG} to go on with this text (encoded with the checkpoint's "
+                               f"tokenizer), or use the run's own text")
+        warn(f"the text differs from the one {self.checkpoint_path} was trained on: going on with it, encoded "
+             f"with the checkpoint's tokenizer ({resume.ALLOW_FLAG})")
 
     # ------------------------------------------------------------------------------------------ trainer
 
@@ -378,7 +399,7 @@ class PicoGPTCLI(LightningCLI):
         if self.subcommand == "fit":
             if checkpointing:
                 callbacks.append(BestCheckpoint(ckpt_dir))
-            callbacks += [LastCheckpoint(ckpt_dir, f"picogpt fit --ckpt_path {Path(ckpt_dir) / 'last.ckpt'}",
+            callbacks += [LastCheckpoint(ckpt_dir, f"picogpt {self.command} --ckpt_path {Path(ckpt_dir) / 'last.ckpt'}",
                                          save=checkpointing),
                           GracefulInterrupt(), NonFiniteLossGuard(ckpt_dir), FinalValidation()]
         if trainer_config.get("enable_progress_bar", True) is not False and not _has(given, ProgressBar):
@@ -469,11 +490,18 @@ def fingerprint_of_json(tokenizer_json: str) -> str | None:
         return None
 
 
-def run_lightning_cli(command: str, args: list[str]) -> int:
-    """Runs `picogpt fit|validate ARGS`; returns the process exit code."""
+def lightning_subcommand(command: str) -> str:
+    """The Trainer entry point a picogpt command runs: finetune trains, as fit does."""
+    return "validate" if command == "validate" else "fit"
+
+
+def run_lightning_cli(command: str, args: list[str], cli_class: type[PicoGPTCLI] = PicoGPTCLI,
+                      datamodule_class: type = GPTDataModule) -> int:
+    """Runs `picogpt fit|finetune|validate ARGS` (finetune from cli/finetune.py, with its own CLI class and
+    data module); returns the process exit code."""
     run_folder = RunFolder()
     try:
-        return _run_lightning_cli(command, args, run_folder)
+        return _run_lightning_cli(command, args, run_folder, cli_class, datamodule_class)
     except PicoGPTError:
         # Every rank meets the same error (same settings and data; the NaN check is reduced over ranks), so
         # under a multi-process strategy rank 0 alone reports it, in one line.
@@ -484,7 +512,8 @@ def run_lightning_cli(command: str, args: list[str]) -> int:
         run_folder.close()
 
 
-def _run_lightning_cli(command: str, args: list[str], run_folder: RunFolder) -> int:
+def _run_lightning_cli(command: str, args: list[str], run_folder: RunFolder, cli_class: type[PicoGPTCLI],
+                       datamodule_class: type) -> int:
     # Lightning's start-up banners (GPU/TPU availability, tips) say nothing a user of this tool needs.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
@@ -493,15 +522,15 @@ def _run_lightning_cli(command: str, args: list[str], run_folder: RunFolder) -> 
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=f".*{re.escape(message)}")
     try:
-        cli = PicoGPTCLI(
+        cli = cli_class(
             GPTLightningModule,
-            GPTDataModule,
-            args=[command, *args],
+            datamodule_class,
+            args=[lightning_subcommand(command), *args],
             trainer_defaults=TRAINER_DEFAULTS,
             seed_everything_default=1337,
             save_config_kwargs={"overwrite": True},
             # The resolved config goes into the run's log folder; validate writes nothing anywhere.
-            save_config_callback=SaveConfigCallback if command == "fit" else None,
+            save_config_callback=SaveConfigCallback if command != "validate" else None,
             parser_kwargs={"exit_on_error": False, "allow_abbrev": False, "prog": "picogpt"},
             command=command,
             run_folder=run_folder,
@@ -519,7 +548,7 @@ def _known_options(command: str) -> set[str]:
     from .flags import lightning_options
     from .main import FIT_OPTIONS, VALIDATE_OPTIONS
 
-    return lightning_options(FIT_OPTIONS if command == "fit" else VALIDATE_OPTIONS)[0]
+    return lightning_options(command, VALIDATE_OPTIONS if command == "validate" else FIT_OPTIONS)[0]
 
 
 def summary_line(command: str, cli: PicoGPTCLI) -> str:
@@ -533,7 +562,8 @@ def summary_line(command: str, cli: PicoGPTCLI) -> str:
         return f"val_loss {float(metrics['val_loss']):.4f}  val_ppl {float(metrics['val_ppl']):.2f}"
     config = cli.config["fit"]
     vocab = cli.model.model.config.vocab_size
-    untrained = f"untrained ~ ln({vocab}) = {math.log(vocab):.2f}"
+    untrained = (f"untrained ~ ln({vocab}) = {math.log(vocab):.2f}" if command == "fit"
+                 else "on the held-out conversations' answers")
     if config.trainer.get("fast_dev_run"):
         return f"fast_dev_run: {trainer.global_step} step(s) and a validation ran; nothing was saved"
     best = Path(config.ckpt_dir) / "best.ckpt"

@@ -25,6 +25,7 @@ SECTION_SOURCES = {
     "model": (None, "module.py", "GPTLightningModule"),
     "data": (None, "data.py", "GPTDataModule"),
 }
+FINETUNE_DATA = (None, "chat_data.py", "ConversationDataModule")  # finetune's data section
 # Options of LightningCLI's own (`--optimizer`, `--lr_scheduler` take any class's arguments: not checked here).
 LIGHTNING_OPTIONS = {"--config", "-c", "--print_config", "--help", "-h", "--seed_everything", "--ckpt_path",
                      "--weights_only", "--optimizer", "--lr_scheduler", "--trainer", "--model", "--data"}
@@ -63,11 +64,15 @@ def check_options(command: str, args: list[str], known: Iterable[str]) -> None:
             raise unknown_option_error(command, name, known)
 
 
+def section_source(command: str, section: str) -> tuple:
+    return FINETUNE_DATA if (command, section) == ("finetune", "data") else SECTION_SOURCES[section]
+
+
 @cache
-def init_parameters(section: str) -> frozenset[str] | None:
-    """The `__init__` parameters of a section's class, read from its source; None if that cannot be done
-    (then the real parser alone checks the section)."""
-    package, relative, class_name = SECTION_SOURCES[section]
+def init_parameters(source: tuple) -> frozenset[str] | None:
+    """The `__init__` parameters of a section's class (`source`: its package, file and class name), read from
+    its source; None if that cannot be done (then the real parser alone checks the section)."""
+    package, relative, class_name = source
     if package is None:
         path = PACKAGE / relative
     else:
@@ -90,13 +95,13 @@ def init_parameters(section: str) -> frozenset[str] | None:
     return None
 
 
-def lightning_options(own: Iterable[str]) -> tuple[set[str], set[str]]:
-    """(every option name `fit`/`validate` knows, as far as can be read without importing Lightning, the
-    sections whose keys could not be read and so are not checked)."""
+def lightning_options(command: str, own: Iterable[str]) -> tuple[set[str], set[str]]:
+    """(every option name `fit`/`finetune`/`validate` knows, as far as can be read without importing
+    Lightning, the sections whose keys could not be read and so are not checked)."""
     known = set(LIGHTNING_OPTIONS) | set(own)
     unchecked = set()
     for section in SECTION_SOURCES:
-        names = init_parameters(section)
+        names = init_parameters(section_source(command, section))
         if names is None:
             unchecked.add(section)
         else:
@@ -109,7 +114,7 @@ def check_lightning_options(command: str, args: list[str], own: Iterable[str]) -
     here; nested keys (`--trainer.logger.init_args.save_dir`) are checked up to their first part."""
     if "-h" in args or "--help" in args:
         return
-    known, unchecked = lightning_options(own)
+    known, unchecked = lightning_options(command, own)
     for arg in args:
         name = option_name(arg)
         if name is None or name in known or name.startswith(FREE_SECTIONS):

@@ -1,9 +1,9 @@
 """`picogpt`: one command, several subcommands, each in its own module of this package.
 
-`fit` and `validate` go to a LightningCLI (cli/fit.py: configs, `--print_config`, trainer flags); the others
-are plain functions whose parsers come from their signatures (cli/common.py). Only the chosen command's module
-is imported, and each imports torch (let alone Lightning) only when it runs, so `picogpt sample --help`
-answers in a fraction of a second.
+`fit`, `finetune` and `validate` go to a LightningCLI (cli/fit.py, cli/finetune.py: configs, `--print_config`,
+trainer flags); the others are plain functions whose parsers come from their signatures (cli/common.py). Only
+the chosen command's module is imported, and each imports torch (let alone Lightning) only when it runs, so
+`picogpt sample --help` answers in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import sys
 
 from ..errors import PicoGPTError, SettingsError
 
-USAGE = """usage: picogpt {fit,validate,prepare,sample,chat,serve,evaluate,export,info,plot} [options]
+USAGE = """usage: picogpt {fit,finetune,validate,prepare,sample,chat,serve,evaluate,export,info,plot} [options]
 
   fit        train a GPT (picogpt fit --config configs/tiny.yaml)
+  finetune   fine-tune a checkpoint on conversations, loss on the answers (picogpt finetune --config configs/chat.yaml)
   validate   val loss and perplexity of a checkpoint (picogpt validate --ckpt_path checkpoints/tiny/best.ckpt)
   prepare    tokenize text into train.bin/val.bin (picogpt prepare --text_path data/philosophy.txt)
   sample     generate text from a checkpoint (picogpt sample --ckpt checkpoints/tiny/best.ckpt)
@@ -28,7 +29,7 @@ USAGE = """usage: picogpt {fit,validate,prepare,sample,chat,serve,evaluate,expor
 
 Run `picogpt COMMAND --help` for the options of each command."""
 
-LIGHTNING_COMMANDS = ("fit", "validate")
+LIGHTNING_COMMANDS = ("fit", "finetune", "validate")
 # Plain commands: each is the module of this package with the same name, whose `main(args)` runs it.
 FUNCTION_COMMANDS = ("prepare", "sample", "chat", "serve", "evaluate", "export", "info", "plot")
 # The options cli/fit.py adds to LightningCLI's (kept here too, so typos are caught before Lightning loads;
@@ -43,7 +44,11 @@ def run(command: str, args: list[str]) -> int:
         from .flags import check_lightning_options
 
         # Typos are refused here, in milliseconds, before Lightning is imported.
-        check_lightning_options(command, args, FIT_OPTIONS if command == "fit" else VALIDATE_OPTIONS)
+        check_lightning_options(command, args, VALIDATE_OPTIONS if command == "validate" else FIT_OPTIONS)
+        if command == "finetune":
+            from .finetune import run_finetune
+
+            return run_finetune(args)
         from .fit import run_lightning_cli
 
         return run_lightning_cli(command, args)

@@ -106,8 +106,8 @@ def check_data_changes(found: dict[str, tuple[Any, Any]], checkpoint: dict, path
             del data_changes["data.text_path"]
     if data_changes and not allowed:
         raise PicoGPTError(
-            f"{path} was trained on other data than these settings give ({describe_changes(data_changes)}): the "
-            f"token ids would mean other things. Leave those options out to use the run's own, start a new run "
+            f"{path} was trained on other data than these settings give ({describe_changes(data_changes)}). "
+            f"Leave those options out to use the run's own, start a new run "
             f"from these weights with --model.init_from {path} --model.init_strict false, or pass {ALLOW_FLAG} "
             f"if this is deliberate"
         )
@@ -122,7 +122,7 @@ def tokenizer_mismatch(checkpoint: dict, path: Path, tokenizer_sha256: str, fing
         stored = fingerprint_of_json(meta["tokenizer"])
     if stored is None or stored == tokenizer_sha256:
         return None
-    return (f"the data's tokenizer is not the one {path} was trained with (same settings, but other text or an "
-            f"edited tokenizer): its token ids would mean other things. Use the run's own data, start a new run "
+    return (f"the data's tokenizer is not the one {path} was trained with (another --data.tokenizer_from, or an "
+            f"edited tokenizer): its token ids would mean other things. Use the run's own, start a new run "
             f"from these weights with --model.init_from {path} --model.init_strict false (which maps the "
             f"embeddings by token), or pass {ALLOW_FLAG} if this is deliberate")
