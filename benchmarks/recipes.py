@@ -37,7 +37,8 @@ def fit(config: str, overrides: list[str], work: Path, name: str, threads: int, 
     clock = {"class_path": "benchmarks.speedrun.ValidationClock",
              "init_args": {"out": str(records), "started": time.time()}}
     command = [sys.executable, "-m", "picogpt_lightning.cli", "fit", "--config", config, *overrides, *extra,
-               "--ckpt_dir", str(folder / "run"), *QUIET, f"--trainer.callbacks+={json.dumps(clock)}"]
+               "--ckpt_dir", str(folder / "run"), "--overwrite", "true", *QUIET,
+               f"--trainer.callbacks+={json.dumps(clock)}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
     started = time.time()
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)

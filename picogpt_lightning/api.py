@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import LoadedCheckpoint, load_checkpoint
-from .conversation import ChatTemplate, encode_conversation, get_template, template_from_meta, validate_messages
+from .chat_template import ChatTemplate, get_template, template_from_meta, validate_messages
+from .conversation import encode_conversation
 from .evaluate import EvaluationResult, evaluate_text
 from .generate import make_generator, resolve_device, stream_text
 from .prompt import describe_replacements, encode_prompt, fit_to_vocabulary

@@ -1,7 +1,7 @@
 """Conversations with a model: turns rendered by its chat template, history trimmed to the context, streamed
 answers.
 
-The template (conversation.py) is the one the model was fine-tuned with, stored in its checkpoint, or `qa`, the
+The template (chat_template.py) is the one the model was fine-tuned with, stored in its checkpoint, or `qa`, the
 corpus' own form, for a model that has none:
 
     SYSTEM PROMPT
@@ -26,7 +26,8 @@ from typing import TextIO
 
 import torch
 
-from .conversation import ChatTemplate, encode_conversation, get_template
+from .chat_template import ChatTemplate, get_template
+from .conversation import encode_conversation
 from .errors import PicoGPTError
 from .generate import stream_text
 from .prompt import encode_prompt, read_escapes

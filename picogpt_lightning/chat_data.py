@@ -24,12 +24,11 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .chat_template import ChatTemplate, get_template
 from .conversation import (
-    ChatTemplate,
     PackedBlocks,
     conversation_files,
     encode_conversations,
-    get_template,
     pack_conversations,
     read_conversations,
     split_conversations,

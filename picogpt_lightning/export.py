@@ -34,7 +34,7 @@ import tokenizers as tk
 import torch
 
 from .checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS, LoadedCheckpoint, load_checkpoint
-from .conversation import template_from_meta
+from .chat_template import template_from_meta
 from .errors import PicoGPTError
 from .files import write_atomically, write_json_atomically
 from .model import RMS_NORM_EPS, GPTConfig

@@ -164,3 +164,20 @@ def _process_exists(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """Create `folder` and any missing parents; returns the folders it created, deepest first, so that a
+    failure can remove exactly those again (`remove_empty_folders`)."""
+    created = [path for path in [folder, *folder.parents] if not path.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) as long as each is empty: what a failed step created and left empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return

@@ -127,8 +127,11 @@ def _describe_export(folder: Path) -> dict:
 def _model_line(config: dict | None) -> str:
     if not config:
         return UNKNOWN
+    block = [f"{config.get('position', 'learned')} positions", f"{config.get('norm', 'layer')} norm",
+             *(["QK-norm"] if config.get("qk_norm") else []), f"{config.get('mlp', 'gelu')} MLP",
+             *(["zero-init projections"] if config.get("zero_init") else [])]
     return (f"GPT, {config['n_layer']} layers, {config['n_head']} heads, {config['n_embd']} wide, "
-            f"context {config['block_size']} tokens, vocab {config['vocab_size']:,}; "
+            f"context {config['block_size']} tokens, vocab {config['vocab_size']:,}; {', '.join(block)}, "
             f"{'biases' if config.get('bias', True) else 'no biases'}, "
             f"{'tied' if config.get('tie_weights') else 'untied'} embeddings, dropout {config.get('dropout', 0)}")
 

@@ -280,7 +280,7 @@ class GPTLightningModule(L.LightningModule):
         }
         template = getattr(datamodule, "chat_template", None)  # a fine-tuning run's (chat_data.py)
         if template is not None:
-            checkpoint["picogpt"]["chat_template"] = template.to_dict()  # read by conversation.template_from_meta
+            checkpoint["picogpt"]["chat_template"] = template.to_dict()  # read by chat_template.template_from_meta
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._rng_state_to_restore = checkpoint.get("picogpt", {}).get("torch_rng_state")

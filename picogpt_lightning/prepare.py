@@ -32,7 +32,8 @@ import numpy as np
 
 from .corpus import TextStats, chunks, find_text_files, source_sha256, split_parts
 from .errors import PicoGPTError
-from .files import FolderInUse, FolderLock, commit, remove_leftovers, temporary_path, write_json_atomically
+from .files import (FolderInUse, FolderLock, commit, make_folders, remove_empty_folders, remove_leftovers,
+                    temporary_path, write_json_atomically)
 from .progress import Progress
 from .settings import PrepareSettings
 from .tokenizer import (BPE_FILE, VOCAB_FILE, BPETokenizer, CharTokenizer, Tokenizer, WordTokenizer, fingerprint,
@@ -156,25 +157,14 @@ def _make_writable_folder(folder: Path) -> list[Path]:
     """Create the folder (returning the folders created, for clean-up after a failure) and try a write: fail in
     a second, not after reading the text. An existing preparation in it is left alone until the new one is
     complete."""
-    missing = [folder, *folder.parents]
-    missing = [path for path in missing if not path.exists()][::-1]
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        created = make_folders(folder)
         probe = temporary_path(folder / "probe")
         probe.touch(exist_ok=False)
         probe.unlink()
     except OSError as error:
         raise _write_failed(folder, error) from None
-    return missing
-
-
-def _remove_if_empty(folders: list[Path]) -> None:
-    """Remove the folders a failed preparation created, deepest first, if nothing else was put in them."""
-    for folder in reversed(folders):
-        try:
-            folder.rmdir()
-        except OSError:
-            return
+    return created
 
 
 def _write_failed(folder: Path, error: OSError) -> PicoGPTError:
@@ -210,7 +200,7 @@ def _prepare(text_path: str, folder: Path, settings: PrepareSettings, kind: str,
                 print(announce, flush=True)
             return _prepare_locked(text_path, files, folder, settings, kind, given)
     except BaseException:
-        _remove_if_empty(created)
+        remove_empty_folders(created)
         raise
 
 
@@ -240,7 +230,7 @@ def clean_abandoned(cache_dir: Path) -> None:
                     (folder / name).unlink(missing_ok=True)
         except (FolderInUse, OSError):
             continue
-        _remove_if_empty([folder])
+        remove_empty_folders([folder])
 
 
 def _prepare_locked(text_path: str, files: list[Path], folder: Path, settings: PrepareSettings, kind: str,

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import load_checkpoint
-from .conversation import ChatTemplate, encode_conversation, template_from_meta, validate_messages
+from .chat_template import ChatTemplate, template_from_meta, validate_messages
+from .conversation import encode_conversation
 from .errors import PicoGPTError
 from .generate import generate, make_generator, resolve_device
 from .prompt import StreamingDecoder

@@ -12,7 +12,7 @@ import torch
 
 from picogpt_lightning.chat import ChatSession
 from picogpt_lightning.checkpoint import save_checkpoint
-from picogpt_lightning.conversation import get_template
+from picogpt_lightning.chat_template import get_template
 from picogpt_lightning.cli.chat import run_repl
 from picogpt_lightning.model import GPT, GPTConfig
 from picogpt_lightning.settings import SamplingSettings

@@ -11,7 +11,7 @@ import torch
 
 from picogpt_lightning.chat_data import ConversationDataModule, ShuffledBlocks
 from picogpt_lightning.checkpoint import save_checkpoint
-from picogpt_lightning.conversation import get_template
+from picogpt_lightning.chat_template import get_template
 from picogpt_lightning.model import GPT, GPTConfig, next_token_loss
 from picogpt_lightning.module import GPTLightningModule
 from picogpt_lightning.tokenizer import ENDOFTEXT, CharTokenizer

@@ -13,7 +13,8 @@ import torch
 from picogpt_lightning.api import load
 from picogpt_lightning.chat import ChatSession
 from picogpt_lightning.checkpoint import save_checkpoint
-from picogpt_lightning.conversation import encode_conversation, get_template, pack_conversations
+from picogpt_lightning.chat_template import get_template
+from picogpt_lightning.conversation import encode_conversation, pack_conversations
 from picogpt_lightning.export import export_hf
 from picogpt_lightning.model import GPT, GPTConfig
 from picogpt_lightning.settings import SamplingSettings

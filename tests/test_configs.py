@@ -38,4 +38,5 @@ def test_the_chat_config_fine_tunes_the_tiny_configs_model():
 
 def test_every_readme_config_exists():
     names = {c.name for c in CONFIGS}
-    assert {"tiny.yaml", "small.yaml", "regularized.yaml", "char.yaml", "gpt2-124m.yaml", "chat.yaml"} <= names
+    assert {"tiny.yaml", "small.yaml", "regularized.yaml", "char.yaml", "gpt2-124m.yaml", "chat.yaml",
+            "shakespeare-char-cpu.yaml", "shakespeare-char-speedrun.yaml"} <= names

@@ -9,18 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from picogpt_lightning.conversation import (
+from picogpt_lightning.chat_template import (
     BUILTIN_TEMPLATES,
     ChatTemplate,
+    get_template,
+    template_from_meta,
+    validate_messages,
+)
+from picogpt_lightning.conversation import (
     Conversation,
     encode_conversation,
     encode_conversations,
-    get_template,
     pack_conversations,
     read_conversations,
     split_conversations,
-    template_from_meta,
-    validate_messages,
 )
 from picogpt_lightning.errors import PicoGPTError
 from picogpt_lightning.tokenizer import ENDOFTEXT, BPETokenizer, CharTokenizer, WordTokenizer

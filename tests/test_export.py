@@ -12,7 +12,7 @@ import torch
 from picogpt_lightning.checkpoint import load_checkpoint, save_checkpoint
 from picogpt_lightning.cli import main
 from picogpt_lightning.cli.export import export_command
-from picogpt_lightning.conversation import get_template, template_from_meta
+from picogpt_lightning.chat_template import get_template, template_from_meta
 from picogpt_lightning.errors import PicoGPTError
 from picogpt_lightning.export import hf_tokenizer
 from picogpt_lightning.generate import generate

@@ -17,7 +17,7 @@ import yaml
 from picogpt_lightning.chat import ChatSession
 from picogpt_lightning.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from picogpt_lightning.cli import main
-from picogpt_lightning.conversation import get_template
+from picogpt_lightning.chat_template import get_template
 from picogpt_lightning.model import GPT, GPTConfig
 from picogpt_lightning.settings import SamplingSettings
 from picogpt_lightning.tokenizer import CharTokenizer

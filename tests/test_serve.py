@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("litserve")
 
 from picogpt_lightning.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from picogpt_lightning.conversation import get_template, template_from_meta  # noqa: E402
+from picogpt_lightning.chat_template import get_template, template_from_meta  # noqa: E402
 from picogpt_lightning.errors import PicoGPTError  # noqa: E402
 from picogpt_lightning.model import GPT, GPTConfig  # noqa: E402
 from picogpt_lightning.serve import ChatJob, ChatRequest, read_request, reply_pieces  # noqa: E402

@@ -39,7 +39,7 @@ def chat_command(
     """
     from ..chat import ChatSession
     from ..checkpoint import load_checkpoint
-    from ..conversation import get_template, template_from_meta
+    from ..chat_template import get_template, template_from_meta
     from ..generate import make_generator, resolve_device
     from ..prompt import read_escapes, read_stop_strings
 

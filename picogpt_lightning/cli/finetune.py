@@ -20,7 +20,7 @@ import inspect
 from pathlib import Path
 
 from ..checkpoint import read_checkpoint
-from ..conversation import get_template, template_from_meta
+from ..chat_template import get_template, template_from_meta
 from ..errors import PicoGPTError
 from ..model import GPTConfig
 from ..module import GPTLightningModule

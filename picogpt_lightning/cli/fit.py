@@ -3,29 +3,26 @@ cli/finetune.py's subclass and the conversation data module, `picogpt finetune`)
 
 Beyond what LightningCLI gives (YAML configs, `--print_config`, every Trainer flag), this adds:
 - the run folder (`--ckpt_dir`, default `checkpoints/<config stem>`) holding `best.ckpt`, `last.ckpt` and the
-  logs, locked while a run writes into it; a new run refuses a folder that holds one unless `--overwrite true`;
+  logs, locked while a run writes into it (cli/run_folder.py); a new run refuses a folder that holds one unless
+  `--overwrite true`;
 - `--ckpt_path last|best|FILE`: a resume starts from the run's own settings, stored in the checkpoint
   (cli/resume.py), with the command line on top; `--additional_steps N`; checks that the data, tokenizer and
   model shape are the checkpoint's; validate takes the checkpoint's data and model settings;
-- every setting checked before any data is prepared or any folder is made (exit status 2 for a bad one);
+- every setting checked before any data is prepared or any folder is made (cli/checks.py; exit status 2);
 - our callbacks (callbacks.py) next to any the user brings, our CSV metrics next to any logger the user adds.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
 import re
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 import yaml
-from jsonargparse import ArgumentError, Namespace
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
+from jsonargparse import ArgumentError
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.trainer.connectors.logger_connector import logger_connector
@@ -35,16 +32,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from ..callbacks import (AtomicCheckpointIO, BestCheckpoint, FinalValidation, GracefulInterrupt, LastCheckpoint,
                          NonFiniteLossGuard, QuietFlopsSummary, StepProgressBar, ValidationSample)
 from ..checkpoint import find_checkpoint, read_checkpoint
-from ..corpus import find_text_files, source_sha256
-from ..data import GPTDataModule, check_data_settings
+from ..data import GPTDataModule
 from ..errors import PicoGPTError, SettingsError, warn
-from ..files import FolderInUse, FolderLock, remove_leftovers
-from ..module import GPTLightningModule, check_training_settings, model_mismatch_message, optimizer_mismatch_message
+from ..module import GPTLightningModule, model_mismatch_message, optimizer_mismatch_message
 from ..prompt import read_escapes
-from ..settings import PrepareSettings
-from ..tokenizer import fingerprint, tokenizer_from_json
 from . import resume
+from .checks import check_settings
 from .common import settings_error
+from .run_folder import (LOGS, RunFolder, clear_run, default_ckpt_dir, holds_run, is_rank_zero, next_version, peek,
+                         summary_line)
 
 TRAINER_DEFAULTS = {
     "max_steps": 2000,
@@ -55,9 +51,6 @@ TRAINER_DEFAULTS = {
     "log_every_n_steps": 10,
 }
 PROGRESS_REFRESH_STEPS = 5
-LOGS = "lightning_logs"
-RUN_FILES = ("best.ckpt", "last.ckpt", LOGS, "training.png")  # what --overwrite deletes
-MAX_SEED_EVERYTHING = 2**32 - 1  # Lightning's seed_everything (numpy's legacy seeding) takes 0 to 2**32 - 1
 # Lightning warnings that do not apply to how this tool uses it.
 QUIET_WARNINGS = (
     "LightningCLI's args parameter",  # we pass the subcommand's arguments on purpose
@@ -68,110 +61,6 @@ QUIET_WARNINGS = (
     "It is recommended to use `self.log('val_",  # val_loss comes from torchmetrics, already reduced over ranks
     "callbacks used to create the checkpoint need to be provided",  # validate saves nothing: no checkpoint callbacks
 )
-
-
-def default_ckpt_dir(config_files) -> Path:
-    """checkpoints/<stem of the last --config file>, or checkpoints/default without one."""
-    files = [f for f in config_files or [] if f is not None]
-    if files:
-        return Path("checkpoints") / Path(str(files[-1])).stem
-    return Path("checkpoints") / "default"
-
-
-def is_rank_zero() -> bool:
-    """Before the Trainer exists only the launcher's environment tells the processes of a job apart; rank 0
-    alone checks, locks and cleans the run folder."""
-    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"))
-
-
-class RunFolder:
-    """The run folder of a `fit`: created if needed, locked while the run writes into it, and removed again
-    when the run failed before writing anything into a folder it created."""
-
-    def __init__(self):
-        self.lock: FolderLock | None = None
-        self.created: list[Path] = []  # the folders open() made, deepest first
-
-    def open(self, path: Path) -> None:
-        missing = path.absolute()
-        while not missing.exists():
-            self.created.append(missing)
-            missing = missing.parent
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-                pass
-            self.lock = FolderLock(path).acquire()
-            remove_leftovers(path)  # half-written checkpoints of a run killed in this folder
-        except FolderInUse as busy:
-            raise PicoGPTError(
-                f"{path} is in use by another run (process {busy.pid}): wait for it to finish, stop it, or pass "
-                f"another --ckpt_dir"
-            ) from None
-        except OSError as error:
-            raise PicoGPTError(
-                f"cannot write checkpoints to {path} ({error.strerror or error}); pass --ckpt_dir with a writable "
-                f"folder"
-            ) from None
-
-    def close(self) -> None:
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
-        for folder in self.created:
-            try:
-                folder.rmdir()  # only if the run left nothing in it
-            except OSError:
-                break
-
-
-def holds_run(folder: Path) -> str | None:
-    """What shows that `folder` holds a run (its checkpoints), or None."""
-    for name in ("last.ckpt", "best.ckpt"):
-        if (folder / name).is_file():
-            return name
-    return None
-
-
-def check_trainer_settings(subcommand: str, trainer: Namespace) -> None:
-    """The Trainer settings whose wrong values Lightning reports late, or as a traceback, or not at all."""
-    if trainer.get("fast_dev_run"):
-        return
-    for name in ("accumulate_grad_batches", "log_every_n_steps") + (("max_steps",) if subcommand == "fit" else ()):
-        value = trainer.get(name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            what = "optimizer steps to train (the LR schedule needs a total)" if name == "max_steps" else "whole number"
-            raise SettingsError(f"trainer.{name} must be a positive {what}, got {value}")
-    interval = trainer.get("val_check_interval")
-    if isinstance(interval, float) and interval.is_integer():
-        interval = int(interval)
-    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
-        raise SettingsError(f"trainer.val_check_interval counts training batches here (the training set is an "
-                            f"endless stream): pass a whole number >= 1, got {interval}")
-    clip = trainer.get("gradient_clip_val")
-    if clip is not None and not (math.isfinite(clip) and clip >= 0):
-        raise SettingsError(f"trainer.gradient_clip_val must be a number >= 0 (or null for none), got {clip}")
-
-
-def check_settings(subcommand: str, config: Namespace) -> None:
-    """Every setting that can be checked without data or a model, so that a bad one stops the command before
-    any data is prepared or any folder made."""
-    seed = config.get("seed_everything")
-    if not isinstance(seed, bool) and not (isinstance(seed, int) and 0 <= seed <= MAX_SEED_EVERYTHING):
-        raise SettingsError(f"seed_everything must be a whole number from 0 to 2**32 - 1 (or true for a random "
-                            f"one), got {seed}")
-    if config.get("additional_steps") is not None and config.additional_steps < 1:
-        raise SettingsError(f"--additional_steps must be a positive number of steps, got {config.additional_steps}")
-    if config.get("sample_tokens", 0) < 0:
-        raise SettingsError(f"--sample_tokens must be >= 0 (0 turns the samples off), got {config.sample_tokens}")
-    check_trainer_settings(subcommand, config.trainer)
-    check_training_settings(config.model.as_dict())
-    data = config.data
-    if "text_path" not in data:
-        return  # finetune's conversation data: checked by its module once the base model is known
-    check_data_settings(data.block_size, data.batch_size, data.eval_iters, data.num_workers, data.seed)
-    if data.prepared_dir is None:
-        PrepareSettings(**{name: data[name] for name in PrepareSettings.__dataclass_fields__})
 
 
 class PicoGPTCLI(LightningCLI):
@@ -286,8 +175,7 @@ class PicoGPTCLI(LightningCLI):
             current = yaml.safe_load(self.parser.dump(self.config))[subcommand]
             found = resume.changes(self.stored, current)
             self._check_shape(found)
-            resume.check_data_changes(found, self.checkpoint, self.checkpoint_path, config.allow_data_change,
-                                      same_text)
+            resume.check_data_changes(found, self.checkpoint, self.checkpoint_path, config.allow_data_change)
             verb = "resuming" if subcommand == "fit" else "validating"
             changed = f", with {resume.describe_changes(found)}" if found else " with the run's own settings"
             rank_zero_only(print)(f"{verb} {self.checkpoint_path} (step {step}){changed}")
@@ -329,7 +217,7 @@ class PicoGPTCLI(LightningCLI):
                                 f"leave out one of them")
         existing = holds_run(folder)
         if existing and not resuming_here and not config.overwrite:
-            step = _peek(folder / existing).get("global_step", "?")
+            step = peek(folder / existing).get("global_step", "?")
             raise PicoGPTError(
                 f"{folder} already holds a run ({existing} at step {step}): continue it with --ckpt_path "
                 f"{folder / 'last.ckpt'}, start over with --overwrite true (deletes its checkpoints and logs), "
@@ -354,8 +242,7 @@ class PicoGPTCLI(LightningCLI):
             if message:
                 raise PicoGPTError(message)
             config = self.config[self.subcommand]
-            mismatch = resume.tokenizer_mismatch(self.checkpoint, self.checkpoint_path,
-                                                 self.datamodule.tokenizer_sha256, fingerprint_of_json)
+            mismatch = resume.tokenizer_mismatch(self.checkpoint, self.checkpoint_path, self.datamodule.tokenizer_sha256)
             if mismatch and not config.allow_data_change:
                 raise PicoGPTError(mismatch)
             self._check_text_unchanged(config.allow_data_change)
@@ -440,7 +327,7 @@ class PicoGPTCLI(LightningCLI):
         if any(isinstance(logger, CSVLogger) and Path(logger.root_dir).resolve() == root / LOGS for logger in loggers):
             return loggers
         overwriting = self.subcommand == "fit" and self.config["fit"].overwrite  # before_fit deletes the old logs
-        version = 0 if overwriting else _next_version(Path(ckpt_dir) / LOGS)
+        version = 0 if overwriting else next_version(Path(ckpt_dir) / LOGS)
         ours = [CSVLogger(save_dir=ckpt_dir, name=LOGS, version=version)]
         if given in (None, True) and (logger_connector._TENSORBOARD_AVAILABLE or logger_connector._TENSORBOARDX_AVAILABLE):
             ours.append(logger_connector.TensorBoardLogger(save_dir=ckpt_dir, name=LOGS, version=version))
@@ -450,44 +337,11 @@ class PicoGPTCLI(LightningCLI):
         config = self.config["fit"]
         if config.overwrite and is_rank_zero() and not config.trainer.get("fast_dev_run"):
             # Only now, with the data prepared and the model built: a failed start leaves the old run alone.
-            folder = Path(config.ckpt_dir)
-            for name in RUN_FILES:
-                path = folder / name
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
+            clear_run(Path(config.ckpt_dir))
 
 
 def _has(callbacks: list, kind: type) -> bool:
     return any(isinstance(callback, kind) for callback in callbacks)
-
-
-def _next_version(logs: Path) -> int:
-    numbers = [int(m.group(1)) for p in logs.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
-    return max(numbers, default=-1) + 1
-
-
-def _peek(path: Path) -> dict:
-    """A checkpoint's plain facts without reading its weights (memory-mapped): for messages and the summary."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # a damaged file: the facts are only for a message
-        return {}
-
-
-def same_text(text_path: str, sha256: str) -> bool:
-    try:
-        return source_sha256(find_text_files(text_path)) == sha256
-    except PicoGPTError:
-        return False
-
-
-def fingerprint_of_json(tokenizer_json: str) -> str | None:
-    try:
-        return fingerprint(tokenizer_from_json(tokenizer_json))
-    except PicoGPTError:
-        return None
 
 
 def lightning_subcommand(command: str) -> str:
@@ -540,7 +394,8 @@ def _run_lightning_cli(command: str, args: list[str], run_folder: RunFolder, cli
     except SIGTERMException:
         return 130
     if cli.trainer.is_global_zero:
-        print(summary_line(command, cli))
+        config = cli.config[lightning_subcommand(command)]
+        print(summary_line(command, cli.trainer, config, cli.model.model.config.vocab_size))
     return 0
 
 
@@ -549,31 +404,3 @@ def _known_options(command: str) -> set[str]:
     from .main import FIT_OPTIONS, VALIDATE_OPTIONS
 
     return lightning_options(command, VALIDATE_OPTIONS if command == "validate" else FIT_OPTIONS)[0]
-
-
-def summary_line(command: str, cli: PicoGPTCLI) -> str:
-    """The last line of a run, from what is on disk (so it never names a file that is not there, and holds
-    also where the trainer's own record is lost, as under ddp_spawn)."""
-    trainer = cli.trainer
-    metrics = trainer.callback_metrics
-    if command == "validate":
-        if "val_loss" not in metrics:
-            return "no validation batches: nothing was measured (check --trainer.limit_val_batches)"
-        return f"val_loss {float(metrics['val_loss']):.4f}  val_ppl {float(metrics['val_ppl']):.2f}"
-    config = cli.config["fit"]
-    vocab = cli.model.model.config.vocab_size
-    untrained = (f"untrained ~ ln({vocab}) = {math.log(vocab):.2f}" if command == "fit"
-                 else "on the held-out conversations' answers")
-    if config.trainer.get("fast_dev_run"):
-        return f"fast_dev_run: {trainer.global_step} step(s) and a validation ran; nothing was saved"
-    best = Path(config.ckpt_dir) / "best.ckpt"
-    facts = _peek(best) if best.is_file() else {}
-    loss = (facts.get("picogpt") or {}).get("best_val_loss")
-    if loss is not None:
-        return (f"best val_loss {loss:.4f} (perplexity {math.exp(loss):.1f}; {untrained}) at step "
-                f"{facts.get('global_step')} in {best}")
-    if "val_loss" in metrics:
-        loss = float(metrics["val_loss"])
-        return (f"val_loss {loss:.4f} at step {trainer.global_step} (perplexity {math.exp(loss):.1f}; {untrained}); "
-                f"no best.ckpt was written (checkpointing is off)")
-    return f"trained to step {trainer.global_step}; no validation ran, so no best.ckpt"

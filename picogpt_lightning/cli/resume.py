@@ -18,7 +18,9 @@ from typing import Any
 
 import yaml
 
+from ..corpus import find_text_files, source_sha256
 from ..errors import PicoGPTError, warn
+from ..tokenizer import fingerprint, tokenizer_from_json
 
 # Options that describe this invocation rather than the run: never taken from the checkpoint.
 INVOCATION_KEYS = ("config", "ckpt_path", "ckpt_dir", "additional_steps", "overwrite", "allow_data_change",
@@ -95,10 +97,9 @@ def describe_changes(found: dict[str, tuple[Any, Any]]) -> str:
     return ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in found.items())
 
 
-def check_data_changes(found: dict[str, tuple[Any, Any]], checkpoint: dict, path: Path, allowed: bool,
-                       same_text) -> None:
+def check_data_changes(found: dict[str, tuple[Any, Any]], checkpoint: dict, path: Path, allowed: bool) -> None:
     """Refuse changes of DATA_KEYS unless `allowed`. A changed text_path that holds the very text the run
-    trained on (moved, or named another way) is no change: `same_text(text_path)` compares the content."""
+    trained on (moved, or named another way) is no change: `same_text` compares the content."""
     data_changes = {key: values for key, values in found.items() if key in DATA_KEYS}
     if "data.text_path" in data_changes and not data_changes.get("data.prepared_dir"):
         source = ((checkpoint["picogpt"].get("data") or {}).get("source") or {}).get("sha256")
@@ -113,7 +114,7 @@ def check_data_changes(found: dict[str, tuple[Any, Any]], checkpoint: dict, path
         )
 
 
-def tokenizer_mismatch(checkpoint: dict, path: Path, tokenizer_sha256: str, fingerprint_of_json) -> str | None:
+def tokenizer_mismatch(checkpoint: dict, path: Path, tokenizer_sha256: str) -> str | None:
     """The refusal when the data's tokenizer is not the checkpoint's (older checkpoints store only the
     tokenizer's JSON: its fingerprint is computed); None when they are the same."""
     meta = checkpoint["picogpt"]
@@ -126,3 +127,19 @@ def tokenizer_mismatch(checkpoint: dict, path: Path, tokenizer_sha256: str, fing
             f"edited tokenizer): its token ids would mean other things. Use the run's own, start a new run "
             f"from these weights with --model.init_from {path} --model.init_strict false (which maps the "
             f"embeddings by token), or pass {ALLOW_FLAG} if this is deliberate")
+
+
+def same_text(text_path: str, sha256: str) -> bool:
+    """Whether the files of text_path hold the text whose source sha256 is given."""
+    try:
+        return source_sha256(find_text_files(text_path)) == sha256
+    except PicoGPTError:
+        return False
+
+
+def fingerprint_of_json(tokenizer_json: str) -> str | None:
+    """The fingerprint of a stored tokenizer (older checkpoints store only its JSON); None if it is damaged."""
+    try:
+        return fingerprint(tokenizer_from_json(tokenizer_json))
+    except PicoGPTError:
+        return None

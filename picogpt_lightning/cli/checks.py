@@ -1,0 +1,56 @@
+"""The settings of `fit`, `finetune` and `validate` that can be checked before any data is prepared or any folder
+made: a bad one stops the command in one line with exit status 2 (SettingsError)."""
+
+from __future__ import annotations
+
+import math
+
+from jsonargparse import Namespace
+
+from ..data import check_data_settings
+from ..errors import SettingsError
+from ..module import check_training_settings
+from ..settings import PrepareSettings
+
+MAX_SEED_EVERYTHING = 2**32 - 1  # Lightning's seed_everything (numpy's legacy seeding) takes 0 to 2**32 - 1
+
+
+def check_trainer_settings(subcommand: str, trainer: Namespace) -> None:
+    """The Trainer settings whose wrong values Lightning reports late, or as a traceback, or not at all."""
+    if trainer.get("fast_dev_run"):
+        return
+    for name in ("accumulate_grad_batches", "log_every_n_steps") + (("max_steps",) if subcommand == "fit" else ()):
+        value = trainer.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            what = "optimizer steps to train (the LR schedule needs a total)" if name == "max_steps" else "whole number"
+            raise SettingsError(f"trainer.{name} must be a positive {what}, got {value}")
+    interval = trainer.get("val_check_interval")
+    if isinstance(interval, float) and interval.is_integer():
+        interval = int(interval)
+    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
+        raise SettingsError(f"trainer.val_check_interval counts training batches here (the training set is an "
+                            f"endless stream): pass a whole number >= 1, got {interval}")
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and not (math.isfinite(clip) and clip >= 0):
+        raise SettingsError(f"trainer.gradient_clip_val must be a number >= 0 (or null for none), got {clip}")
+
+
+def check_settings(subcommand: str, config: Namespace) -> None:
+    """Every setting that can be checked without data or a model, so that a bad one stops the command before
+    any data is prepared or any folder made."""
+    seed = config.get("seed_everything")
+    if not isinstance(seed, bool) and not (isinstance(seed, int) and 0 <= seed <= MAX_SEED_EVERYTHING):
+        raise SettingsError(f"seed_everything must be a whole number from 0 to 2**32 - 1 (or true for a random "
+                            f"one), got {seed}")
+    if config.get("additional_steps") is not None and config.additional_steps < 1:
+        raise SettingsError(f"--additional_steps must be a positive number of steps, got {config.additional_steps}")
+    if config.get("sample_tokens", 0) < 0:
+        raise SettingsError(f"--sample_tokens must be >= 0 (0 turns the samples off), got {config.sample_tokens}")
+    check_trainer_settings(subcommand, config.trainer)
+    check_training_settings(config.model.as_dict())
+    data = config.data
+    if "text_path" not in data:
+        return  # finetune's conversation data: checked by its module once the base model is known
+    check_data_settings(data.block_size, data.batch_size, data.eval_iters, data.num_workers, data.seed)
+    if data.prepared_dir is None:
+        PrepareSettings(**{name: data[name] for name in PrepareSettings.__dataclass_fields__})
