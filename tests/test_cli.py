@@ -230,9 +230,8 @@ def test_a_typo_in_fit_is_refused_before_lightning_is_imported():
 @pytest.mark.parametrize("command", ["fit", "finetune", "validate"])
 def test_the_early_option_check_knows_every_option_of_the_parser(command, capsys):
     from picogpt_lightning.cli.flags import lightning_options
-    from picogpt_lightning.cli.main import FIT_OPTIONS, VALIDATE_OPTIONS
 
-    known, unchecked = lightning_options(command, VALIDATE_OPTIONS if command == "validate" else FIT_OPTIONS)
+    known, unchecked = lightning_options(command)
     assert not unchecked
     with pytest.raises(SystemExit):
         main([command, "--help"])

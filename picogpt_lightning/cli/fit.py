@@ -401,6 +401,5 @@ def _run_lightning_cli(command: str, args: list[str], run_folder: RunFolder, cli
 
 def _known_options(command: str) -> set[str]:
     from .flags import lightning_options
-    from .main import FIT_OPTIONS, VALIDATE_OPTIONS
 
-    return lightning_options(command, VALIDATE_OPTIONS if command == "validate" else FIT_OPTIONS)[0]
+    return lightning_options(command)[0]

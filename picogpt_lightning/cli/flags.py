@@ -30,6 +30,11 @@ FINETUNE_DATA = (None, "chat_data.py", "ConversationDataModule")  # finetune's d
 LIGHTNING_OPTIONS = {"--config", "-c", "--print_config", "--help", "-h", "--seed_everything", "--ckpt_path",
                      "--weights_only", "--optimizer", "--lr_scheduler", "--trainer", "--model", "--data"}
 FREE_SECTIONS = ("--optimizer.", "--lr_scheduler.")
+# The options cli/fit.py adds to LightningCLI's (kept here too, so typos are caught before Lightning loads;
+# tests/test_cli.py checks that the two lists agree).
+FIT_OPTIONS = ("--ckpt_dir", "--additional_steps", "--sample_prompt", "--sample_tokens", "--overwrite",
+               "--allow_data_change")
+VALIDATE_OPTIONS = (*FIT_OPTIONS, "--verbose")
 
 
 def option_name(arg: str) -> str | None:
@@ -95,10 +100,10 @@ def init_parameters(source: tuple) -> frozenset[str] | None:
     return None
 
 
-def lightning_options(command: str, own: Iterable[str]) -> tuple[set[str], set[str]]:
+def lightning_options(command: str) -> tuple[set[str], set[str]]:
     """(every option name `fit`/`finetune`/`validate` knows, as far as can be read without importing
     Lightning, the sections whose keys could not be read and so are not checked)."""
-    known = set(LIGHTNING_OPTIONS) | set(own)
+    known = set(LIGHTNING_OPTIONS) | set(VALIDATE_OPTIONS if command == "validate" else FIT_OPTIONS)
     unchecked = set()
     for section in SECTION_SOURCES:
         names = init_parameters(section_source(command, section))
@@ -109,12 +114,12 @@ def lightning_options(command: str, own: Iterable[str]) -> tuple[set[str], set[s
     return known, unchecked
 
 
-def check_lightning_options(command: str, args: list[str], own: Iterable[str]) -> None:
+def check_lightning_options(command: str, args: list[str]) -> None:
     """The early check of `fit`/`validate` options: `--trainer.max_step` and `--trainr.max_steps` are refused
     here; nested keys (`--trainer.logger.init_args.save_dir`) are checked up to their first part."""
     if "-h" in args or "--help" in args:
         return
-    known, unchecked = lightning_options(command, own)
+    known, unchecked = lightning_options(command)
     for arg in args:
         name = option_name(arg)
         if name is None or name in known or name.startswith(FREE_SECTIONS):

@@ -32,11 +32,6 @@ Run `picogpt COMMAND --help` for the options of each command."""
 LIGHTNING_COMMANDS = ("fit", "finetune", "validate")
 # Plain commands: each is the module of this package with the same name, whose `main(args)` runs it.
 FUNCTION_COMMANDS = ("prepare", "sample", "chat", "serve", "evaluate", "export", "info", "plot")
-# The options cli/fit.py adds to LightningCLI's (kept here too, so typos are caught before Lightning loads;
-# tests/test_cli.py checks that the two lists agree).
-FIT_OPTIONS = ("--ckpt_dir", "--additional_steps", "--sample_prompt", "--sample_tokens", "--overwrite",
-               "--allow_data_change")
-VALIDATE_OPTIONS = (*FIT_OPTIONS, "--verbose")
 
 
 def run(command: str, args: list[str]) -> int:
@@ -44,7 +39,7 @@ def run(command: str, args: list[str]) -> int:
         from .flags import check_lightning_options
 
         # Typos are refused here, in milliseconds, before Lightning is imported.
-        check_lightning_options(command, args, VALIDATE_OPTIONS if command == "validate" else FIT_OPTIONS)
+        check_lightning_options(command, args)
         if command == "finetune":
             from .finetune import run_finetune
 
