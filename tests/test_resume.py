@@ -244,6 +244,8 @@ def test_resume_and_validate_refuse_another_tokenizer_of_the_same_size_unless_al
     assert read_checkpoint(last)["global_step"] == 3
     # The changed text was encoded with the checkpoint's tokenizer, never one trained again on it.
     assert read_checkpoint(last)["picogpt"]["tokenizer_sha256"] == first["picogpt"]["tokenizer_sha256"]
+    # The run's stored settings do not pin the tokenizer to that file: a later resume takes its own checkpoint's.
+    assert read_checkpoint(last)["picogpt"]["config"]["data"]["tokenizer_from"] is None
     # A tokenizer given deliberately that is not the checkpoint's is refused the same way.
     other = tmp_path / "other"
     prepare(str(text), str(other), mode="token", vocab_size=300)
