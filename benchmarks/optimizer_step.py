@@ -6,7 +6,8 @@
 The gradients are random and fixed, so only the update is timed (no forward or backward). The three contenders
 are alternated round by round, so a change in the machine's load falls on all of them; medians are reported,
 with the step time of a whole training step of the same model (forward, backward, AdamW) for scale: the
-Newton-Schulz overhead that matters is Muon's extra time as a share of a training step. "torch Muon" is
+Newton-Schulz overhead that matters is Muon's extra time as a share of a training step. Last, whole training
+steps with AdamW and with MuonAdamW are alternated, which gives that share directly, and tokens per second. "torch Muon" is
 torch.optim.Muon (torch >= 2.9) on the same matrices MuonAdamW gives Muon, with torch's AdamW for the rest.
 """
 
@@ -63,18 +64,28 @@ def time_steps(label: str, steps: list, count: int) -> float:
         optim.newton_schulz_dtype = chosen
 
 
-def training_step_seconds(model: GPT, shape: dict, count: int) -> float:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+def training_steps(shape: dict, rounds: int, steps_per_round: int) -> dict[str, float]:
+    """Median seconds of a whole training step (forward, backward, optimizer step) with AdamW and with MuonAdamW,
+    the same model and batch, alternated round by round."""
     x = torch.randint(0, 65, (shape["batch"], shape["block_size"]))
-    seconds = []
-    for _ in range(count + 2):
-        started = time.perf_counter()
-        _, loss = model(x, x)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=False)
-        seconds.append(time.perf_counter() - started)
-    return median(seconds[2:])
+    runs = {}
+    for rule in ("adamw", "muon"):
+        torch.manual_seed(0)
+        model = build(shape)
+        runs[rule] = (model, MuonAdamW(param_groups(list(model.named_parameters()),
+                                                    OptimizerSettings(optimizer=rule, learning_rate=1e-4))))
+    seconds = {rule: [] for rule in runs}
+    for round_ in range(rounds + 1):
+        for rule, (model, optimizer) in runs.items():
+            started = time.perf_counter()
+            for _ in range(steps_per_round):
+                _, loss = model(x, x)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if round_:  # the first round warms up
+                seconds[rule].append((time.perf_counter() - started) / steps_per_round)
+    return {rule: median(values) for rule, values in seconds.items()}
 
 
 def main(models: list[str] | None = None, rounds: int = 30, steps_per_round: int = 5, threads: int | None = None) -> None:
@@ -102,7 +113,8 @@ def main(models: list[str] | None = None, rounds: int = 30, steps_per_round: int
         for _ in range(rounds):
             for label, steps in contenders.items():
                 timings[label].append(time_steps(label, steps, steps_per_round))
-        train_step = training_step_seconds(build(shape), shape, 10)
+        whole = training_steps(shape, max(3, rounds // 3), steps_per_round)
+        train_step = whole["adamw"]
         adamw = median(timings["AdamW"])
         print(f"\n{name} (vocab 65, block {shape['block_size']}, batch {shape['batch']}): a whole AdamW training "
               f"step {train_step * 1000:.1f} ms")
@@ -111,6 +123,10 @@ def main(models: list[str] | None = None, rounds: int = 30, steps_per_round: int
             extra = step - adamw
             print(f"  {label:33s} {step * 1000:7.2f} ms/step  (+{extra * 1000:6.2f} ms over AdamW = "
                   f"{extra / train_step:6.1%} of a training step)")
+        tokens = shape["batch"] * shape["block_size"]
+        print(f"  whole training step, alternated: AdamW {train_step * 1000:.1f} ms ({tokens / train_step:,.0f} tok/s), "
+              f"MuonAdamW {whole['muon'] * 1000:.1f} ms ({tokens / whole['muon']:,.0f} tok/s): "
+              f"{whole['muon'] / train_step - 1:+.1%}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@
 
 Each recipe is the config plus its overrides. A short probe (`--probe_steps`, in this process, after a
 warm-up) measures each recipe's seconds per step; each then trains, as a separate `picogpt fit` process, for
-the number of steps that fills the budget (the LR schedule stretched to it), validating `--validations`
-times. The budget defaults to the old recipe's own run of the config as written. Reported: best val loss,
+the number of steps that fills the budget (the LR schedule stretched to it; with `--warmup_fraction`, the
+warmup too), validating `--validations` times. The budget defaults to the old recipe's own run of the config as written. Reported: best val loss,
 wall time, steps, and seconds per step, with the machine and load; the recipes alternate when `--rounds` > 1.
 """
 
@@ -67,6 +67,7 @@ def main(
     validations: int = 5,
     rounds: int = 1,
     threads: int = 2,
+    warmup_fraction: float | None = None,
 ) -> None:
     """Best val loss of the old and the new recipe of a config, each trained for the same wall time.
 
@@ -79,6 +80,8 @@ def main(
         validations: validations per run (the val split is evaluated this many times, evenly spaced).
         rounds: repetitions, alternating the recipes.
         threads: OMP_NUM_THREADS of every run.
+        warmup_fraction: warm up for this fraction of each run's steps (default: the config's warmup_iters,
+            whatever the budget).
     """
     recipes = {"old": old or [], "new": new or []}
     results: dict[str, list[dict]] = {name: [] for name in recipes}
@@ -95,13 +98,16 @@ def main(
                 steps = max(10, round(budget / speed[name]))
                 interval = max(1, steps // validations)
                 extra = ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(interval)]
+                if warmup_fraction is not None:
+                    extra += ["--model.warmup_iters", str(round(warmup_fraction * steps))]
                 run = fit(config, overrides, work, name, threads, extra)
                 run["steps"] = steps
                 results[name].append(run)
                 print(f"{name}: {steps} steps, best val {run['best']:.4f}, wall {run['seconds']:.0f} s", flush=True)
     load = os.getloadavg()[0]
     print(f"\nmachine: {cpu_name()}, {os.cpu_count()} cores, {threads} threads; load average {load:.2f}")
-    print(f"config {config}, budget {budget:.0f} s of training per recipe")
+    print(f"config {config}, budget {budget:.0f} s of training per recipe"
+          + (f", warmup {warmup_fraction:.0%} of the steps" if warmup_fraction is not None else ""))
     for name, runs in results.items():
         best = [run["best"] for run in runs]
         print(f"{name}: {speed[name] * 1000:.1f} ms/step, {runs[0]['steps']} steps, best val "
