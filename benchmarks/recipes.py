@@ -8,7 +8,8 @@ Each recipe is the config plus its overrides. A short probe (`--probe_steps`, in
 warm-up) measures each recipe's seconds per step; each then trains, as a separate `picogpt fit` process, for
 the number of steps that fills the budget (the LR schedule stretched to it; with `--warmup_fraction`, the
 warmup too), validating `--validations` times. The budget defaults to the old recipe's own run of the config as written. Reported: best val loss,
-wall time, steps, and seconds per step, with the machine and load; the recipes alternate when `--rounds` > 1.
+wall time, steps, and seconds per step, with the machine and load, and each recipe's best val within the
+shorter run's wall (the probe's estimate can miss); the recipes alternate when `--rounds` > 1.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ def fit(config: str, overrides: list[str], work: Path, name: str, threads: int, 
         raise SystemExit(f"{name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     curve = [json.loads(line) for line in records.read_text().splitlines()] if records.exists() else []
     return {"seconds": seconds, "curve": curve, "best": min((p["val_loss"] for p in curve), default=float("nan"))}
+
+
+def best_within(curve: list[dict], seconds: float) -> float:
+    """The lowest val loss validated within `seconds` of the run's start (nan when none was)."""
+    return min((point["val_loss"] for point in curve if point["seconds"] <= seconds), default=float("nan"))
 
 
 def seconds_per_step(config: str, overrides: list[str], work: Path, threads: int, steps: int) -> float:
@@ -113,6 +119,12 @@ def main(
         print(f"{name}: {speed[name] * 1000:.1f} ms/step, {runs[0]['steps']} steps, best val "
               f"{statistics.mean(best):.4f}" + (f" ± {statistics.stdev(best):.4f}" if len(best) > 1 else "")
               + f", wall {statistics.mean(run['seconds'] for run in runs):.0f} s; overrides {recipes[name]}")
+    # The probe's estimate of seconds per step can miss, so the runs' walls can differ: the fair figure is each
+    # recipe's best validation within the shorter run's last validation.
+    for index in range(rounds):
+        common = min(max((p["seconds"] for p in runs[index]["curve"]), default=0.0) for runs in results.values())
+        print(f"round {index + 1}, at equal wall ({common:.0f} s from the start): " + ", ".join(
+            f"{name} best val {best_within(runs[index]['curve'], common):.4f}" for name, runs in results.items()))
 
 
 if __name__ == "__main__":

@@ -90,13 +90,14 @@ def run_ours(config: str, seed: int, text: Path, work: Path, name: str, override
     return {"seconds": seconds, "curve": curve, "final": curve[-1]["val_loss"] if curve else float("nan")}
 
 
-def run_nanogpt(checkout: Path, threads: int) -> dict:
-    """nanoGPT's own prepare.py and train.py (its README's CPU command), in a scratch copy of the checkout."""
+def run_nanogpt(checkout: Path, threads: int, text: Path = SHAKESPEARE) -> dict:
+    """nanoGPT's own prepare.py and train.py (its README's CPU command), in a scratch copy of the checkout, on
+    `text` (put where its prepare.py looks first). Its val loss is its own estimate (eval_iters batches)."""
     with tempfile.TemporaryDirectory() as scratch:
         copy = Path(scratch) / "nanoGPT"
         shutil.copytree(checkout, copy, ignore=shutil.ignore_patterns(".git", "out-*"))
         data = copy / "data" / "shakespeare_char"
-        shutil.copy(SHAKESPEARE, data / "input.txt")  # its prepare.py downloads the text when it is missing
+        shutil.copy(text, data / "input.txt")  # its prepare.py downloads the text when it is missing
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         started = time.time()
         subprocess.run([sys.executable, "prepare.py"], cwd=data, env=env, check=True, capture_output=True)
@@ -169,7 +170,7 @@ def main(
                 results["long"].append(run_ours(speedrun_config, seed, text_path, work, "long", long_overrides,
                                                 threads))
             if nanogpt:
-                results["nanogpt"].append(run_nanogpt(Path(nanogpt).expanduser(), threads))
+                results["nanogpt"].append(run_nanogpt(Path(nanogpt).expanduser(), threads, text_path))
             for name, runs in results.items():
                 if runs and len(runs) == seeds.index(seed) + 1:
                     run = runs[-1]

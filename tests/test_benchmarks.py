@@ -1,0 +1,75 @@
+"""Benchmark logic that a benchmark run would not check itself: nanoGPT's own script, driven by
+`benchmarks.speedrun` when a checkout is given (none is here), checked against a stand-in checkout, and how
+the recipes benchmark compares runs whose walls differ."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `benchmarks` is a folder of the repository, not of the installed package
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import speedrun  # noqa: E402
+
+# Stands in for nanoGPT: its prepare.py must find the text we put there, and its train.py must get the CPU
+# recipe's flags; it prints its evaluations as nanoGPT's train.py does.
+PREPARE = """from pathlib import Path
+Path("prepared").write_text(str(len(Path("input.txt").read_text())))
+"""
+TRAIN = """import sys
+from pathlib import Path
+args = sys.argv[1:]
+assert args[0] == "config/train_shakespeare_char.py" and "--device=cpu" in args and "--max_iters=2000" in args
+assert Path("data/shakespeare_char/prepared").read_text() == "12"
+print("step 0: train loss 4.1700, val loss 4.1702")
+print("iter 0: loss 4.1650, time 30.00ms, mfu -100.00%")
+print("step 2000: train loss 1.7600, val loss 1.8826")
+if "--fail" in Path("config/train_shakespeare_char.py").read_text():
+    sys.exit("out of memory")
+"""
+
+
+def fake_nanogpt(root: Path, fail: bool = False) -> Path:
+    checkout = root / "nanoGPT"
+    (checkout / "data" / "shakespeare_char").mkdir(parents=True)
+    (checkout / "config").mkdir()
+    (checkout / "data" / "shakespeare_char" / "prepare.py").write_text(PREPARE)
+    (checkout / "train.py").write_text(TRAIN)
+    (checkout / "config" / "train_shakespeare_char.py").write_text("# --fail\n" if fail else "# config\n")
+    return checkout
+
+
+def test_nanogpt_run_reads_its_last_val_loss_and_times_it(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("First Citize")
+    result = speedrun.run_nanogpt(fake_nanogpt(tmp_path), threads=1, text=text)
+    assert result["final"] == pytest.approx(1.8826)
+    assert result["seconds"] > 0
+    assert not (tmp_path / "nanoGPT" / "data" / "shakespeare_char" / "input.txt").exists()  # ran on a copy
+
+
+def test_nanogpt_failure_stops_the_benchmark_with_its_error(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("First Citize")
+    with pytest.raises(SystemExit, match="out of memory"):
+        speedrun.run_nanogpt(fake_nanogpt(tmp_path, fail=True), threads=1, text=text)
+
+
+def test_speedrun_reads_the_first_time_a_curve_reaches_the_target():
+    curve = [{"seconds": 5.0, "val_loss": 2.4}, {"seconds": 9.0, "val_loss": 1.89}, {"seconds": 12.0, "val_loss": 1.85}]
+    assert speedrun.first_reached(curve, 1.90) == 9.0
+    assert speedrun.first_reached(curve, 1.80) is None
+    assert speedrun.at_time(curve, 10.0) == 1.89
+    assert speedrun.at_time(curve, 1.0) is None
+
+
+def test_recipes_compares_at_the_shorter_runs_wall():
+    from benchmarks.recipes import best_within
+
+    curve = [{"seconds": 100.0, "val_loss": 4.6}, {"seconds": 300.0, "val_loss": 4.4}, {"seconds": 900.0, "val_loss": 4.3}]
+    assert best_within(curve, 637.0) == 4.4
+    assert best_within(curve, 50.0) != best_within(curve, 50.0)  # nan: nothing validated yet
