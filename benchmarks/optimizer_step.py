@@ -7,8 +7,9 @@ The gradients are random and fixed, so only the update is timed (no forward or b
 are alternated round by round, so a change in the machine's load falls on all of them; medians are reported,
 with the step time of a whole training step of the same model (forward, backward, AdamW) for scale: the
 Newton-Schulz overhead that matters is Muon's extra time as a share of a training step. Last, whole training
-steps with AdamW and with MuonAdamW are alternated, which gives that share directly, and tokens per second. "torch Muon" is
-torch.optim.Muon (torch >= 2.9) on the same matrices MuonAdamW gives Muon, with torch's AdamW for the rest.
+steps with AdamW and with MuonAdamW are alternated, which gives that share directly, and tokens per second.
+"torch Muon" is torch.optim.Muon (torch >= 2.9) on the same matrices MuonAdamW gives Muon, with torch's AdamW
+for the rest.
 """
 
 from __future__ import annotations
@@ -124,9 +125,9 @@ def main(models: list[str] | None = None, rounds: int = 30, steps_per_round: int
             print(f"  {label:33s} {step * 1000:7.2f} ms/step  (+{extra * 1000:6.2f} ms over AdamW = "
                   f"{extra / train_step:6.1%} of a training step)")
         tokens = shape["batch"] * shape["block_size"]
-        print(f"  whole training step, alternated: AdamW {train_step * 1000:.1f} ms ({tokens / train_step:,.0f} tok/s), "
-              f"MuonAdamW {whole['muon'] * 1000:.1f} ms ({tokens / whole['muon']:,.0f} tok/s): "
-              f"{whole['muon'] / train_step - 1:+.1%}")
+        print(f"  whole training step, alternated: AdamW {train_step * 1000:.1f} ms "
+              f"({tokens / train_step:,.0f} tok/s), MuonAdamW {whole['muon'] * 1000:.1f} ms "
+              f"({tokens / whole['muon']:,.0f} tok/s): {whole['muon'] / train_step - 1:+.1%}")
 
 
 if __name__ == "__main__":

@@ -7,14 +7,16 @@
 Each recipe is the config plus its overrides. A short probe (`--probe_steps`, in this process, after a
 warm-up) measures each recipe's seconds per step; each then trains, as a separate `picogpt fit` process, for
 the number of steps that fills the budget (the LR schedule stretched to it; with `--warmup_fraction`, the
-warmup too), validating `--validations` times. The budget defaults to the old recipe's own run of the config as written. Reported: best val loss,
-wall time, steps, and seconds per step, with the machine and load, and each recipe's best val within the
-shorter run's wall (the probe's estimate can miss); the recipes alternate when `--rounds` > 1.
+warmup too), validating `--validations` times. The budget defaults to the old recipe's own run of the config
+as written. Reported: best val loss, wall time, steps, and seconds per step, with the machine and load, and
+each recipe's best val within the shorter run's wall (the probe's estimate can miss); the recipes alternate
+when `--rounds` > 1.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -47,12 +49,21 @@ def fit(config: str, overrides: list[str], work: Path, name: str, threads: int, 
     if result.returncode:
         raise SystemExit(f"{name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     curve = [json.loads(line) for line in records.read_text().splitlines()] if records.exists() else []
-    return {"seconds": seconds, "curve": curve, "best": min((p["val_loss"] for p in curve), default=float("nan"))}
+    return {"seconds": seconds, "curve": curve, "best": best_within(curve, math.inf)}
 
 
 def best_within(curve: list[dict], seconds: float) -> float:
     """The lowest val loss validated within `seconds` of the run's start (nan when none was)."""
     return min((point["val_loss"] for point in curve if point["seconds"] <= seconds), default=float("nan"))
+
+
+def run_flags(steps: int, validations: int, warmup_fraction: float | None) -> list[str]:
+    """The `picogpt fit` flags that stretch a config to `steps`: validations evenly spaced, and the warmup a
+    fraction of the steps when `warmup_fraction` is given."""
+    flags = ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(max(1, steps // validations))]
+    if warmup_fraction is not None:
+        flags += ["--model.warmup_iters", str(round(warmup_fraction * steps))]
+    return flags
 
 
 def seconds_per_step(config: str, overrides: list[str], work: Path, threads: int, steps: int) -> float:
@@ -102,11 +113,7 @@ def main(
         for _ in range(rounds):
             for name, overrides in recipes.items():
                 steps = max(10, round(budget / speed[name]))
-                interval = max(1, steps // validations)
-                extra = ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(interval)]
-                if warmup_fraction is not None:
-                    extra += ["--model.warmup_iters", str(round(warmup_fraction * steps))]
-                run = fit(config, overrides, work, name, threads, extra)
+                run = fit(config, overrides, work, name, threads, run_flags(steps, validations, warmup_fraction))
                 run["steps"] = steps
                 results[name].append(run)
                 print(f"{name}: {steps} steps, best val {run['best']:.4f}, wall {run['seconds']:.0f} s", flush=True)

@@ -25,9 +25,9 @@ Ours costs about half of torch's at the width of the CPU recipes; at 384 wide it
 machine and the faster one on the Intel, and the Newton-Schulz overhead is a small share of the step either way.
 Here the matrices of one shape are stacked and orthogonalised together with batched matmuls (one baddbmm chain
 per shape instead of one per matrix), on the smaller side of the matrix, in bfloat16 where the hardware has it
-(fp32 Newton-Schulz: 24.5 ms and 727 ms on the AMD, 13.2 and 370 ms on the Intel, so bf16 stays). It also keeps the package's torch floor at 2.4 (torch.optim.Muon first
-shipped in 2.9) and keeps Muon and AdamW in one optimizer, which Lightning's automatic optimization needs and
-torch's separate classes would not give.
+(fp32 Newton-Schulz: 24.5 ms and 727 ms on the AMD, 13.2 and 370 ms on the Intel, so bf16 stays). It also
+keeps the package's torch floor at 2.4 (torch.optim.Muon first shipped in 2.9) and keeps Muon and AdamW in one
+optimizer, which Lightning's automatic optimization needs and torch's separate classes would not give.
 """
 
 from __future__ import annotations
@@ -173,8 +173,9 @@ class MuonAdamW(torch.optim.Optimizer):
     Muon: Nesterov momentum on the gradient, then the update is orthogonalised (`orthogonalize`) so that every
     direction of the matrix moves by the same amount, whatever the gradient's scale per direction; lr is scaled
     by `muon_lr_scale`, weight decay is decoupled (p *= 1 - lr * weight_decay). Same-shaped matrices are
-    orthogonalised as one batch (stacked as they are: a tall stack is turned wide inside `orthogonalize`). AdamW: torch's own functional AdamW, fused when every parameter of the group is
-    on CUDA, foreach otherwise, so it is bit for bit torch.optim.AdamW.
+    orthogonalised as one batch (stacked as they are: a tall stack is turned wide inside `orthogonalize`).
+    AdamW: torch's own functional AdamW, fused when every parameter of the group is on CUDA, foreach otherwise,
+    so it is bit for bit torch.optim.AdamW.
     """
 
     MUON_KEYS = ("lr", "momentum", "nesterov", "ns_steps", "weight_decay")

@@ -70,6 +70,14 @@ def test_speedrun_reads_the_first_time_a_curve_reaches_the_target():
 def test_recipes_compares_at_the_shorter_runs_wall():
     from benchmarks.recipes import best_within
 
-    curve = [{"seconds": 100.0, "val_loss": 4.6}, {"seconds": 300.0, "val_loss": 4.4}, {"seconds": 900.0, "val_loss": 4.3}]
+    curve = [{"seconds": 100.0, "val_loss": 4.6}, {"seconds": 300.0, "val_loss": 4.4},
+             {"seconds": 900.0, "val_loss": 4.3}]
     assert best_within(curve, 637.0) == 4.4
     assert best_within(curve, 50.0) != best_within(curve, 50.0)  # nan: nothing validated yet
+
+
+def test_recipes_stretches_the_schedule_and_with_a_fraction_the_warmup():
+    from benchmarks.recipes import run_flags
+
+    assert run_flags(279, 5, None) == ["--trainer.max_steps", "279", "--trainer.val_check_interval", "55"]
+    assert run_flags(279, 5, 0.1)[-2:] == ["--model.warmup_iters", "28"]
