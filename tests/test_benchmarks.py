@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `benchmarks` is a folder of the repository, not of the installed package
@@ -81,3 +82,29 @@ def test_recipes_stretches_the_schedule_and_with_a_fraction_the_warmup():
 
     assert run_flags(279, 5, None) == ["--trainer.max_steps", "279", "--trainer.val_check_interval", "55"]
     assert run_flags(279, 5, 0.1)[-2:] == ["--model.warmup_iters", "28"]
+
+
+def test_weight_average_benchmark_validates_the_trained_weights_of_an_averaging_run(tmp_path):
+    """The benchmark's exact comparison rests on last.ckpt holding both sets of weights: the copy it validates
+    must be the trained weights, with a checksum that loading accepts, and score as a run without the average."""
+    from benchmarks.weight_average import trained_weights, validate
+    from picogpt_lightning.checkpoint import read_checkpoint
+    from picogpt_lightning.cli import main
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from helpers import make_config, make_text
+
+    text = make_text(tmp_path / "t.txt")
+    ema = [{"class_path": "picogpt_lightning.callbacks.EMA", "init_args": {"decay": 0.5}}]
+    settings = dict(trainer={"max_steps": 6, "val_check_interval": 6}, model={"dropout": 0.0})
+    plain = make_config(tmp_path, text, name="plain", **settings)
+    averaged = make_config(tmp_path, text, name="ema", **{**settings, "trainer": {**settings["trainer"],
+                                                                                 "callbacks": ema}})
+    assert main(["fit", "--config", str(plain)]) == 0 and main(["fit", "--config", str(averaged)]) == 0
+    runs = tmp_path / "checkpoints"
+    copy = trained_weights(runs / "ema" / "last.ckpt", tmp_path / "trained.ckpt")
+    trained, reference = read_checkpoint(copy), read_checkpoint(runs / "plain" / "last.ckpt")
+    assert all(torch.equal(trained["state_dict"][k], v) for k, v in reference["state_dict"].items())
+    assert not torch.equal(read_checkpoint(runs / "ema" / "last.ckpt")["state_dict"]["model.lm_head.weight"],
+                           trained["state_dict"]["model.lm_head.weight"])
+    assert validate(str(plain), [], copy, threads=1) == validate(str(plain), [], runs / "plain" / "last.ckpt", 1)
