@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from tqdm import tqdm
 
 from .checkpoint import CHECKSUM_KEY, weights_sha256
-from .errors import PicoGPTError
+from .errors import PicoGPTError, warn
 from .files import write_atomically
 from .generate import make_generator, stream_text
 from .module import SHARDED_STRATEGIES
@@ -318,21 +318,59 @@ class ValidationSample(Callback):
                 samples.write(f"--- step {step} ---\n{sample}\n\n")
 
 
+def check_average(decay: float, update_every_n_steps: int, update_starting_at_step: int | None) -> None:
+    """EMA's settings that would average nothing, or never move (Lightning's own takes decay 1 and every 0 steps)."""
+    if not 0 <= decay < 1:
+        raise ValueError(f"EMA decay must be in [0, 1), got {decay}: the average moves by 1 - decay of the way "
+                         "to the trained weights each step (0.99 averages about the last 100 steps)")
+    if update_every_n_steps < 1:
+        raise ValueError(f"EMA update_every_n_steps must be 1 or more, got {update_every_n_steps}")
+    if update_starting_at_step is not None and update_starting_at_step < 0:
+        raise ValueError(f"EMA update_starting_at_step must be 0 or more (or null), got {update_starting_at_step}")
+
+
 class EMA(EMAWeightAveraging):
     """Lightning's exponential moving average of the weights, for validation and for the weights every
     checkpoint stores (`state_dict`; the trained weights go under `current_model_state`, so resume continues
     from them). Configs switch it on with `trainer.callbacks: [{class_path: picogpt_lightning.callbacks.EMA}]`.
 
-    Two changes to Lightning's: buffers are not averaged by default (the rotary cos/sin tables are constants that
-    averaging would only round), and the average is not copied over the trained weights when training ends:
-    last.ckpt is written after that moment, and would then resume from the average instead of from where an
-    uninterrupted run stands. Every checkpoint already carries the average.
+    Three changes to Lightning's: buffers are not averaged by default (the rotary cos/sin tables are constants
+    that averaging would only round); the average is not copied over the trained weights when training ends
+    (last.ckpt is written after that moment, and would then resume from the average instead of from where an
+    uninterrupted run stands; every checkpoint already carries the average); and until the average's first
+    update (`update_starting_at_step`) it is the trained weights, where Lightning's would validate and save the
+    weights the run started from.
     """
 
     def __init__(self, decay: float = 0.99, update_starting_at_step: int | None = None, use_buffers: bool = False,
-                 **kwargs):
+                 update_every_n_steps: int = 1, **kwargs):
+        check_average(decay, update_every_n_steps, update_starting_at_step)
         super().__init__(decay=decay, update_starting_at_step=update_starting_at_step, use_buffers=use_buffers,
-                         **kwargs)
+                         update_every_n_steps=update_every_n_steps, **kwargs)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        start = self.update_starting_at_step
+        if stage == "fit" and start is not None and 0 < trainer.max_steps <= start and trainer.is_global_zero:
+            warn(f"the EMA starts averaging at step {start}, but this run ends at step {trainer.max_steps}: "
+                 "validation and the checkpoints use the trained weights")
+
+    def _follow_until_first_update(self, pl_module: L.LightningModule) -> None:
+        """Before its first update the average holds the weights of the start: make it the trained weights."""
+        average = self._average_model
+        if average is None or average.n_averaged.item() > 0:
+            return
+        with torch.no_grad():
+            for kept, trained in zip(average.module.state_dict().values(), pl_module.state_dict().values()):
+                kept.copy_(trained)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._follow_until_first_update(pl_module)
+        super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._follow_until_first_update(pl_module)
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pass

@@ -140,3 +140,60 @@ def test_resumed_progress_counts_total_steps_and_the_summary_has_no_zero_flops(t
 
     # The bar closes its validation bar before the sample is printed under it.
     assert RecordCallbackOrder.order.index("StepProgressBar") < RecordCallbackOrder.order.index("ValidationSample")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The average of the weights (picogpt_lightning.callbacks.EMA)
+import csv  # noqa: E402
+
+from picogpt_lightning.checkpoint import read_checkpoint  # noqa: E402
+
+
+def ema(**init_args) -> list[dict]:
+    return [{"class_path": "picogpt_lightning.callbacks.EMA", "init_args": {"decay": 0.9, **init_args}}]
+
+
+def val_losses(run) -> dict[int, float]:
+    rows = csv.DictReader(next(run.glob("lightning_logs/version_*/metrics.csv")).open())
+    return {int(row["step"]): float(row["val_loss"]) for row in rows if row.get("val_loss")}
+
+
+def test_the_average_is_the_trained_weights_until_its_first_update(tmp_path, text, capsys):
+    steps = {"max_steps": 8, "val_check_interval": 4}
+    assert fit(tmp_path, text, "plain", **steps)[0] == 0
+    code, late = fit(tmp_path, text, "late", **steps, callbacks=ema(update_starting_at_step=5))
+    assert code == 0
+    plain, averaged = val_losses(tmp_path / "checkpoints" / "plain"), val_losses(late)
+    # Lightning's own would validate (and save) the weights of step 0 before it starts averaging.
+    assert averaged[3] == plain[3] and averaged[7] != plain[7]
+    code, never = fit(tmp_path, text, "never", **steps, callbacks=ema(update_starting_at_step=100))
+    assert code == 0
+    assert "the EMA starts averaging at step 100, but this run ends at step 8" in capsys.readouterr().err
+    assert val_losses(never) == plain
+    for name in ("best.ckpt", "last.ckpt"):
+        checkpoint = read_checkpoint(never / name)
+        for key, value in checkpoint["state_dict"].items():
+            assert torch.equal(value, checkpoint["current_model_state"][key]), key
+
+
+@pytest.mark.parametrize("init_args, message", [
+    ({"decay": 1.5}, "EMA decay must be in [0, 1), got 1.5"),
+    ({"decay": 1.0}, "EMA decay must be in [0, 1), got 1.0"),
+    ({"update_every_n_steps": 0}, "EMA update_every_n_steps must be 1 or more, got 0"),
+    ({"update_starting_at_step": -1}, "EMA update_starting_at_step must be 0 or more"),
+], ids=["decay-above-1", "decay-1", "every-0-steps", "negative-start"])
+def test_an_average_that_cannot_work_is_refused_in_one_line(tmp_path, text, capsys, init_args, message):
+    code, run = fit(tmp_path, text, "bad", callbacks=ema(**init_args))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert "picogpt_lightning.callbacks.EMA" in err[0] and not run.exists()
+    assert not (tmp_path / "prepared").exists()  # found before any data is prepared
+
+
+def test_a_users_callback_that_refuses_its_arguments_is_one_line(tmp_path, text, capsys):
+    stopping = [{"class_path": "lightning.pytorch.callbacks.EarlyStopping",
+                 "init_args": {"monitor": "val_loss", "mode": "sideways"}}]
+    code, run = fit(tmp_path, text, "bad", callbacks=stopping)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and not run.exists(), err
+    assert "`mode` can be min, max, got sideways (lightning.pytorch.callbacks.EarlyStopping)" in err[0]

@@ -7,6 +7,7 @@ import math
 
 from jsonargparse import Namespace
 
+from ..callbacks import EMA, check_average
 from ..data import check_data_settings
 from ..errors import SettingsError
 from ..module import check_training_settings
@@ -33,6 +34,15 @@ def check_trainer_settings(subcommand: str, trainer: Namespace) -> None:
     clip = trainer.get("gradient_clip_val")
     if clip is not None and not (math.isfinite(clip) and clip >= 0):
         raise SettingsError(f"trainer.gradient_clip_val must be a number >= 0 (or null for none), got {clip}")
+    callbacks = trainer.get("callbacks")
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+        if isinstance(callback, Namespace) and callback.get("class_path") == f"{EMA.__module__}.{EMA.__name__}":
+            args = callback.get("init_args") or Namespace()
+            try:
+                check_average(args.get("decay", 0.99), args.get("update_every_n_steps", 1),
+                              args.get("update_starting_at_step"))
+            except ValueError as error:
+                raise SettingsError(f"{error} ({callback.class_path})") from None
 
 
 def check_settings(subcommand: str, config: Namespace) -> None:

@@ -275,6 +275,17 @@ class PicoGPTCLI(LightningCLI):
 
     # ------------------------------------------------------------------------------------------ trainer
 
+    def instantiate_classes(self) -> None:
+        """Build the classes of the settings; a class that refuses its arguments (a callback given a value out of
+        range, say) is one line naming it, not jsonargparse's traceback."""
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            reason = _class_refusal(str(error))
+            if reason is None:
+                raise
+            raise SettingsError(reason) from None
+
     def instantiate_trainer(self, **kwargs):
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer_config = self._get(self.config_init, "trainer", default={})
@@ -338,6 +349,17 @@ class PicoGPTCLI(LightningCLI):
         if config.overwrite and is_rank_zero() and not config.trainer.get("fast_dev_run"):
             # Only now, with the data prepared and the model built: a failed start leaves the old run alone.
             clear_run(Path(config.ckpt_dir))
+
+
+def _class_refusal(message: str) -> str | None:
+    """The reason in jsonargparse's report that it could not build a class of the settings, with the class."""
+    if "class_path" not in message:
+        return None
+    lines = [line.strip() for line in message.splitlines()]
+    reasons = lines[lines.index("Errors:") + 1:] if "Errors:" in lines else lines
+    reason = next((line[2:] for line in reasons if line.startswith("- ")), lines[0])
+    classes = sorted(set(re.findall(r"class_path='([^']+)'", message)))
+    return f"{reason} ({', '.join(classes)})" if classes else reason
 
 
 def _has(callbacks: list, kind: type) -> bool:
