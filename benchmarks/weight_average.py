@@ -10,6 +10,7 @@ it keeps an average beside the trained weights, and every checkpoint holds both 
 of weights in its last.ckpt, compares the two on the same trajectory, with no seed noise between them. With
 `--baseline` (the default) the same run without the callback is timed too, alternating, for the average's cost
 in wall time; its val must equal the trained weights' (the check that the average left training alone).
+The config's own callbacks are left out of both runs (tiny.yaml's EMA would otherwise be a second average).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def main(
         baseline: also train each seed without the average, for its wall time and the same-trajectory check.
         threads: OMP_NUM_THREADS of every run.
     """
-    overrides = overrides or []
+    # Both runs replace the config's callbacks (tiny.yaml ships an EMA): one without an average, one with this one.
+    overrides = ["--trainer.callbacks=[]", *(overrides or [])]
     average = ["--trainer.callbacks+=picogpt_lightning.callbacks.EMA", f"--trainer.callbacks.decay={decay}"]
     rows = []
     with tempfile.TemporaryDirectory(prefix="weight-average-") as scratch:

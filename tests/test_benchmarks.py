@@ -108,3 +108,19 @@ def test_weight_average_benchmark_validates_the_trained_weights_of_an_averaging_
     assert not torch.equal(read_checkpoint(runs / "ema" / "last.ckpt")["state_dict"]["model.lm_head.weight"],
                            trained["state_dict"]["model.lm_head.weight"])
     assert validate(str(plain), [], copy, threads=1) == validate(str(plain), [], runs / "plain" / "last.ckpt", 1)
+
+
+def test_weight_average_benchmark_compares_against_a_run_without_any_average(tmp_path, capsys):
+    """Its baseline leaves out the config's own average too (tiny.yaml ships one), or it would compare two."""
+    from benchmarks.weight_average import main
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from helpers import make_config, make_text
+
+    ema = [{"class_path": "picogpt_lightning.callbacks.EMA", "init_args": {"decay": 0.9}}]
+    config = make_config(tmp_path, make_text(tmp_path / "t.txt"), name="shipped",
+                         trainer={"max_steps": 6, "val_check_interval": 6, "callbacks": ema})
+    main(config=str(config), decay=0.5, threads=1)
+    out = capsys.readouterr().out
+    assert "trained weights equal a run without the average: yes" in out, out
+    assert "EMA decay 0.5" in out and "over 1 run(s)" in out

@@ -197,3 +197,10 @@ def test_a_users_callback_that_refuses_its_arguments_is_one_line(tmp_path, text,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and not run.exists(), err
     assert "`mode` can be min, max, got sideways (lightning.pytorch.callbacks.EarlyStopping)" in err[0]
+
+
+def test_two_weight_averages_are_refused_in_one_line(tmp_path, text, capsys):
+    code, run = fit(tmp_path, text, "two", callbacks=ema() + ema(decay=0.5))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and not run.exists(), err
+    assert "trainer.callbacks holds 2 weight averages" in err[0] and "--trainer.callbacks.decay=X" in err[0]

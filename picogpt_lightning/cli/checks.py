@@ -3,9 +3,11 @@ made: a bad one stops the command in one line with exit status 2 (SettingsError)
 
 from __future__ import annotations
 
+import importlib
 import math
 
 from jsonargparse import Namespace
+from lightning.pytorch.callbacks import WeightAveraging
 
 from ..callbacks import EMA, check_average
 from ..data import check_data_settings
@@ -35,14 +37,28 @@ def check_trainer_settings(subcommand: str, trainer: Namespace) -> None:
     if clip is not None and not (math.isfinite(clip) and clip >= 0):
         raise SettingsError(f"trainer.gradient_clip_val must be a number >= 0 (or null for none), got {clip}")
     callbacks = trainer.get("callbacks")
-    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
-        if isinstance(callback, Namespace) and callback.get("class_path") == f"{EMA.__module__}.{EMA.__name__}":
+    callbacks = [callback for callback in (callbacks if isinstance(callbacks, list) else [callbacks])
+                 if isinstance(callback, Namespace) and callback.get("class_path")]
+    averages = [callback.class_path for callback in callbacks
+                if issubclass(_class(callback.class_path), WeightAveraging)]
+    if len(averages) > 1:
+        raise SettingsError(f"trainer.callbacks holds {len(averages)} weight averages ({', '.join(averages)}), which "
+                            f"would swap each other's weights: keep one (the config's EMA takes another decay with "
+                            f"--trainer.callbacks.decay=X; --trainer.callbacks '[]' removes the config's callbacks)")
+    for callback in callbacks:
+        if callback.class_path == f"{EMA.__module__}.{EMA.__name__}":
             args = callback.get("init_args") or Namespace()
             try:
                 check_average(args.get("decay", 0.99), args.get("update_every_n_steps", 1),
                               args.get("update_starting_at_step"))
             except ValueError as error:
                 raise SettingsError(f"{error} ({callback.class_path})") from None
+
+
+def _class(class_path: str) -> type:
+    """The class a `class_path` of the settings names (the parser has already imported it)."""
+    module, name = class_path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
 
 
 def check_settings(subcommand: str, config: Namespace) -> None:
