@@ -339,7 +339,8 @@ class EMA(EMAWeightAveraging):
     (last.ckpt is written after that moment, and would then resume from the average instead of from where an
     uninterrupted run stands; every checkpoint already carries the average); and until the average's first
     update (`update_starting_at_step`) it is the trained weights, where Lightning's would validate and save the
-    weights the run started from.
+    weights the run started from. A resume that adds it to a run without one starts the average there; one that
+    drops it goes on from the trained weights (GPTLightningModule.on_load_checkpoint), not from the average.
     """
 
     def __init__(self, decay: float = 0.99, update_starting_at_step: int | None = None, use_buffers: bool = False,
@@ -367,6 +368,12 @@ class EMA(EMAWeightAveraging):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._follow_until_first_update(pl_module)
         super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self._average_model is not None and "averaging_state" not in checkpoint:
+            return  # a run that had no average (the resume line lists the callback added): it begins at the
+            # first update, and until then it is the trained weights (_follow_until_first_update)
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self._follow_until_first_update(pl_module)

@@ -9,6 +9,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torchmetrics import MeanMetric
@@ -284,6 +285,12 @@ class GPTLightningModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._rng_state_to_restore = checkpoint.get("picogpt", {}).get("torch_rng_state")
+        # A weight-averaging run's checkpoint leads with the average; its trained weights are where training
+        # stood. A resume without the averaging callback (which restores both itself) goes on from those.
+        trained = checkpoint.get("current_model_state")
+        if (trained is not None and self._trainer is not None and self.trainer.state.fn == "fit"
+                and not any(isinstance(callback, WeightAveraging) for callback in self.trainer.callbacks)):
+            checkpoint["state_dict"] = trained
 
     def on_train_start(self) -> None:
         state = getattr(self, "_rng_state_to_restore", None)

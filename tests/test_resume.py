@@ -85,6 +85,43 @@ def test_resume_is_exact_with_the_weight_average_and_checkpoints_hold_the_averag
     assert not same(a["state_dict"], a["current_model_state"])
 
 
+def test_a_resume_without_the_average_continues_from_the_trained_weights(tmp_path):
+    """A checkpoint of an averaging run leads with the average; resuming it without the callback must go on
+    from where training stood (current_model_state), as the uninterrupted run did."""
+    text = make_text(tmp_path / "t.txt")
+    ema = [{"class_path": "picogpt_lightning.callbacks.EMA", "init_args": {"decay": 0.9}}]
+    settings = dict(trainer={"max_steps": 12, "val_check_interval": 6, "log_every_n_steps": 1, "callbacks": ema})
+    straight = make_config(tmp_path, text, name="straight", **settings)
+    split = make_config(tmp_path, text, name="split", **settings)
+    assert main(["fit", "--config", str(straight)]) == 0
+    assert main(["fit", "--config", str(split), "--trainer.max_steps", "6", "--model.lr_decay_iters", "12"]) == 0
+    assert main(["fit", "--config", str(split), "--ckpt_path", "last", "--trainer.callbacks", "[]"]) == 0
+    runs = tmp_path / "checkpoints"
+    assert train_losses(runs / "split") == train_losses(runs / "straight")
+    trained = read_checkpoint(runs / "straight" / "last.ckpt")["current_model_state"]
+    assert same(read_checkpoint(runs / "split" / "last.ckpt")["state_dict"], trained)
+
+
+def test_a_resume_that_adds_the_average_says_so_and_trains_on_unchanged(tmp_path, capsys, recwarn):
+    text = make_text(tmp_path / "t.txt")
+    settings = dict(trainer={"max_steps": 12, "val_check_interval": 6, "log_every_n_steps": 1})
+    straight = make_config(tmp_path, text, name="straight", **settings)
+    split = make_config(tmp_path, text, name="split", **settings)
+    assert main(["fit", "--config", str(straight)]) == 0
+    assert main(["fit", "--config", str(split), "--trainer.max_steps", "6", "--model.lr_decay_iters", "12"]) == 0
+    capsys.readouterr()
+    assert main(["fit", "--config", str(split), "--ckpt_path", "last",
+                 "--trainer.callbacks+=picogpt_lightning.callbacks.EMA"]) == 0
+    out, err = capsys.readouterr()
+    assert "trainer.callbacks None -> [{'class_path': 'picogpt_lightning.callbacks.EMA'" in out
+    # Lightning's own note about it (a warning with its file and line) is replaced by that line.
+    assert "WeightAveraging" not in err and not [w for w in recwarn if "WeightAveraging" in str(w.message)]
+    runs = tmp_path / "checkpoints"
+    assert train_losses(runs / "split") == train_losses(runs / "straight")
+    resumed = read_checkpoint(runs / "split" / "last.ckpt")
+    assert same(resumed["current_model_state"], read_checkpoint(runs / "straight" / "last.ckpt")["state_dict"])
+
+
 TESTS = Path(__file__).resolve().parent
 
 

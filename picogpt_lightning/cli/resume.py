@@ -89,8 +89,11 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def changes(stored: dict, current: dict) -> dict[str, tuple[Any, Any]]:
     """{key: (the run's value, the value now)} for every stored setting that differs now."""
     before, after = flatten(stored), flatten(current)
-    return {key: (value, after.get(key)) for key, value in before.items()
-            if key in after and after[key] != value}
+    found = {key: (value, after.get(key)) for key, value in before.items() if key in after and after[key] != value}
+    # A list the run had none of (its dump leaves out an unset trainer.callbacks): callbacks added on resume.
+    found.update({key: (None, value) for key, value in after.items()
+                  if key not in before and isinstance(value, list) and value})
+    return found
 
 
 def describe_changes(found: dict[str, tuple[Any, Any]]) -> str:
