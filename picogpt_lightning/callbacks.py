@@ -350,6 +350,11 @@ class EMA(EMAWeightAveraging):
                          update_every_n_steps=update_every_n_steps, **kwargs)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and isinstance(trainer.strategy, SHARDED_STRATEGIES):
+            raise PicoGPTError(
+                f"the EMA of the weights cannot run under {type(trainer.strategy).__name__}: Lightning's average "
+                f"keeps a whole copy of the model, and this strategy holds a shard of it on each rank; use "
+                f"--trainer.strategy ddp, or train without it (--trainer.callbacks '[]')")
         super().setup(trainer, pl_module, stage)
         start = self.update_starting_at_step
         if stage == "fit" and start is not None and 0 < trainer.max_steps <= start and trainer.is_global_zero:

@@ -15,6 +15,15 @@ class Untouchable:
         raise AssertionError("sampled from a model whose weights are sharded over ranks")
 
 
+def test_no_weight_average_when_the_strategy_shards_the_weights():
+    from picogpt_lightning.callbacks import EMA
+    from picogpt_lightning.errors import PicoGPTError
+
+    trainer = SimpleNamespace(strategy=FSDPStrategy(), max_steps=10, is_global_zero=True)
+    with pytest.raises(PicoGPTError, match="cannot run under FSDPStrategy.*--trainer.strategy ddp"):
+        EMA().setup(trainer, Untouchable(), "fit")  # before it copies the model
+
+
 def test_no_live_sample_when_the_strategy_shards_the_weights(capsys):
     trainer = SimpleNamespace(strategy=FSDPStrategy(), state=SimpleNamespace(fn="fit"), is_global_zero=True,
                               sanity_checking=False)
