@@ -375,9 +375,10 @@ class EMA(EMAWeightAveraging):
         super().on_validation_epoch_start(trainer, pl_module)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # A run that had no average (the resume line lists the callback added): the average begins at its
+        # first update, and until then it is the trained weights (_follow_until_first_update).
         if self._average_model is not None and "averaging_state" not in checkpoint:
-            return  # a run that had no average (the resume line lists the callback added): it begins at the
-            # first update, and until then it is the trained weights (_follow_until_first_update)
+            return
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
