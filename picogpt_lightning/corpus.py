@@ -1,13 +1,14 @@
 """The text a model learns from: finding the files, reading them in pieces, and splitting train from val.
 
 Nothing here holds a whole text in memory. Files are read in pieces of about a megabyte that end at a newline,
-joined (the files of a folder with a blank line between them) and cut into chunks of about CHUNK_CHARS
+their documents joined with a blank line between them (a text file is one document, each record of a JSON lines
+or Parquet file one: corpus_formats.py) and cut into chunks of about CHUNK_CHARS
 characters at places where the byte-level BPE pre-tokenizer never joins two tokens, so that encoding chunk by
 chunk gives the same ids as encoding the whole text. The split assigns chunks (random split) or a byte offset
 snapped to a line end (sequential split) to val.
 
 With `end_of_text`, each document ends with `<|endoftext|>`, as the `qa` chat template ends each answer, so a
-model learns where a text (or an answer) stops: every file, and within a file every question/answer pair the
+model learns where a text (or an answer) stops: every document, and within one every question/answer pair the
 text marks, a "Q: ..." line followed by an "A: ..." line that ends a paragraph, which becomes
 "A: ...<|endoftext|>" followed by the blank line, exactly the qa template's rendering of a conversation.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .corpus_formats import DEFAULT_TEXT_FIELD, decode_utf8, find_files, opened, record_documents, relative_names
 from .errors import PicoGPTError, warn
 from .tokenizer import ENDOFTEXT
 
@@ -47,25 +49,16 @@ _LAST_ANSWER_END = re.compile(_ANSWER + r"(?=\r?\n\r?\n|\s*\Z)", re.MULTILINE)
 # Finding and reading
 
 
-def find_text_files(text_path: str) -> list[Path]:
-    """The file itself, or the .txt files of a folder (not its subfolders, not hidden files), sorted by name."""
+def find_text_files(text_path: str, glob: str | None = None) -> list[Path]:
+    """The file itself, or the files of a folder and its subfolders that `glob` matches (default: every .txt,
+    .md, .jsonl and .parquet file, plain or gzipped; not hidden ones), in the order of their paths."""
     path = Path(text_path)
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise PicoGPTError(f"{text_path} does not exist: pass a UTF-8 text file or a folder of .txt files")
-    files = sorted(file for file in path.glob("*.txt") if file.is_file() and not file.name.startswith("."))
-    if not files:
-        raise PicoGPTError(f"{text_path} has no .txt files: put your text in files ending in .txt, or pass a file")
-    return files
-
-
-def _decode(data: bytes) -> tuple[str, bool]:
-    """The text, and whether undecodable bytes had to be replaced."""
-    try:
-        return data.decode("utf-8"), False
-    except UnicodeDecodeError:
-        return data.decode("utf-8", errors="replace"), True
+        raise PicoGPTError(f"{text_path} does not exist: pass a text file or a folder of text, JSON lines or "
+                           f"Parquet files")
+    return find_files(path, glob)
 
 
 def _last_char_start(data: bytes) -> int:
@@ -93,23 +86,30 @@ def _byte_pieces(file) -> Iterator[bytes]:
 
 def _read_file(path: Path, warn_on_bad_bytes: bool) -> Iterator[str]:
     warned = False
-    try:
-        with open(path, "rb") as file:
-            for data in _byte_pieces(file):
-                text, replaced = _decode(data)
-                if replaced and warn_on_bad_bytes and not warned:
-                    warn(f"{path} is not valid UTF-8; undecodable bytes were replaced with U+FFFD")
-                    warned = True
-                yield text
-    except OSError as error:
-        raise PicoGPTError(f"cannot read {path} ({error.strerror}): check the file and its permissions") from None
+    with opened(path) as file:
+        for data in _byte_pieces(file):
+            text, replaced = decode_utf8(data)
+            if replaced and warn_on_bad_bytes and not warned:
+                warn(f"{path} is not valid UTF-8; undecodable bytes were replaced with U+FFFD")
+                warned = True
+            yield text
 
 
-def _read_text(files: list[Path], warn_on_bad_bytes: bool, end_of_text: bool = False) -> Iterator[str]:
-    for index, path in enumerate(files):
+def _documents(files: list[Path], warn_on_bad_bytes: bool, text_field: str) -> Iterator[Iterable[str]]:
+    """Each document's pieces: a text file is one document, each record of a JSON lines or Parquet file one."""
+    for path in files:
+        records = record_documents(path, text_field, warn_on_bad_bytes)
+        if records is None:
+            yield _read_file(path, warn_on_bad_bytes)
+        else:
+            yield from ([text] for text in records)
+
+
+def _read_text(files: list[Path], warn_on_bad_bytes: bool, end_of_text: bool = False,
+               text_field: str = DEFAULT_TEXT_FIELD) -> Iterator[str]:
+    for index, pieces in enumerate(_documents(files, warn_on_bad_bytes, text_field)):
         if index:
             yield FILE_SEPARATOR
-        pieces = _read_file(path, warn_on_bad_bytes)
         yield from end_document(pieces) if end_of_text else pieces
 
 
@@ -154,7 +154,8 @@ def end_document(pieces: Iterable[str]) -> Iterator[str]:
     yield body + (ENDOFTEXT if open_text else "") + text[len(body) :]
 
 
-def chunks(files: list[Path], warn_on_bad_bytes: bool = False, end_of_text: bool = False) -> Iterator[str]:
+def chunks(files: list[Path], warn_on_bad_bytes: bool = False, end_of_text: bool = False,
+           text_field: str = DEFAULT_TEXT_FIELD) -> Iterator[str]:
     """The joined text of the files in chunks of about CHUNK_CHARS characters, each ending at a safe cut.
 
     Encoding the chunks one by one gives the same ids as encoding the whole text at once, and lets
@@ -162,7 +163,7 @@ def chunks(files: list[Path], warn_on_bad_bytes: bool = False, end_of_text: bool
     (see the top of this file).
     """
     text = ""
-    for piece in _read_text(files, warn_on_bad_bytes, end_of_text):
+    for piece in _read_text(files, warn_on_bad_bytes, end_of_text, text_field):
         text += piece
         start = 0
         while len(text) - start >= CHUNK_LOOKAHEAD:
@@ -205,11 +206,12 @@ def outside_endoftext(text: str | bytes, cut: int) -> int:
 
 
 def source_sha256(files: list[Path], extra: bytes = b"") -> str:
-    """sha256 over each file's name and bytes (then extra), so renaming or editing a file changes it."""
+    """sha256 over each file's name (its path from the folder that holds them all) and bytes (then extra), so
+    renaming, moving or editing a file changes it."""
     digest = hashlib.sha256()
-    for path in files:
+    for path, name in zip(files, relative_names(files)):
         try:
-            digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+            digest.update(f"{name}\0{path.stat().st_size}\0".encode())
             with open(path, "rb") as file:
                 while block := file.read(READ_BYTES):
                     digest.update(block)
@@ -295,11 +297,11 @@ def _sequential_parts(chunks: Iterable[str], val_start: int, total_bytes: int) -
 
 def split_parts(
     files: list[Path], stats: TextStats, val_fraction: float, random_split: bool, split_seed: int,
-    end_of_text: bool = False,
+    end_of_text: bool = False, text_field: str = DEFAULT_TEXT_FIELD,
 ) -> Iterator[tuple[str, bool]]:
     """The text again, as (text, is_val) parts: the last val_fraction of it, or seeded random chunks."""
+    text = chunks(files, end_of_text=end_of_text, text_field=text_field)
     if random_split:
-        return zip(chunks(files, end_of_text=end_of_text),
-                   _random_val_chunks(stats.chunks, val_fraction, split_seed).tolist())
+        return zip(text, _random_val_chunks(stats.chunks, val_fraction, split_seed).tolist())
     val_start = min(max(int(stats.bytes * (1 - val_fraction)), 1), stats.bytes - 1)
-    return _sequential_parts(chunks(files, end_of_text=end_of_text), val_start, stats.bytes)
+    return _sequential_parts(text, val_start, stats.bytes)

@@ -123,6 +123,8 @@ class GPTDataModule(L.LightningDataModule):
         split_seed: int = PREPARE.split_seed,
         end_of_text: bool = PREPARE.end_of_text,
         tokenizer_from: str | None = PREPARE.tokenizer_from,
+        glob: str | None = PREPARE.glob,
+        text_field: str = PREPARE.text_field,
         block_size: int = 256,
         batch_size: int = 16,
         eval_iters: int = 50,
@@ -133,7 +135,8 @@ class GPTDataModule(L.LightningDataModule):
     ):
         """
         Args:
-            text_path: a UTF-8 text file, or a folder whose .txt files (not recursive) are joined.
+            text_path: a text, JSON lines or Parquet file (plain or .gz), or a folder of them searched at any
+                depth; each file (text) or record (JSON lines, Parquet) is one document.
             mode: "char" (one token per character) or "token" (subword or word tokens).
             backend: tokenizer for mode "token": byte-level "bpe" (Hugging Face tokenizers) or "word".
             vocab_size: vocabulary size to train for mode "token" (ignored for "char").
@@ -145,6 +148,9 @@ class GPTDataModule(L.LightningDataModule):
             tokenizer_from: encode with the tokenizer of this checkpoint, tokenizer.json, vocab.json or
                 prepared folder instead of training one; `--ckpt_path` (resume, validate) sets it to the
                 checkpoint when not given, so ids keep their meaning.
+            glob: for a folder text_path, the files to read, matched at any depth (e.g. '*.jsonl.gz');
+                default: every .txt, .md, .jsonl and .parquet file, plain or gzipped.
+            text_field: the JSON lines field or Parquet column that holds each document's text.
             block_size: context length in tokens (also the model's; linked by the CLI).
             batch_size: blocks per batch on each device.
             eval_iters: validation batches per evaluation (the whole val split when it is smaller).

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .corpus import TextStats, chunks, find_text_files, source_sha256, split_parts
+from .corpus_formats import needs_exact_size, reading_key, relative_names
 from .errors import PicoGPTError
 from .files import (FolderInUse, FolderLock, commit, make_folders, remove_empty_folders, remove_leftovers,
                     temporary_path, write_json_atomically)
@@ -146,7 +147,7 @@ def _write_bins(
 def _source_meta(text_path: str, files: list[Path], stats: TextStats) -> dict:
     return {
         "name": Path(text_path).name,
-        "files": [path.name for path in files],
+        "files": relative_names(files),
         "bytes": sum(path.stat().st_size for path in files),
         "chars": stats.chars,
         "sha256": source_sha256(files),
@@ -191,7 +192,7 @@ def _prepare(text_path: str, folder: Path, settings: PrepareSettings, kind: str,
     is complete, and a failure leaves no temporary file (and no folder it created) behind. A folder another
     process is preparing is refused, or with `wait_if_busy` reported by raising FolderInUse. With `given`, the
     text is encoded with that tokenizer instead of one trained on it."""
-    files = find_text_files(text_path)
+    files = find_text_files(text_path, settings.glob)
     created = _make_writable_folder(folder)
     try:
         with _locked(folder, wait_if_busy):
@@ -239,9 +240,11 @@ def _prepare_locked(text_path: str, files: list[Path], folder: Path, settings: P
     # Newly trained tokenizers have end-of-text; one given without it (an old checkpoint's) keeps its old text.
     end_of_text = settings.end_of_text and (given is None or given.eot_id is not None)
     first_pass = FIRST_PASS[kind] if given is None else "reading"
-    with Progress(f"{first_pass} {text_path}", sum(path.stat().st_size for path in files)) as progress:
+    size = sum(path.stat().st_size for path in files) if needs_exact_size(files) else None  # else: unknown
+    with Progress(f"{first_pass} {text_path}", size) as progress:
         def observed() -> Iterator[str]:
-            for chunk in stats.observe(chunks(files, warn_on_bad_bytes=True, end_of_text=end_of_text)):
+            for chunk in stats.observe(chunks(files, warn_on_bad_bytes=True, end_of_text=end_of_text,
+                                              text_field=settings.text_field)):
                 yield chunk
                 progress.update(stats.bytes - progress.done)
 
@@ -258,7 +261,8 @@ def _prepare_locked(text_path: str, files: list[Path], folder: Path, settings: P
     dtype = token_dtype(tokenizer.vocab_size)
     encoding = Progress(f"encoding {text_path} into train.bin and val.bin", stats.chars, unit="chars")
     parts = encoding.track(split_parts(files, stats, settings.val_fraction, settings.random_split,
-                                       settings.split_seed, end_of_text), lambda part: len(part[0]))
+                                       settings.split_seed, end_of_text, settings.text_field),
+                           lambda part: len(part[0]))
     temps: dict[str, Path] = {}
     staging = temporary_path(folder / "tokenizer")  # a folder: the tokenizer saves itself by name into it
     try:
@@ -317,6 +321,7 @@ def _cache_key(files: list[Path], kind: str, settings: PrepareSettings, given: T
     }
     if given is not None:
         relevant.update(kind=None, vocab_size=None, tokenizer_sha256=fingerprint(given))
+    relevant.update(reading_key(settings.glob, settings.text_field))
     return source_sha256(files, json.dumps(relevant, sort_keys=True).encode())[:12]
 
 
@@ -342,7 +347,7 @@ def cached_prepare(
     it if needed. Only the writer (rank 0 of a distributed job) prepares; the other ranks wait for its meta.json.
     """
     settings = PrepareSettings(**settings)
-    files = find_text_files(text_path)
+    files = find_text_files(text_path, settings.glob)
     given = tokenizer_from_path(settings.tokenizer_from) if settings.tokenizer_from is not None else None
     kind = given.kind if given is not None else settings.tokenizer_kind(quiet=not is_writer)
     path = Path(text_path)

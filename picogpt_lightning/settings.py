@@ -77,6 +77,9 @@ class PrepareSettings:
         tokenizer_from: Encode with the tokenizer of this checkpoint (.ckpt), tokenizer.json, vocab.json or
             prepared folder instead of training one (mode, backend and vocab_size are then ignored); resuming
             and validating a checkpoint use its own by default. A char tokenizer must know every character.
+        glob: For a folder text_path: the files to read, matched at any depth (e.g. '*.jsonl.gz'); default
+            (null): every .txt, .md, .jsonl and .parquet file, plain or gzipped.
+        text_field: The field of each JSON lines record, or the Parquet column, that holds a document's text.
     """
 
     mode: Literal["char", "token"] = "token"
@@ -87,6 +90,8 @@ class PrepareSettings:
     split_seed: int = 1337
     end_of_text: bool = True
     tokenizer_from: str | None = None
+    glob: str | None = None
+    text_field: str = "text"
 
     def __post_init__(self) -> None:
         if self.mode not in ("char", "token"):
@@ -100,6 +105,10 @@ class PrepareSettings:
             raise SettingsError(
                 f"val_fraction {self.val_fraction} is out of range: choose a value in (0, 0.5], e.g. 0.1"
             )
+        if not self.glob and self.glob is not None:
+            raise SettingsError("glob is empty: give a pattern such as '*.jsonl' (or null for every supported file)")
+        if not self.text_field:
+            raise SettingsError("text_field is empty: name the JSON field or Parquet column that holds the text")
 
     def tokenizer_kind(self, quiet: bool = False) -> str:
         """The tokenizer that will be built: BPE falls back to words when `tokenizers` cannot be imported."""

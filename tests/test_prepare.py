@@ -54,7 +54,7 @@ def test_prepare_writes_bins_tokenizer_and_meta(tmp_path, mode, backend):
     assert meta["backend"] == ("char" if mode == "char" else backend)
     assert meta["source"]["files"] == ["input.txt"] and meta["source"]["bytes"] == len(text.encode())
     assert meta["settings"] == {"val_fraction": 0.1, "random_split": False, "split_seed": 1337, "vocab_size": 300,
-                                "end_of_text": True, "tokenizer_from": None}
+                                "end_of_text": True, "tokenizer_from": None, "glob": None, "text_field": "text"}
     assert meta["train_tokens"] > 5 * meta["val_tokens"] > 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
         ["meta.json", "train.bin", "val.bin", meta["tokenizer_file"]]
@@ -108,7 +108,8 @@ def test_folder_joins_its_txt_files_with_a_blank_line(tmp_path):
     folder.mkdir()
     write(folder, "b.txt", "second book\n")
     write(folder, "a.txt", "first book")
-    write(folder, "notes.md", "not text for training")
+    write(folder, "notes.csv", "not a supported file")
+    write(folder, ".hidden.txt", "hidden files are left out")
     assert [p.name for p in find_text_files(str(folder))] == ["a.txt", "b.txt"]
     meta = prepare(str(folder), str(tmp_path / "out"), mode="char", val_fraction=0.5)
     assert meta["source"]["files"] == ["a.txt", "b.txt"] and meta["source"]["name"] == "books"
@@ -195,8 +196,8 @@ def test_missing_path_empty_text_and_folder_without_txt_are_explained(tmp_path):
         with pytest.raises(PicoGPTError, match="empty.txt is empty or only whitespace"):
             prepare(str(path), str(tmp_path / "out"), mode="char")
     (tmp_path / "folder").mkdir()
-    write(tmp_path / "folder", "readme.md", "no text here")
-    with pytest.raises(PicoGPTError, match="has no .txt files"):
+    write(tmp_path / "folder", "table.csv", "no text here")
+    with pytest.raises(PicoGPTError, match="has no file to read .no .txt, .md, .jsonl, .parquet file"):
         prepare(str(tmp_path / "folder"), str(tmp_path / "out"))
 
 

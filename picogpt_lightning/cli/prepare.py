@@ -12,7 +12,8 @@ def prepare_command(text_path: str, out_dir: str | None = None, **settings) -> N
     """Turn text into a tokenizer and train.bin/val.bin of token ids, ready for `picogpt fit`.
 
     Args:
-        text_path: A UTF-8 text file, or a folder whose .txt files are joined with a blank line between them.
+        text_path: A text, JSON lines or Parquet file (plain or .gz), or a folder of them searched at any depth;
+            each file (text) or record (JSON lines, Parquet) is one document, joined with a blank line between.
         out_dir: Where to write. By default the cache folder that `picogpt fit` looks for, so fit reuses it.
     """
     from ..prepare import cached_prepare, load_prepared, prepare
