@@ -22,6 +22,7 @@ from .errors import PicoGPTError, SettingsError
 from .prepare import DEFAULT_CACHE_DIR, PrepareSettings, cached_prepare, load_prepared
 from .settings import check_seed
 from .tokenizer import Tokenizer, fingerprint
+from .tokenizer_source import model_vocab_size
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 PREPARE = PrepareSettings()  # the preparation defaults, defined once in prepare.py
@@ -196,6 +197,12 @@ class GPTDataModule(L.LightningDataModule):
     @property
     def tokenizer_vocab_size(self) -> int:
         return self.tokenizer.vocab_size
+
+    @property
+    def model_vocab_size(self) -> int:
+        """The model's vocabulary: the tokenizer's, rounded up to a multiple of 64 when tokenizer_from is a
+        tokenizer file or folder (tokenizer_source.py); the extra ids are never in the data nor sampled."""
+        return model_vocab_size(self.tokenizer_vocab_size, self.hparams.tokenizer_from)
 
     @cached_property
     def tokenizer_sha256(self) -> str:

@@ -118,12 +118,13 @@ def slide_keep(block_size: int) -> int:
     return max(1, block_size // 2)
 
 
-def last_logits(model: torch.nn.Module, idx: torch.Tensor, cache=None) -> torch.Tensor:
-    """Logits of the next token after `idx` (batch, steps), which continues `cache` when one is given."""
+def last_logits(model: torch.nn.Module, idx: torch.Tensor, cache=None, vocab_size: int | None = None) -> torch.Tensor:
+    """Logits of the next token after `idx` (batch, steps), which continues `cache` when one is given; with
+    `vocab_size` (the tokenizer's), only its ids: the rows of a vocabulary padded beyond it are never sampled."""
     # Inside the function rather than around the generator: a generator holding no_grad across its yields
     # would leave gradients off in the caller's code between tokens.
     with torch.no_grad():
-        return model(idx, cache=cache, last_only=True)[0][:, -1]
+        return model(idx, cache=cache, last_only=True)[0][:, -1, :vocab_size]
 
 
 def generate_batch(
@@ -133,6 +134,7 @@ def generate_batch(
     settings: SamplingSettings | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    vocab_size: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield `max_new_tokens` tokens, one (batch,) tensor per step, continuing `prompt` (batch, steps).
 
@@ -141,14 +143,15 @@ def generate_batch(
     window is encoded once and each step feeds only the new token; without it each step re-encodes the window.
     Both paths see the same window at every step, so with temperature 0 they give the same tokens at any length
     (and up to block_size tokens that is nanoGPT's crop-to-block_size reference exactly). `model` is a GPT
-    in eval mode (dropout off), or any module with its `config`, `wte`, `new_cache` and forward.
+    in eval mode (dropout off), or any module with its `config`, `wte`, `new_cache` and forward. With
+    `vocab_size`, only ids below it are sampled (a model's vocabulary may be padded beyond its tokenizer's).
     """
     settings = settings or SamplingSettings()
     block_size = model.config.block_size
     device = model.wte.weight.device
     window = prompt.to(device=device, dtype=torch.long)[:, -block_size:]
     cache = model.new_cache(window.size(0)) if use_cache else None
-    logits = last_logits(model, window, cache)
+    logits = last_logits(model, window, cache, vocab_size)
     for step in range(max_new_tokens):
         token = sample_next_token(logits, window, settings, generator)
         yield token
@@ -158,9 +161,9 @@ def generate_batch(
         if window.size(1) > block_size:
             window = window[:, -slide_keep(block_size) :]
             cache = model.new_cache(window.size(0)) if use_cache else None
-            logits = last_logits(model, window, cache)
+            logits = last_logits(model, window, cache, vocab_size)
         else:
-            logits = last_logits(model, token[:, None] if use_cache else window, cache)
+            logits = last_logits(model, token[:, None] if use_cache else window, cache, vocab_size)
 
 
 def generate(
@@ -170,10 +173,11 @@ def generate(
     settings: SamplingSettings | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    vocab_size: int | None = None,
 ) -> Iterator[int]:
     """Token ids continuing one prompt, yielded one at a time (see `generate_batch`)."""
     prompt = torch.tensor([list(prompt_ids)], dtype=torch.long)
-    for token in generate_batch(model, prompt, max_new_tokens, settings, generator, use_cache):
+    for token in generate_batch(model, prompt, max_new_tokens, settings, generator, use_cache, vocab_size):
         yield int(token[0])
 
 
@@ -189,7 +193,7 @@ def stream_text(
 ) -> Iterator[str]:
     """Pieces of the continuation of `prompt_ids`, ready to print, ending before any stop string."""
     decoder = StreamingDecoder(tokenizer, stop)
-    for token_id in generate(model, prompt_ids, max_new_tokens, settings, generator, use_cache):
+    for token_id in generate(model, prompt_ids, max_new_tokens, settings, generator, use_cache, tokenizer.vocab_size):
         piece = decoder.push(token_id)
         if piece:
             yield piece

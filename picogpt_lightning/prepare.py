@@ -32,13 +32,14 @@ import numpy as np
 
 from .corpus import TextStats, chunks, find_text_files, source_sha256, split_parts
 from .corpus_formats import needs_exact_size, reading_key, relative_names
-from .errors import PicoGPTError
+from .errors import PicoGPTError, warn
 from .files import (FolderInUse, FolderLock, commit, make_folders, remove_empty_folders, remove_leftovers,
                     temporary_path, write_json_atomically)
 from .progress import Progress
 from .settings import PrepareSettings
-from .tokenizer import (BPE_FILE, VOCAB_FILE, BPETokenizer, CharTokenizer, Tokenizer, WordTokenizer, fingerprint,
-                        load_tokenizer)
+from .tokenizer import (BPE_FILE, ENDOFTEXT, VOCAB_FILE, BPETokenizer, CharTokenizer, Tokenizer, WordTokenizer,
+                        fingerprint, load_tokenizer)
+from .tokenizer_source import tokenizer_from_path
 
 DEFAULT_CACHE_DIR = "data/prepared"
 FORMAT = 2  # bump when the layout of a prepared folder changes; old caches are then prepared again (2: end-of-text)
@@ -60,23 +61,6 @@ def _train_tokenizer(kind: str, vocab_size: int, text_chunks: Iterable[str]) -> 
     if kind == "bpe":
         return BPETokenizer.train(text_chunks, vocab_size)
     return WordTokenizer.train(text_chunks, vocab_size)
-
-
-def tokenizer_from_path(path: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of a checkpoint (.ckpt, the one it was trained with), a tokenizer.json or vocab.json, or a
-    prepared folder."""
-    path = Path(path)
-    if path.is_dir() or path.suffix == ".json":
-        return load_tokenizer(path)
-    from .checkpoint import read_checkpoint  # torch only when a checkpoint is given
-
-    meta = read_checkpoint(path)["picogpt"]
-    if not meta.get("tokenizer"):
-        raise PicoGPTError(f"{path} holds no tokenizer; use a checkpoint written by `picogpt fit`, or a "
-                           f"tokenizer.json or vocab.json")
-    from .tokenizer import tokenizer_from_json
-
-    return tokenizer_from_json(meta["tokenizer"])
 
 
 def _check_characters(tokenizer: CharTokenizer, text_chunks: Iterable[str], source: str) -> None:
@@ -112,7 +96,24 @@ def _encode(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> np.ndarr
     if isinstance(tokenizer, CharTokenizer):
         arrays = [tokenizer.encode_array(text) for text in texts]
         return np.concatenate(arrays).astype(dtype) if arrays else np.empty(0, dtype=dtype)
+    if isinstance(tokenizer, BPETokenizer):
+        return np.fromiter(itertools.chain.from_iterable(_bpe_ids(tokenizer, texts)), dtype=dtype)
     return np.fromiter(itertools.chain.from_iterable(tokenizer.encode_batch(texts)), dtype=dtype)
+
+
+def _bpe_ids(tokenizer: BPETokenizer, texts: list[str]) -> Iterator[list[int]]:
+    """The ids of each text, without the tokens a tokenizer's post-processor adds to every text it encodes (a
+    Hugging Face tokenizer may put its begin-of-text before each 4 KB chunk). A document's end, written
+    <|endoftext|> in the text, becomes the tokenizer's own end-of-text id, whatever that token is called."""
+    library, eot_id = tokenizer.tokenizer, tokenizer.eot_id
+    split = eot_id is not None and library.token_to_id(ENDOFTEXT) != eot_id  # else the literal encodes to it
+    pieces = [text.split(ENDOFTEXT) if split else [text] for text in texts]
+    encoded = iter(library.encode_batch_fast([piece for parts in pieces for piece in parts], add_special_tokens=False))
+    for parts in pieces:
+        ids = next(encoded).ids
+        for _ in parts[1:]:
+            ids += [eot_id] + next(encoded).ids
+        yield ids
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -239,6 +240,9 @@ def _prepare_locked(text_path: str, files: list[Path], folder: Path, settings: P
     stats = TextStats()
     # Newly trained tokenizers have end-of-text; one given without it (an old checkpoint's) keeps its old text.
     end_of_text = settings.end_of_text and (given is None or given.eot_id is not None)
+    if settings.end_of_text and given is not None and given.eot_id is None and given.kind == "bpe":
+        warn(f"the tokenizer of {settings.tokenizer_from} has no end-of-text token: documents are joined without "
+             f"one (a blank line between them), so a model trained on them does not learn where a text ends")
     first_pass = FIRST_PASS[kind] if given is None else "reading"
     size = sum(path.stat().st_size for path in files) if needs_exact_size(files) else None  # else: unknown
     with Progress(f"{first_pass} {text_path}", size) as progress:

@@ -131,7 +131,8 @@ def reply_pieces(model, tokenizer, template: ChatTemplate, job: ChatJob) -> Iter
 
     def text() -> Iterator[str]:
         nonlocal completion_tokens
-        for token_id in generate(model, prompt_ids, job.max_tokens, job.settings, generator):
+        for token_id in generate(model, prompt_ids, job.max_tokens, job.settings, generator,
+                                 vocab_size=tokenizer.vocab_size):
             completion_tokens += 1
             yield decoder.push(token_id)
             if decoder.stopped:

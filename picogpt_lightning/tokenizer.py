@@ -405,6 +405,31 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     raise PicoGPTError(f"{path} is not a tokenizer file: prepare the data again")
 
 
+GPT2_ENCODER_FILE = "encoder.json"  # GPT-2's own release: token -> id ...
+GPT2_MERGES_FILE = "vocab.bpe"  # ... and its merges, one "left right" pair a line, after a #version line
+
+
+def load_gpt2_files(encoder: str | os.PathLike, merges: str | os.PathLike) -> BPETokenizer:
+    """GPT-2's byte-level BPE from its two original files, as a BPETokenizer (GPT-2's pre-tokenizer regex,
+    no prefix space, <|endoftext|> as its special end-of-text token when the vocabulary has it)."""
+    tk = _import_tokenizers()
+    for path in (encoder, merges):
+        if not Path(path).is_file():
+            raise PicoGPTError(f"{path} does not exist: GPT-2's tokenizer needs both {GPT2_ENCODER_FILE} and "
+                               f"{GPT2_MERGES_FILE} in one folder")
+    try:
+        model = tk.models.BPE.from_file(str(encoder), str(merges))
+    except Exception as error:  # the library raises plain Exception for malformed files
+        raise PicoGPTError(f"{encoder} and {merges} are not GPT-2 tokenizer files ({error}): give GPT-2's "
+                           f"{GPT2_ENCODER_FILE} and {GPT2_MERGES_FILE}") from None
+    tokenizer = tk.Tokenizer(model)
+    tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tk.decoders.ByteLevel()
+    if tokenizer.token_to_id(ENDOFTEXT) is not None:
+        tokenizer.add_special_tokens([ENDOFTEXT])  # keeps its id; the literal text then encodes to it
+    return BPETokenizer(tokenizer)
+
+
 def fingerprint(tokenizer: Tokenizer) -> str:
     """sha256 of the tokenizer's canonical JSON (keys sorted, no spaces): two tokenizers with the same
     fingerprint give the same ids. Stored in prepared data and checkpoints, and compared wherever ids made by

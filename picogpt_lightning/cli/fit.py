@@ -98,7 +98,7 @@ class PicoGPTCLI(LightningCLI):
                             help="with --ckpt_path: resume or validate on other data or with another tokenizer than "
                                  "the checkpoint's (the token ids may then mean other things)")
         parser.link_arguments("data.block_size", "model.block_size")
-        parser.link_arguments("data.tokenizer_vocab_size", "model.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.model_vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.train_tokens", "model.train_tokens", apply_on="instantiate")
 
     # ------------------------------------------------------------------------------------------ settings

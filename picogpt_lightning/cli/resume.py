@@ -27,7 +27,7 @@ INVOCATION_KEYS = ("config", "ckpt_path", "ckpt_dir", "additional_steps", "overw
                    "print_config", "verbose", "weights_only")
 # Settings that change which tokens the ids stand for, or which text is trained and validated on.
 DATA_KEYS = ("data.text_path", "data.prepared_dir", "data.mode", "data.backend", "data.vocab_size",
-             "data.val_fraction", "data.random_split", "data.split_seed")
+             "data.val_fraction", "data.random_split", "data.split_seed", "data.glob", "data.text_field")
 ALLOW_FLAG = "--allow_data_change true"
 
 
