@@ -32,14 +32,14 @@ import numpy as np
 
 from .corpus import TextStats, chunks, find_text_files, source_sha256, split_parts
 from .corpus_formats import needs_exact_size, reading_key, relative_names
-from .errors import PicoGPTError, warn
+from .errors import PicoGPTError
 from .files import (FolderInUse, FolderLock, commit, make_folders, remove_empty_folders, remove_leftovers,
                     temporary_path, write_json_atomically)
 from .progress import Progress
 from .settings import PrepareSettings
 from .tokenizer import (BPE_FILE, ENDOFTEXT, VOCAB_FILE, BPETokenizer, CharTokenizer, Tokenizer, WordTokenizer,
                         fingerprint, load_tokenizer)
-from .tokenizer_source import tokenizer_from_path
+from .tokenizer_source import note_given_tokenizer, tokenizer_from_path
 
 DEFAULT_CACHE_DIR = "data/prepared"
 FORMAT = 2  # bump when the layout of a prepared folder changes; old caches are then prepared again (2: end-of-text)
@@ -240,9 +240,8 @@ def _prepare_locked(text_path: str, files: list[Path], folder: Path, settings: P
     stats = TextStats()
     # Newly trained tokenizers have end-of-text; one given without it (an old checkpoint's) keeps its old text.
     end_of_text = settings.end_of_text and (given is None or given.eot_id is not None)
-    if settings.end_of_text and given is not None and given.eot_id is None and given.kind == "bpe":
-        warn(f"the tokenizer of {settings.tokenizer_from} has no end-of-text token: documents are joined without "
-             f"one (a blank line between them), so a model trained on them does not learn where a text ends")
+    if given is not None:
+        note_given_tokenizer(given, settings.tokenizer_from, settings.end_of_text)
     first_pass = FIRST_PASS[kind] if given is None else "reading"
     size = sum(path.stat().st_size for path in files) if needs_exact_size(files) else None  # else: unknown
     with Progress(f"{first_pass} {text_path}", size) as progress:

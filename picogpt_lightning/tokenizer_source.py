@@ -14,11 +14,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import PicoGPTError
+from .errors import PicoGPTError, warn
 from .tokenizer import (BPE_FILE, GPT2_ENCODER_FILE, GPT2_MERGES_FILE, VOCAB_FILE, Tokenizer, load_gpt2_files,
                         load_tokenizer, tokenizer_from_json)
 
 VOCAB_MULTIPLE = 64
+# A text cut where corpus.py cuts chunks (after a newline): tokenizers that encode the two pieces as the whole
+# (GPT-2's byte-level BPE and ours) give the same ids chunk by chunk as for the whole text.
+CUT_PROBE = ("The first line ends here.\n", "Second line, and more words")
 
 
 def is_checkpoint_path(path: str | os.PathLike) -> bool:
@@ -58,3 +61,21 @@ def model_vocab_size(tokenizer_vocab_size: int, tokenizer_from: str | os.PathLik
     if tokenizer_from is None or is_checkpoint_path(tokenizer_from):
         return tokenizer_vocab_size
     return -(-tokenizer_vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def note_given_tokenizer(tokenizer: Tokenizer, source: str, end_of_text: bool) -> None:
+    """Say, in one line each, what a BPE tokenizer read from elsewhere changes in the prepared ids: no
+    end-of-text token, or a text cut into chunks encoded differently from the whole (a prefix space or a
+    word marker added at the start of every text, as SentencePiece-style tokenizers do)."""
+    if tokenizer.kind != "bpe":
+        return
+    if end_of_text and tokenizer.eot_id is None:
+        warn(f"the tokenizer of {source} has no end-of-text token: documents are joined without one (a blank "
+             f"line between them), so a model trained on them does not learn where a text ends")
+    library = tokenizer.tokenizer
+    whole = library.encode("".join(CUT_PROBE), add_special_tokens=False).ids
+    pieces = [id for piece in CUT_PROBE for id in library.encode(piece, add_special_tokens=False).ids]
+    if whole != pieces:
+        warn(f"the tokenizer of {source} encodes a text cut in two differently from the whole text (it marks the "
+             f"start of every text it encodes): the text is encoded in 4 KB chunks, so a token at each chunk's "
+             f"start may differ from encoding each document at once")

@@ -178,3 +178,16 @@ def test_a_folder_without_any_tokenizer_is_refused_in_one_line(tmp_path):
     (tmp_path / "vocab.bpe").write_text("#version: 0.2\n", encoding="utf-8")
     with pytest.raises(PicoGPTError, match="encoder.json does not exist"):
         tokenizer_from_path(tmp_path / "vocab.bpe")
+
+
+def test_a_tokenizer_that_marks_the_start_of_every_text_is_said_to_differ_at_chunk_edges(world, tmp_path, capsys):
+    _, text = world
+    library = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    library.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(prepend_scheme="first")  # SentencePiece's way
+    library.train_from_iterator([text.read_text(encoding="utf-8")], trainer=tokenizers.trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<unk>", ENDOFTEXT], show_progress=False))
+    library.save(str(tmp_path / "tokenizer.json"))
+    prepare(str(text), str(tmp_path / "out"), tokenizer_from=str(tmp_path / "tokenizer.json"))
+    assert "marks the start of every text it encodes" in capsys.readouterr().err
+    prepare(str(text), str(tmp_path / "gpt2-like"), tokenizer_from=str(world[0] / "tokenizer.json"))
+    assert "warning" not in capsys.readouterr().err
