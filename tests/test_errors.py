@@ -27,7 +27,7 @@ def world(tmp_path_factory):
     (root / "empty.txt").write_text("")
     (root / "short.txt").write_text("Tiny text.\nTwo lines.\n")
     (root / "no_txt").mkdir()
-    (root / "no_txt" / "notes.md").write_text("not a txt file")
+    (root / "no_txt" / "notes.csv").write_text("not a text, JSON lines or Parquet file")
     (root / "not_a_ckpt.ckpt").write_text("hello")
     (root / "a_file").write_text("a regular file where a folder should be")
     (root / "bad_key.yaml").write_text("model:\n  n_layerz: 3\n")
@@ -47,7 +47,7 @@ def world(tmp_path_factory):
 ROWS = {
     "missing text file": (["fit", "--data.text_path", "{root}/missing.txt"], "does not exist", 1),
     "empty text file": (["fit", "--data.text_path", "{root}/empty.txt"], "empty", 1),
-    "folder without .txt": (["fit", "--data.text_path", "{root}/no_txt"], ".txt", 1),
+    "folder without a text file": (["fit", "--data.text_path", "{root}/no_txt"], "has no file to read (no .txt", 1),
     "text shorter than a block": (["fit", "--data.text_path", "{root}/short.txt"], "fewer than block_size + 1", 1),
     "vocab_size too small": (["fit", "--data.mode", "token", "--data.vocab_size", "100"], "vocab_size", 2),
     "vocab_size too large": (["fit", "--data.mode", "token", "--data.vocab_size", "5000000"], "vocab_size", 2),
