@@ -36,6 +36,7 @@ from .conversation import (
 from .corpus import source_sha256
 from .errors import PicoGPTError, warn
 from .prepare import tokenizer_from_path
+from .tokenizer_source import model_vocab_size
 from .tokenizer import Tokenizer, fingerprint, tokenizer_from_json
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -106,10 +107,11 @@ class ConversationData:
     """What the data module builds once: tokenizer, template, and the packed train and val blocks."""
 
     def __init__(self, tokenizer: Tokenizer, template: ChatTemplate, train: PackedBlocks, val: PackedBlocks,
-                 facts: dict):
+                 facts: dict, model_vocab_size: int | None = None):
         self.tokenizer, self.template = tokenizer, template
         self.train, self.val = train, val
         self.facts = facts
+        self.model_vocab_size = model_vocab_size or tokenizer.vocab_size
 
 
 def source_meta(path: str) -> dict | None:
@@ -215,7 +217,10 @@ class ConversationDataModule(L.LightningDataModule):
             "val_answer_tokens": int((packed_val.targets >= 0).sum()),
             "blocks": {"train": len(packed_train.inputs), "val": len(packed_val.inputs)},
         }
-        return ConversationData(tokenizer, template, packed_train, packed_val, facts)
+        # The base model's own vocabulary: it may be padded beyond its tokenizer's (tokenizer_source.py).
+        vocab = (meta or {}).get("model_config", {}).get("vocab_size") or model_vocab_size(tokenizer.vocab_size,
+                                                                                             hp.tokenizer_from)
+        return ConversationData(tokenizer, template, packed_train, packed_val, facts, vocab)
 
     @staticmethod
     def _pack(encoded, block_size: int, pad: int, which: str) -> PackedBlocks:
@@ -254,6 +259,10 @@ class ConversationDataModule(L.LightningDataModule):
     @property
     def tokenizer_vocab_size(self) -> int:
         return self.tokenizer.vocab_size
+
+    @property
+    def model_vocab_size(self) -> int:
+        return self.data.model_vocab_size
 
     @property
     def train_tokens(self) -> int:

@@ -76,7 +76,7 @@ def relative_names(files: list[Path]) -> list[str]:
     return [Path(os.path.relpath(path, root)).as_posix() for path in files]
 
 
-def needs_exact_size(files: list[Path]) -> bool:
+def sizes_are_text_sizes(files: list[Path]) -> bool:
     """Whether the files' sizes on disk are the size of their text (not compressed, not records)."""
     return all(_format_suffix(path) in TEXT_SUFFIXES and path.suffix != ".gz" for path in files)
 

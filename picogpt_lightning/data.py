@@ -146,9 +146,10 @@ class GPTDataModule(L.LightningDataModule):
             split_seed: seed of the random split.
             end_of_text: end each document (each file, each Q/A pair that ends a paragraph) with the
                 end-of-text token when the tokenizer has one, so a model learns to stop.
-            tokenizer_from: encode with the tokenizer of this checkpoint, tokenizer.json, vocab.json or
-                prepared folder instead of training one; `--ckpt_path` (resume, validate) sets it to the
-                checkpoint when not given, so ids keep their meaning.
+            tokenizer_from: encode with the tokenizer of this checkpoint, tokenizer.json, vocab.json, prepared
+                or Hugging Face folder, or GPT-2's encoder.json + vocab.bpe, instead of training one (read from a
+                file, the model's vocabulary is its size rounded up to a multiple of 64); `--ckpt_path` (resume,
+                validate) sets it to the checkpoint when not given, so ids keep their meaning.
             glob: for a folder text_path, the files to read, matched at any depth (e.g. '*.jsonl.gz');
                 default: every .txt, .md, .jsonl and .parquet file, plain or gzipped.
             text_field: the JSON lines field or Parquet column that holds each document's text.

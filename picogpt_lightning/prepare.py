@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .corpus import TextStats, chunks, find_text_files, source_sha256, split_parts
-from .corpus_formats import needs_exact_size, reading_key, relative_names
+from .corpus_formats import reading_key, relative_names, sizes_are_text_sizes
 from .errors import PicoGPTError
 from .files import (FolderInUse, FolderLock, commit, make_folders, remove_empty_folders, remove_leftovers,
                     temporary_path, write_json_atomically)
@@ -243,7 +243,7 @@ def _prepare_locked(text_path: str, files: list[Path], folder: Path, settings: P
     if given is not None:
         note_given_tokenizer(given, settings.tokenizer_from, settings.end_of_text)
     first_pass = FIRST_PASS[kind] if given is None else "reading"
-    size = sum(path.stat().st_size for path in files) if needs_exact_size(files) else None  # else: unknown
+    size = sum(path.stat().st_size for path in files) if sizes_are_text_sizes(files) else None  # else: unknown
     with Progress(f"{first_pass} {text_path}", size) as progress:
         def observed() -> Iterator[str]:
             for chunk in stats.observe(chunks(files, warn_on_bad_bytes=True, end_of_text=end_of_text,

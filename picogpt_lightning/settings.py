@@ -74,9 +74,10 @@ class PrepareSettings:
             then an "A: ..." line that ends a paragraph, becomes "A: ...<|endoftext|>"), as the qa chat
             template ends an answer, so that a model learns to stop. Turn it off for text whose Q:/A: lines
             are not separate exchanges.
-        tokenizer_from: Encode with the tokenizer of this checkpoint (.ckpt), tokenizer.json, vocab.json or
-            prepared folder instead of training one (mode, backend and vocab_size are then ignored); resuming
-            and validating a checkpoint use its own by default. A char tokenizer must know every character.
+        tokenizer_from: Encode with the tokenizer of this checkpoint (.ckpt), tokenizer.json, vocab.json,
+            prepared or Hugging Face folder, or GPT-2's encoder.json + vocab.bpe (either file or their folder)
+            instead of training one (mode, backend and vocab_size are then ignored); resuming and validating a
+            checkpoint use its own by default. A char tokenizer must know every character.
         glob: For a folder text_path: the files to read, matched at any depth (e.g. '*.jsonl.gz'); default
             (null): every .txt, .md, .jsonl and .parquet file, plain or gzipped.
         text_field: The field of each JSON lines record, or the Parquet column, that holds a document's text.

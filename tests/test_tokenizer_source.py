@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from picogpt_lightning import prepare as prepare_module
+from picogpt_lightning import tokenizer_source
 from picogpt_lightning.cli import main
 from picogpt_lightning.data import GPTDataModule
 from picogpt_lightning.errors import PicoGPTError
@@ -19,6 +20,7 @@ from picogpt_lightning.tokenizer import ENDOFTEXT, BPETokenizer
 from picogpt_lightning.tokenizer_source import model_vocab_size, tokenizer_from_path
 
 from helpers import make_config, make_text
+from test_finetune import make_conversations
 
 tokenizers = pytest.importorskip("tokenizers", reason="these tokenizers are Hugging Face `tokenizers` ones")
 
@@ -107,14 +109,20 @@ def test_the_model_vocabulary_is_the_tokenizers_rounded_up_to_64_for_tokenizer_f
 
 def test_fit_on_a_tokenizer_file_trains_a_padded_model_whose_samples_are_tokenizer_ids(world, tmp_path, capsys):
     root, text = world
-    config = make_config(tmp_path, text, data={"mode": "token", "tokenizer_from": str(root / "hf")},
+    config = make_config(tmp_path, text, data={"mode": "token", "tokenizer_from": str(root / "hf"), "block_size": 64},
                          trainer={"max_steps": 2, "val_check_interval": 2})
     assert main(["fit", "--config", str(config), "--sample_tokens", "0"]) == 0
-    checkpoint = torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=True)
-    assert checkpoint["picogpt"]["model_config"]["vocab_size"] == 320
-    assert main(["sample", "--ckpt", str(tmp_path / "checkpoints" / "run" / "last.ckpt"), "--prompt", "The",
-                 "--max_new_tokens", "30", "--temperature", "5", "--top_k", "0", "--seed", "0"]) == 0
+    base = tmp_path / "checkpoints" / "run" / "last.ckpt"
+    assert torch.load(base, weights_only=True)["picogpt"]["model_config"]["vocab_size"] == 320
+    assert main(["sample", "--ckpt", str(base), "--prompt", "The", "--max_new_tokens", "30", "--temperature", "5",
+                 "--top_k", "0", "--seed", "0"]) == 0
     assert capsys.readouterr().out.strip()
+    # Fine-tuning keeps the base model's padded vocabulary.
+    assert main(["finetune", "--model.init_from", str(base), "--data.path",
+                 str(make_conversations(tmp_path / "chat.jsonl")), "--trainer.max_steps", "1", "--sample_tokens", "0",
+                 "--ckpt_dir", str(tmp_path / "chat"), "--trainer.enable_progress_bar", "false",
+                 "--data.batch_size", "2"]) == 0
+    assert torch.load(tmp_path / "chat" / "last.ckpt", weights_only=True)["picogpt"]["model_config"]["vocab_size"] == 320
 
 
 def test_generation_never_samples_the_padding_rows_of_a_padded_vocabulary():
@@ -191,3 +199,17 @@ def test_a_tokenizer_that_marks_the_start_of_every_text_is_said_to_differ_at_chu
     assert "marks the start of every text it encodes" in capsys.readouterr().err
     prepare(str(text), str(tmp_path / "gpt2-like"), tokenizer_from=str(world[0] / "tokenizer.json"))
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_run_from_before_the_padding_resumes_with_its_own_vocabulary(world, tmp_path, monkeypatch):
+    root, text = world
+    config = make_config(tmp_path, text, data={"mode": "token", "tokenizer_from": str(root / "tokenizer.json")},
+                         trainer={"max_steps": 2, "val_check_interval": 2})
+    with monkeypatch.context() as before:
+        before.setattr(tokenizer_source, "VOCAB_MULTIPLE", 1)  # as runs were trained before the padding
+        assert main(["fit", "--config", str(config), "--sample_tokens", "0"]) == 0
+    last = tmp_path / "checkpoints" / "run" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["picogpt"]["model_config"]["vocab_size"] == 300
+    assert main(["fit", "--ckpt_path", str(last), "--additional_steps", "1", "--sample_tokens", "0"]) == 0
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["global_step"] == 3 and resumed["picogpt"]["model_config"]["vocab_size"] == 300

@@ -98,7 +98,8 @@ class PicoGPTCLI(LightningCLI):
                             help="with --ckpt_path: resume or validate on other data or with another tokenizer than "
                                  "the checkpoint's (the token ids may then mean other things)")
         parser.link_arguments("data.block_size", "model.block_size")
-        parser.link_arguments("data.model_vocab_size", "model.vocab_size", apply_on="instantiate")
+        parser.link_arguments(("data.tokenizer_vocab_size", "data.model_vocab_size"), "model.vocab_size",
+                              compute_fn=self._model_vocab_size, apply_on="instantiate")
         parser.link_arguments("data.train_tokens", "model.train_tokens", apply_on="instantiate")
 
     # ------------------------------------------------------------------------------------------ settings
@@ -193,6 +194,12 @@ class PicoGPTCLI(LightningCLI):
                 f"{self.checkpoint_path} is at step {step} and trainer.max_steps is {config.trainer.max_steps}: "
                 f"nothing to train; pass a larger --trainer.max_steps, or --additional_steps N"
             )
+
+    def _model_vocab_size(self, tokenizer_vocab_size: int, padded_vocab_size: int) -> int:
+        """The data's model vocabulary (the tokenizer's, padded when read from a file); a resumed or validated run
+        keeps its checkpoint's when that is either, so runs from before the padding go on unchanged."""
+        saved = ((self.checkpoint or {}).get("picogpt", {}).get("model_config") or {}).get("vocab_size")
+        return saved if saved in (tokenizer_vocab_size, padded_vocab_size) else padded_vocab_size
 
     def _check_shape(self, found: dict) -> None:
         """A changed model shape, refused now rather than after the data is prepared and the model built (the
