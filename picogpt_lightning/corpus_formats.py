@@ -31,6 +31,7 @@ PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES  # each also gzipped: name.jsonl.gz
 DEFAULT_TEXT_FIELD = "text"
 PARQUET_BATCH_ROWS = 1024  # rows read at a time: memory stays at a batch of documents
+READ_BUFFER_BYTES = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,7 +190,8 @@ def _parquet_texts(path: Path, column: str, say_skipped: bool) -> Iterator[str]:
 
     with _seekable(path) as plain:
         try:
-            file = parquet.ParquetFile(plain)
+            # Streamed reads of 1 MB, not whole column chunks buffered ahead: memory stays at a batch of rows.
+            file = parquet.ParquetFile(plain, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
         except (arrow.ArrowException, OSError) as error:
             raise PicoGPTError(f"{path} is not a readable Parquet file ({error}): check the file") from None
         schema = file.schema_arrow
