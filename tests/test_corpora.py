@@ -190,3 +190,11 @@ def test_bad_utf8_in_json_lines_is_replaced_with_one_warning(tmp_path, capsys):
     assert capsys.readouterr().err.count("not valid UTF-8") == 1
     assert meta["source"]["files"] == ["bytes.jsonl"]
     assert np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint16).size > 0
+
+
+def test_an_empty_glob_or_text_field_is_a_bad_setting(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("some text\n", encoding="utf-8")
+    for flag in ("--glob", "--text_field"):
+        assert main(["prepare", "--text_path", str(tmp_path), "--out_dir", str(tmp_path / "out"), flag, ""]) == 2
+        assert f"{flag[2:]} is empty" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
