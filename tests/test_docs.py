@@ -5,8 +5,8 @@ The convention (also in docs/architecture.md, "Docs that are run"):
   `python runnable` by the venv's python. Any other block (plain `bash`, `text`, a transcript) is only shown.
 - The blocks of one file run in order, in one scratch folder, so a block may use what an earlier block of the
   same file made. Each file's folder starts as a clone looks after `make demo`: `configs/` and `data/` copied,
-  `data/prepared/` filled, and `checkpoints/tiny/` holding a run of `configs/tiny.yaml` (a few steps here
-  instead of make demo's 560). `picogpt` is on PATH from the venv, and the device is the CPU.
+  then the Makefile's demo commands run there (its training for 20 steps instead of 560), which fill
+  `data/prepared/` and `checkpoints/tiny/`. `picogpt` is on PATH from the venv, and the device is the CPU.
 - A runnable block uses tiny settings (a few training steps, a few tokens): the whole test stays under a minute
   on a quiet 2-core machine. A block that fails is named by its file and line.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -26,9 +27,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
-# What `make demo` runs (Makefile), shortened to a few steps; the docs' commands start from its run folder.
-DEMO_FIT = ["fit", "--config", "configs/tiny.yaml", "--trainer.accelerator", "cpu", "--trainer.max_steps", "20",
-            "--trainer.val_check_interval", "10", "--trainer.enable_progress_bar", "false"]
+# Added to the training command of `make demo` (Makefile), so that the docs' commands start from a run in seconds.
+FEW_STEPS = ["--trainer.max_steps", "20", "--trainer.val_check_interval", "10", "--trainer.enable_progress_bar", "false"]
 BLOCK_TIMEOUT_S = 180
 
 
@@ -108,6 +108,14 @@ def relative_links(path: Path) -> list[tuple[int, str]]:
     return links
 
 
+def make_demo_commands() -> list[list[str]]:
+    """The commands of the Makefile's demo target, as argument lists (continuation lines joined)."""
+    recipe = re.search(r"^demo:.*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(encoding="utf-8"), re.MULTILINE)
+    assert recipe, "the Makefile has no demo target"
+    lines = recipe.group(1).replace("\\\n", " ").splitlines()
+    return [shlex.split(line.strip().replace("$(BIN)/", "")) for line in lines if line.strip()]
+
+
 def runnable_files() -> list[Path]:
     return [path for path in DOCS if any(block.runnable for block in fenced_blocks(path))]
 
@@ -115,7 +123,8 @@ def runnable_files() -> list[Path]:
 def environment() -> dict:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", MPLBACKEND="Agg", PYTHONUNBUFFERED="1",
+               HF_HUB_OFFLINE="1")
     return env
 
 
@@ -141,13 +150,17 @@ def run_block(block: Block, folder: Path) -> None:
 
 @pytest.fixture(scope="session")
 def after_make_demo(tmp_path_factory) -> Path:
-    """A folder as a clone looks after `make demo`, with a few training steps instead of 560."""
+    """A folder as a clone looks after `make demo` (its commands run here), with a few training steps, not 560."""
     folder = tmp_path_factory.mktemp("after-make-demo")
     shutil.copytree(ROOT / "configs", folder / "configs")
     shutil.copytree(ROOT / "data", folder / "data", ignore=shutil.ignore_patterns("prepared", "tinyshakespeare*"))
-    done = subprocess.run([str(Path(sys.executable).parent / "picogpt"), *DEMO_FIT], cwd=folder, env=environment(),
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for command in make_demo_commands():
+        command = [str(Path(sys.executable).parent / command[0]), *command[1:]]
+        if command[1] == "fit":
+            command += FEW_STEPS
+        done = subprocess.run(command, cwd=folder, env=environment(), stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=BLOCK_TIMEOUT_S)
+        assert done.returncode == 0, f"make demo's {shlex.join(command)}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
     assert (folder / "checkpoints" / "tiny" / "best.ckpt").is_file()
     return folder
 
@@ -194,6 +207,12 @@ def test_every_shipped_config_has_a_row_in_the_configs_table():
     training = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
     missing = [config.name for config in sorted((ROOT / "configs").glob("*.yaml")) if f"`{config.name}`" not in training]
     assert not missing, f"docs/training.md's table of configs lacks {', '.join(missing)}"
+
+
+def test_make_demo_trains_the_tiny_config_and_samples_from_its_run():
+    commands = make_demo_commands()
+    assert [command[:2] for command in commands] == [["picogpt", "fit"], ["picogpt", "sample"]]
+    assert "configs/tiny.yaml" in commands[0] and "checkpoints/tiny/best.ckpt" in commands[1]
 
 
 def test_a_failing_block_is_named_by_its_file_and_line(tmp_path):
