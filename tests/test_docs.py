@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
 # Added to the training command of `make demo` (Makefile), so that the docs' commands start from a run in seconds.
-FEW_STEPS = ["--trainer.max_steps", "20", "--trainer.val_check_interval", "10", "--trainer.enable_progress_bar", "false"]
-BLOCK_TIMEOUT_S = 180
+FEW_STEPS = ["--trainer.max_steps", "20", "--trainer.val_check_interval", "10",
+             "--trainer.enable_progress_bar", "false"]
+BLOCK_TIMEOUT_S = 600  # against a hang; a block takes seconds on a quiet machine, minutes on a crowded one
 
 
 @dataclass
@@ -133,7 +134,7 @@ def run_block(block: Block, folder: Path) -> None:
         script = folder / f"doc_block_{block.line}.py"
         script.write_text(block.code, encoding="utf-8")
         command = [sys.executable, script.name]
-    elif block.info[0] in ("bash", "sh", "shell", "console"):
+    elif block.info[0] in ("bash", "sh", "shell"):
         command = ["bash", "-eo", "pipefail", "-c", block.code]
     else:
         pytest.fail(f"{block.where}: a runnable block must be bash or python, not {block.info[0]}")
@@ -151,6 +152,7 @@ def run_block(block: Block, folder: Path) -> None:
 @pytest.fixture(scope="session")
 def after_make_demo(tmp_path_factory) -> Path:
     """A folder as a clone looks after `make demo` (its commands run here), with a few training steps, not 560."""
+    assert (Path(sys.executable).parent / "picogpt").exists(), "run the tests with the venv's python (make test)"
     folder = tmp_path_factory.mktemp("after-make-demo")
     shutil.copytree(ROOT / "configs", folder / "configs")
     shutil.copytree(ROOT / "data", folder / "data", ignore=shutil.ignore_patterns("prepared", "tinyshakespeare*"))
@@ -205,7 +207,8 @@ def test_the_docs_mark_the_commands_that_matter_runnable():
 
 def test_every_shipped_config_has_a_row_in_the_configs_table():
     training = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
-    missing = [config.name for config in sorted((ROOT / "configs").glob("*.yaml")) if f"`{config.name}`" not in training]
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    missing = [config.name for config in configs if f"`{config.name}`" not in training]
     assert not missing, f"docs/training.md's table of configs lacks {', '.join(missing)}"
 
 
