@@ -1,4 +1,4 @@
-"""Every shipped config parses as written (keys and types), and points at the data its README row says."""
+"""Every shipped config parses as written (keys and types), and points at the data its row in docs/training.md says."""
 
 from pathlib import Path
 
