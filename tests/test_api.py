@@ -63,6 +63,15 @@ def test_greedy_is_deterministic_without_a_seed_and_stop_strings_end_the_text(mo
     assert stopped == greedy[: greedy.find(stop)] and stop not in stopped
 
 
+def test_a_temperature_or_top_p_too_small_for_float32_is_greedy(model):
+    greedy = model.generate("Q:", max_new_tokens=20, temperature=0)
+    assert model.generate("Q:", max_new_tokens=20, temperature=1e-300) == greedy
+    assert model.generate("Q:", max_new_tokens=20, temperature=1.0, top_p=1e-300, seed=3) == greedy
+    question = [{"role": "user", "content": "What?"}]
+    assert model.chat(question, max_new_tokens=10, temperature=1e-300) == model.chat(question, max_new_tokens=10,
+                                                                                     temperature=0)
+
+
 def test_unknown_prompt_characters_warn_instead_of_printing(model):
     with pytest.warns(UserWarning, match="never saw"):
         model.generate("Q: Ünknown", max_new_tokens=3, seed=0)

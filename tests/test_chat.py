@@ -114,6 +114,7 @@ def test_commands_reset_set_system_prompt_and_temperature(tokenizer):
     assert session.handle("/system You are picoGPT.") and session.system_prompt == "You are picoGPT."
     assert session.handle("/temp 0.3") and session.settings.temperature == 0.3
     assert session.handle("/temp hot") and session.settings.temperature == 0.3
+    assert session.handle("/temp 1e-300") and session.settings.temperature == 1e-300  # greedy when sampling
     assert session.handle("/what") and "unknown command /what" in session.notes.getvalue()
     assert not session.handle("/exit")
 
