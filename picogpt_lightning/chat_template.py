@@ -71,6 +71,7 @@ def validate_messages(messages: object, for_generation: bool = False) -> list[di
 class Segment(NamedTuple):
     text: str
     trained: bool  # the model learns to write it: an answer and its end
+    special: bool = False  # template markup that is the end-of-text token; any other text is encoded as text
 
 
 @dataclass
@@ -158,7 +159,8 @@ class ChatTemplate:
                 continue
             pieces.append(Segment(self.generation_prefix, False))
             if has_eot:
-                pieces += [Segment(self.answer_lead + content, True), Segment(ENDOFTEXT, True), Segment(suffix, False)]
+                pieces += [Segment(self.answer_lead + content, True), Segment(ENDOFTEXT, True, special=True),
+                           Segment(suffix, False)]
             elif suffix:
                 pieces.append(Segment(self.answer_lead + content + suffix, True))
             else:

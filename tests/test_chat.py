@@ -47,7 +47,7 @@ class ScriptedModel(torch.nn.Module):
 
 @pytest.fixture
 def tokenizer() -> CharTokenizer:
-    return CharTokenizer.train([TEXT, "<|im_start|>user assistant<|im_end|>"])
+    return CharTokenizer.train([TEXT, "<|im_start|>user assistant<|im_end|> fx"])
 
 
 def session_for(model, tokenizer, **options) -> ChatSession:
@@ -104,6 +104,13 @@ def test_history_truncation_drops_oldest_turns_but_keeps_the_system_prompt(token
     assert 0 < len(session.history) < 4 and session.history[-1][0] == "What is a habit?"
     assert "What is knowledge?" not in prompt
     assert "oldest turn(s)" in session.notes.getvalue()
+
+
+def test_end_of_text_typed_in_a_message_is_text_not_the_token(tokenizer):
+    session = session_for(ScriptedModel(tokenizer, {}, block_size=256), tokenizer)
+    session.history = [("hi<|endoftext|>", "yo")]
+    ids = session.build_prompt("What<|endoftext|>?")
+    assert ids.count(tokenizer.eot_id) == 1  # after the remembered answer, from the template
 
 
 def test_commands_reset_set_system_prompt_and_temperature(tokenizer):
