@@ -42,35 +42,29 @@ class SlotCache:
         self.store = model.new_cache(slots)
         self.lengths = [0] * slots
         self.active = 0  # rows in the next forward
+        self.device = self.store.keys[0].device
 
-    @property
-    def device(self) -> torch.device:
-        return self.store.keys[0].device
-
-    @property
-    def length(self) -> int:
-        """The longest active row: what the model checks against its context."""
-        return max(self.lengths[: self.active], default=0)
-
-    def _lengths(self) -> torch.Tensor:
-        return torch.tensor(self.lengths[: self.active], device=self.device)
+    def prepare(self, active: int) -> None:
+        """Before a forward of rows 0..active-1: where each row writes, once for every layer."""
+        self.active = active
+        self.rows = torch.arange(active, device=self.device)
+        self.at = torch.tensor(self.lengths[:active], device=self.device)
+        self.length = max(self.lengths[:active])  # the longest row: what the model checks against its context
+        keys = torch.arange(self.length + 1, device=self.device)
+        self.mask = (keys <= self.at[:, None])[:, None, None, :]  # (rows, 1, 1, keys): own keys up to its own
 
     def positions(self, steps: int) -> torch.Tensor:
-        return self._lengths()[:, None] + torch.arange(steps, device=self.device)
+        return self.at[:, None]
 
     def attention_mask(self, steps: int) -> torch.Tensor:
-        """(rows, 1, steps, keys): each new query sees its own row's keys up to its own position."""
         if steps != 1:
             raise ValueError("a SlotCache feeds one token per row; encode prompts into a KVCache and load() it")
-        keys = torch.arange(self.length + 1, device=self.device)
-        return (keys <= self._lengths()[:, None])[:, None, None, :]
+        return self.mask
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.arange(self.active, device=self.device)
-        at = self._lengths()
         keys, values = self.store.keys[layer], self.store.values[layer]
-        keys[rows, :, at] = k[:, :, 0]
-        values[rows, :, at] = v[:, :, 0]
+        keys[self.rows, :, self.at] = k[:, :, 0]
+        values[self.rows, :, self.at] = v[:, :, 0]
         end = self.length + 1
         return keys[: self.active, :, :end], values[: self.active, :, :end]
 
@@ -149,7 +143,8 @@ class BatchGenerator:
         return self.max_batch_size - len(self.slots)
 
     def add(self, request: GenerationRequest) -> None:
-        """Start a request in the next free row: its prompt (cropped to the context) is encoded alone."""
+        """Start a request in the next free row: its prompt (cropped to the context) is encoded alone and its
+        first token drawn at once, so a request joining a busy batch waits for no step to see it."""
         if not self.free:
             raise RuntimeError("no free slot: check `free` before adding")
         block_size = self.model.config.block_size
@@ -158,10 +153,15 @@ class BatchGenerator:
         if request.max_new_tokens < 1:
             return self._end(slot, "length")
         self.slots.append(slot)
-        self._encode_window(len(self.slots) - 1)
+        cache = self.model.new_cache(1)
+        logits = last_logits(self.model, slot.window, cache)
+        self.cache.load(len(self.slots) - 1, cache)
+        self._take(len(self.slots) - 1, slot, sample_next_token(logits, slot.window, request.settings,
+                                                                request.generator))
+        self._drop_finished()
 
     def _encode_window(self, row: int) -> None:
-        """All of the row's window but its last token into its cache row (the step feeds the last one)."""
+        """All of the row's window but its last token into its cache row (the next step feeds the last one)."""
         window = self.slots[row].window
         cache = self.model.new_cache(1)
         if window.size(1) > 1:
@@ -175,7 +175,7 @@ class BatchGenerator:
         self._drop_finished()
         if not self.slots:
             return
-        self.cache.active = len(self.slots)
+        self.cache.prepare(len(self.slots))
         last_tokens = torch.cat([slot.window[:, -1:] for slot in self.slots])
         logits = last_logits(self.model, last_tokens, self.cache)
         for row, slot in enumerate(self.slots):
