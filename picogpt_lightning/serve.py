@@ -118,19 +118,29 @@ def _usage(prompt_tokens: int, finish: Finish) -> dict:
             "total_tokens": prompt_tokens + finish.completion_tokens}
 
 
+class KeyCheck:
+    """ASGI middleware: a request without `Authorization: Bearer KEY` gets 401 before any route sees it (plain
+    ASGI rather than FastAPI's @middleware, which would pass every streamed chunk through another queue)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, given = header.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.key):
+            return await self.app(scope, receive, send)
+        message = "Incorrect API key provided" if given else "No API key provided: send Authorization: Bearer KEY"
+        await error_response(RequestError(message, status=401, code="invalid_api_key"))(scope, receive, send)
+
+
 def build_app(service: ChatService, settings: ServeSettings) -> FastAPI:
     app = FastAPI(title="picogpt", docs_url=None, redoc_url=None, openapi_url=None)
-    key = settings.api_key
-
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if key is None or request.url.path in OPEN_PATHS:
-            return await call_next(request)
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode()):
-            return await call_next(request)
-        message = "Incorrect API key provided" if given else "No API key provided: send Authorization: Bearer KEY"
-        return error_response(RequestError(message, status=401, code="invalid_api_key"))
+    if settings.api_key is not None:
+        app.add_middleware(KeyCheck, key=settings.api_key)
+    page = resources.files(__package__).joinpath("static", "chat.html").read_text("utf-8")
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
@@ -144,7 +154,7 @@ def build_app(service: ChatService, settings: ServeSettings) -> FastAPI:
 
     @app.get("/", include_in_schema=False)
     async def chat_page() -> HTMLResponse:
-        return HTMLResponse(resources.files(__package__).joinpath("static", "chat.html").read_text("utf-8"))
+        return HTMLResponse(page)
 
     @app.get("/health")
     async def health() -> PlainTextResponse:
