@@ -351,3 +351,17 @@ def test_an_exposed_server_without_a_key_says_so_in_one_line(endless_ckpt, tmp_p
     assert len(lines) == 1 and "--api_key" in lines[0]
     serving.serve(str(endless_ckpt), "cpu", ServeSettings(host="0.0.0.0", threads=1, api_key="k"))
     assert "anyone" not in capsys.readouterr().err
+
+
+def test_the_key_may_come_from_picogpt_api_key_and_the_flag_wins(monkeypatch):
+    import picogpt_lightning.serve as serving
+    from picogpt_lightning.cli.serve import serve_command
+
+    served = []
+    monkeypatch.setattr(serving, "serve", lambda ckpt, device, settings: served.append(settings.api_key))
+    monkeypatch.setenv("PICOGPT_API_KEY", "from-env")
+    serve_command("x.ckpt")
+    serve_command("x.ckpt", api_key="from-flag")
+    monkeypatch.delenv("PICOGPT_API_KEY")
+    serve_command("x.ckpt")
+    assert served == ["from-env", "from-flag", None]
