@@ -20,11 +20,11 @@ import queue
 import threading
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 
 import torch
 
-from .generate import last_logits, sample_next_token, slide_keep
+from .generate import is_greedy, last_logits, sample_next_token, sampling_probabilities, slide_keep
 from .prompt import StreamingDecoder
 from .settings import SamplingSettings
 
@@ -178,11 +178,34 @@ class BatchGenerator:
         self.cache.prepare(len(self.slots))
         last_tokens = torch.cat([slot.window[:, -1:] for slot in self.slots])
         logits = last_logits(self.model, last_tokens, self.cache)
-        for row, slot in enumerate(self.slots):
-            token = sample_next_token(logits[row : row + 1], slot.window, slot.request.settings,
-                                      slot.request.generator)
-            self._take(row, slot, token)
+        for row, token in enumerate(self._sample(logits)):
+            self._take(row, self.slots[row], token)
         self._drop_finished()
+
+    def _sample(self, logits: torch.Tensor) -> list[torch.Tensor]:
+        """A token per row, as sample_next_token would draw it for that row alone. Rows with the same settings
+        (and no repetition penalty, which reads each row's own window) are filtered together; each row then
+        draws from its own generator."""
+        tokens: list[torch.Tensor | None] = [None] * len(self.slots)
+        groups: dict[tuple, list[int]] = {}
+        for row, slot in enumerate(self.slots):
+            settings = slot.request.settings
+            if settings.repetition_penalty != 1.0:
+                tokens[row] = sample_next_token(logits[row : row + 1], slot.window, settings, slot.request.generator)
+            else:
+                groups.setdefault(astuple(settings), []).append(row)
+        for rows in groups.values():
+            settings = self.slots[rows[0]].request.settings
+            group_logits = logits[rows].float()
+            if is_greedy(settings):
+                for row, token in zip(rows, group_logits.argmax(dim=-1)):
+                    tokens[row] = token[None]
+                continue
+            probs = sampling_probabilities(group_logits, settings)
+            for index, row in enumerate(rows):
+                tokens[row] = torch.multinomial(probs[index : index + 1], num_samples=1,
+                                                generator=self.slots[row].request.generator).squeeze(1)
+        return tokens
 
     def _take(self, row: int, slot: _Slot, token: torch.Tensor) -> None:
         slot.tokens += 1

@@ -93,8 +93,19 @@ def sample_next_token(
     logits = logits.float()
     if settings.repetition_penalty != 1.0:
         logits = penalize_repetition(logits, context, settings.repetition_penalty)
-    if logits.new_tensor(settings.temperature) == 0:  # 0, or so small (1e-300) that it is 0 in float32
+    if is_greedy(settings):
         return logits.argmax(dim=-1)
+    probs = sampling_probabilities(logits, settings)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+def is_greedy(settings: SamplingSettings) -> bool:
+    """Temperature 0, or so small (1e-300) that it is 0 in float32."""
+    return torch.tensor(settings.temperature, dtype=torch.float32) == 0
+
+
+def sampling_probabilities(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+    """The distribution each row (float logits, batch x vocab) is sampled from, after temperature, top_k, top_p."""
     # Shifted so the best logit is 0 before dividing: a tiny temperature then sends the others to -inf
     # (greedy in the limit) instead of overflowing every logit to inf and the softmax to NaN.
     logits = (logits - logits.max(dim=-1, keepdim=True).values) / settings.temperature
@@ -102,8 +113,7 @@ def sample_next_token(
         logits = keep_top_k(logits, settings.top_k)
     if settings.top_p is not None and settings.top_p < 1:
         logits = keep_top_p(logits, settings.top_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    return logits.softmax(dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------- many tokens

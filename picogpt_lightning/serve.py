@@ -25,6 +25,7 @@ import asyncio
 import hmac
 import json
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -56,6 +57,29 @@ def error_response(error: RequestError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
 
+class Inbox:
+    """Hands pieces from the generating thread to the event loop, waking the loop once per batch of them (a
+    step emits a piece for every request in the batch) rather than once per piece."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.items: list[tuple[asyncio.Queue, object]] = []
+
+    def put(self, pieces: asyncio.Queue, item) -> None:
+        with self.lock:
+            self.items.append((pieces, item))
+            if len(self.items) > 1:
+                return  # a wake-up is on its way
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for pieces, item in items:
+            pieces.put_nowait(item)
+
+
 class ChatService:
     """The model, its template and the scheduler: turns a ChatJob into a stream of answer pieces."""
 
@@ -64,14 +88,16 @@ class ChatService:
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.scheduler, self.limits = scheduler, limits
         self.stop = template.stop_strings(tokenizer.eot_id is not None)
+        self.inbox: Inbox | None = None  # made in the server's event loop, on the first request
 
     def start(self, job: ChatJob) -> tuple[GenerationRequest, asyncio.Queue, int]:
         """Queue the job's generation; its pieces, then a Finish, arrive on the returned queue."""
         prompt_ids = encode_conversation(job.messages, self.template, self.tokenizer, add_generation_prompt=True).ids
-        loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
+        self.inbox = self.inbox or Inbox(asyncio.get_running_loop())
+        inbox, pieces = self.inbox, asyncio.Queue()
         generation = GenerationRequest(prompt_ids, job.max_tokens, job.settings,
                                        make_generator(job.seed, self.model.wte.weight.device), self.stop + job.stop,
-                                       emit=lambda item: loop.call_soon_threadsafe(pieces.put_nowait, item))
+                                       emit=lambda item: inbox.put(pieces, item))
         try:
             self.scheduler.submit(generation)
         except QueueFull:
