@@ -1,14 +1,18 @@
-"""Serving speed: requests per second and time to first token, for 1 and 8 concurrent clients.
+"""Serving speed: requests per second and time to first token for 1, 2, 4 and 8 concurrent clients, of the
+batched server against the same server answering one request at a time.
 
-    python -m benchmarks.serve_speed --ckpt checkpoints/tiny/best.ckpt
-    python -m benchmarks.serve_speed --ckpt checkpoints/tiny/best.ckpt --workers 2 --requests 16
+    python -m benchmarks.serve_speed --ckpt checkpoints/chat/best.ckpt
+    python -m benchmarks.serve_speed --ckpt checkpoints/chat/best.ckpt --requests 16 --max_batch_size 8
 
-Starts the OpenAI-compatible server (`picogpt serve`) over the checkpoint in a child process on a free
-port, sends one warm-up request, then for each number of clients has every client send `requests` streamed
-chat requests one after the other. Time to first token is measured from sending a request to receiving its
+Starts the OpenAI-compatible server (`picogpt serve`) over the checkpoint in a child process on a free port,
+twice: with `--max_batch_size 1` (one request at a time, the server before batching) and with batches of
+`max_batch_size`. Each sends one warm-up request, then for each number of clients has every client send
+`requests` streamed chat requests one after the other. Time to first token is measured from sending a request to receiving its
 first piece of answer text; requests/s is all requests of a round over its wall time. Each request has its own
 seed, so answers differ but every run sends the same ones. Answers may end before max_tokens at end-of-text,
-hence the tokens per answer beside the figures. Run it on an idle machine: other work shifts every figure.
+hence the tokens per answer beside the figures. Ratios are against one client of the same server; the target
+of batching is 8 clients at >= 3x one client's requests/s with a median time to first token <= 2x one
+client's. Run it on an idle machine: other work shifts every figure.
 """
 
 from __future__ import annotations
@@ -33,10 +37,10 @@ QUESTIONS = ("What is knowledge?", "Why is a lucky guess not the same as knowing
              "Can a whole society know something that no single member knows?")
 
 
-def start_server(ckpt: str, port: int, workers: int, threads: int | None) -> subprocess.Popen:
-    """`picogpt serve` in its own session (so that it and its workers can be stopped together)."""
+def start_server(ckpt: str, port: int, max_batch_size: int, threads: int | None) -> subprocess.Popen:
+    """`picogpt serve` in its own session (so that it and anything it starts can be stopped together)."""
     command = [sys.executable, "-m", "picogpt_lightning.cli", "serve", "--ckpt", ckpt, "--port", str(port),
-               "--device", "cpu", "--workers", str(workers), "--log_level", "warning"]
+               "--device", "cpu", "--max_batch_size", str(max_batch_size), "--log_level", "warning"]
     if threads is not None:
         command += ["--threads", str(threads)]
     repo_root = str(Path(__file__).resolve().parent.parent)
@@ -119,43 +123,62 @@ def round_of_clients(base: str, clients: int, requests: int, max_tokens: int) ->
     }
 
 
-def main(
-    ckpt: str,
-    clients: tuple[int, ...] = (1, 8),
-    requests: int = 8,
-    max_tokens: int = 64,
-    workers: int = 1,
-    threads: int | None = None,
-) -> None:
-    """Print requests/s and time to first token of the server for each number of concurrent clients.
-
-    Args:
-        ckpt: Checkpoint to serve (a tiny model shows the server's own overhead best).
-        clients: Numbers of concurrent clients, one round each.
-        requests: Requests each client sends, one after the other.
-        max_tokens: Longest answer per request.
-        workers: The server's inference processes.
-        threads: torch threads per worker; null: the CPU cores shared out between the workers.
-    """
+def measure(ckpt: str, max_batch_size: int, clients: tuple[int, ...], requests: int, max_tokens: int,
+            threads: int | None) -> dict[int, dict[str, float]]:
+    """Figures of one server for each number of clients, printed as they come."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
-    print(f"serving {ckpt} on cpu: {workers} worker(s), {threads or 'default'} thread(s) each; "
-          f"{requests} streamed requests per client, max_tokens {max_tokens}", flush=True)
-    print(machine_line(torch.device("cpu")), flush=True)
-    server = start_server(ckpt, port, workers, threads)
+    server = start_server(ckpt, port, max_batch_size, threads)
+    results = {}
     try:
         wait_until_ready(base, server)
         streamed_request(base, QUESTIONS[0], max_tokens, seed=0)  # warm-up: first calls pay for allocations
         for count in clients:
-            figures = round_of_clients(base, count, requests, max_tokens)
-            print(f"{count} client(s): {figures['requests_per_second']:.2f} requests/s, time to first token "
-                  f"median {figures['ttft_median'] * 1000:.0f} ms (p90 {figures['ttft_p90'] * 1000:.0f} ms), "
+            figures = results[count] = round_of_clients(base, count, requests, max_tokens)
+            one = results[clients[0]]
+            print(f"max_batch_size {max_batch_size}, {count} client(s): {figures['requests_per_second']:.2f} "
+                  f"requests/s ({figures['requests_per_second'] / one['requests_per_second']:.2f}x), time to first "
+                  f"token median {figures['ttft_median'] * 1000:.0f} ms "
+                  f"({figures['ttft_median'] / one['ttft_median']:.2f}x; p90 {figures['ttft_p90'] * 1000:.0f} ms), "
                   f"{figures['tokens_per_answer']:.0f} tokens per answer, {figures['tokens_per_second']:.0f} "
                   f"tokens/s in all", flush=True)
     finally:
         stop_server(server)
+    return results
+
+
+def main(
+    ckpt: str,
+    clients: tuple[int, ...] = (1, 2, 4, 8),
+    requests: int = 8,
+    max_tokens: int = 64,
+    max_batch_size: int = 8,
+    threads: int | None = None,
+) -> None:
+    """Print requests/s and time to first token for each number of concurrent clients, one request at a time
+    and batched, then whether batching met its target.
+
+    Args:
+        ckpt: Checkpoint to serve (a tiny model shows the server's own overhead best).
+        clients: Numbers of concurrent clients, one round each; the first is the reference of the ratios.
+        requests: Requests each client sends, one after the other.
+        max_tokens: Longest answer per request.
+        max_batch_size: The batched server's batch.
+        threads: torch threads of the server; null: its default (every core).
+    """
+    print(f"serving {ckpt} on cpu, {threads or 'default'} thread(s); {requests} streamed requests per client, "
+          f"max_tokens {max_tokens}", flush=True)
+    print(machine_line(torch.device("cpu")), flush=True)
+    measure(ckpt, 1, clients, requests, max_tokens, threads)
+    batched = measure(ckpt, max_batch_size, clients, requests, max_tokens, threads)
+    one, most = batched[clients[0]], batched[clients[-1]]
+    throughput = most["requests_per_second"] / one["requests_per_second"]
+    first_token = most["ttft_median"] / one["ttft_median"]
+    met = "met" if throughput >= 3 and first_token <= 2 else "NOT met"
+    print(f"batched, {clients[-1]} clients against {clients[0]}: {throughput:.2f}x the requests/s (target >= 3x), "
+          f"median time to first token {first_token:.2f}x (target <= 2x): {met}", flush=True)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .batching import GenerationRequest, generate_many
 from .checkpoint import LoadedCheckpoint, load_checkpoint
 from .chat_template import ChatTemplate, get_template, template_from_meta, validate_messages
 from .conversation import encode_conversation
@@ -67,18 +68,20 @@ class PicoGPT:
 
     def generate(
         self,
-        prompt: str = "\n",
+        prompt: str | Sequence[str] = "\n",
         max_new_tokens: int = 200,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         stream: bool = False,
         **sampling,
-    ) -> str | Iterator[str]:
+    ) -> str | Iterator[str] | list[str]:
         """The continuation of `prompt` (without the prompt), or with `stream=True` an iterator of its pieces.
 
         Args:
             prompt: Text to continue. Characters a char model never saw are mapped to close ones or dropped,
-                with a warning; a prompt longer than the context keeps its end.
+                with a warning; a prompt longer than the context keeps its end. A list of prompts is generated
+                together in batches (batching.py) and gives a list of texts, each the one its prompt gets alone
+                with the same seed.
             max_new_tokens: Tokens to generate; the context window slides past block_size.
             seed: The same seed gives the same text on the same device; None draws a fresh one each call.
             stop: A string or strings; the text ends before the first one generated (which is left out).
@@ -88,14 +91,30 @@ class PicoGPT:
         settings = SamplingSettings(**sampling)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        fitted, replacements = fit_to_vocabulary(prompt, self.tokenizer)
-        if replacements:
-            warnings.warn(describe_replacements(replacements), stacklevel=2)
-        _, prompt_ids = encode_prompt(fitted, self.tokenizer, warn=False)
         stops = [stop] if isinstance(stop, str) else list(stop or ())
+        if not isinstance(prompt, str):
+            if stream:
+                raise ValueError("stream=True takes one prompt; pass a string")
+            return self._generate_together([self._prompt_ids(text) for text in prompt], max_new_tokens, settings,
+                                           seed, stops)
+        prompt_ids = self._prompt_ids(prompt)
         pieces = stream_text(self.model, self.tokenizer, prompt_ids, max_new_tokens, settings,
                              make_generator(seed, self.device), stops)
         return pieces if stream else "".join(pieces)
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        fitted, replacements = fit_to_vocabulary(prompt, self.tokenizer)
+        if replacements:
+            warnings.warn(describe_replacements(replacements), stacklevel=3)
+        return encode_prompt(fitted, self.tokenizer, warn=False)[1]
+
+    def _generate_together(self, prompts: list[list[int]], max_new_tokens: int, settings: SamplingSettings,
+                           seed: int | None, stops: list[str], max_batch_size: int = 16) -> list[str]:
+        outputs: list[list] = [[] for _ in prompts]
+        requests = [GenerationRequest(ids, max_new_tokens, settings, make_generator(seed, self.device), stops,
+                                      outputs[index].append) for index, ids in enumerate(prompts)]
+        generate_many(self.model, self.tokenizer, requests, max_batch_size)
+        return ["".join(item for item in output if isinstance(item, str)) for output in outputs]
 
     @property
     def chat_template(self) -> ChatTemplate:

@@ -71,6 +71,7 @@ def validate_messages(messages: object, for_generation: bool = False) -> list[di
 class Segment(NamedTuple):
     text: str
     trained: bool  # the model learns to write it: an answer and its end
+    special: bool = False  # template markup that is the end-of-text token; any other text is encoded as text
 
 
 @dataclass
@@ -158,7 +159,8 @@ class ChatTemplate:
                 continue
             pieces.append(Segment(self.generation_prefix, False))
             if has_eot:
-                pieces += [Segment(self.answer_lead + content, True), Segment(ENDOFTEXT, True), Segment(suffix, False)]
+                pieces += [Segment(self.answer_lead + content, True), Segment(ENDOFTEXT, True, special=True),
+                           Segment(suffix, False)]
             elif suffix:
                 pieces.append(Segment(self.answer_lead + content + suffix, True))
             else:
@@ -190,17 +192,11 @@ class ChatTemplate:
 
     def answer_pieces(self, pieces: Iterable[str]) -> Iterator[str]:
         """Generated pieces of an answer without its `answer_lead`, which belongs to the template's form."""
-        lead = self.answer_lead
-        held: str | None = ""  # text that may still be the lead; None once past it
+        lead = AnswerLead(self.answer_lead)
         for piece in pieces:
-            if held is None:
+            piece = lead.strip(piece)
+            if piece:
                 yield piece
-                continue
-            held += piece
-            if len(held) >= len(lead) or not lead.startswith(held):
-                rest, held = held.removeprefix(lead), None
-                if rest:
-                    yield rest
 
     def jinja(self, has_eot: bool) -> str:
         """The same template for Hugging Face's `tokenizer_config.json` ("chat_template").
@@ -241,6 +237,24 @@ BUILTIN_TEMPLATES = {
     ),
 }
 DEFAULT_TEMPLATE = "qa"
+
+
+class AnswerLead:
+    """Takes the template's `answer_lead` off the start of an answer that arrives piece by piece."""
+
+    def __init__(self, lead: str):
+        self.lead = lead
+        self.held: str | None = ""  # text that may still be the lead; None once past it
+
+    def strip(self, piece: str) -> str:
+        """The part of `piece` that is answer (empty while it may still be the lead)."""
+        if self.held is None:
+            return piece
+        self.held += piece
+        if len(self.held) >= len(self.lead) or not self.lead.startswith(self.held):
+            rest, self.held = self.held.removeprefix(self.lead), None
+            return rest
+        return ""
 
 
 def get_template(template: str | dict | ChatTemplate | None = None) -> ChatTemplate:

@@ -24,7 +24,7 @@ import numpy as np
 from .chat_template import ChatTemplate, Segment, validate_messages
 from .errors import PicoGPTError
 from .prompt import fit_to_vocabulary
-from .tokenizer import ENDOFTEXT, Tokenizer
+from .tokenizer import Tokenizer
 
 CONVERSATION_SUFFIX = ".jsonl"
 
@@ -151,12 +151,14 @@ def encode_conversation(
 
     A token carries loss when it starts inside an answer or is the end-of-text after one. Characters a char
     model never saw are mapped piece by piece (never inside the end-of-text literal, which is one token).
+    Only the template's own end-of-text is the special token: the same text inside a message is encoded as
+    text, so a message cannot forge a turn boundary.
     """
     has_eot = tokenizer.eot_id is not None
     pieces = []
     unseen = UnseenCharacters()
     for piece in template.segments(messages, has_eot, add_generation_prompt):
-        if piece.text == ENDOFTEXT:
+        if piece.special:
             pieces.append(piece)
             continue
         fitted, replacements = fit_to_vocabulary(piece.text, tokenizer)
@@ -170,8 +172,35 @@ def encode_conversation(
     for piece in pieces:
         trained_characters[position : position + len(piece.text)] = piece.trained
         position += len(piece.text)
-    ids, starts = tokenizer.encode_with_offsets(text)
-    return EncodedConversation(list(ids), trained_characters[np.asarray(starts, dtype=np.int64)], unseen)
+    ids, starts = _encode_around_markup(pieces, tokenizer)
+    return EncodedConversation(ids, trained_characters[np.asarray(starts, dtype=np.int64)], unseen)
+
+
+def _encode_around_markup(pieces: Sequence[Segment], tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """Ids and start offsets of the joined pieces: each special piece is the end-of-text id, the text between
+    them is encoded with special-token text as ordinary text. The tokenizers split at end-of-text anyway, so
+    text without the literal encodes exactly as the whole text would."""
+    ids: list[int] = []
+    starts: list[int] = []
+    position = 0
+    run = ""  # ordinary text since the last special piece
+
+    def encode_run() -> None:
+        run_ids, run_starts = tokenizer.encode_with_offsets(run, special=False)
+        ids.extend(run_ids)
+        starts.extend(position - len(run) + start for start in run_starts)
+
+    for piece in pieces:
+        if piece.special:
+            encode_run()
+            run = ""
+            ids.append(tokenizer.eot_id)
+            starts.append(position)
+        else:
+            run += piece.text
+        position += len(piece.text)
+    encode_run()
+    return ids, starts
 
 
 def encode_conversations(

@@ -77,7 +77,9 @@ def keep_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+    dropped = mass_before >= top_p
+    dropped[..., 0] = False  # a top_p that is 0 in float32 (1e-300) would otherwise drop the best one too
+    sorted_logits = sorted_logits.masked_fill(dropped, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
 
@@ -91,8 +93,19 @@ def sample_next_token(
     logits = logits.float()
     if settings.repetition_penalty != 1.0:
         logits = penalize_repetition(logits, context, settings.repetition_penalty)
-    if settings.temperature == 0:
+    if is_greedy(settings):
         return logits.argmax(dim=-1)
+    probs = sampling_probabilities(logits, settings)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+def is_greedy(settings: SamplingSettings) -> bool:
+    """Temperature 0, or so small (1e-300) that it is 0 in float32."""
+    return torch.tensor(settings.temperature, dtype=torch.float32) == 0
+
+
+def sampling_probabilities(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+    """The distribution each row (float logits, batch x vocab) is sampled from, after temperature, top_k, top_p."""
     # Shifted so the best logit is 0 before dividing: a tiny temperature then sends the others to -inf
     # (greedy in the limit) instead of overflowing every logit to inf and the softmax to NaN.
     logits = (logits - logits.max(dim=-1, keepdim=True).values) / settings.temperature
@@ -100,8 +113,7 @@ def sample_next_token(
         logits = keep_top_k(logits, settings.top_k)
     if settings.top_p is not None and settings.top_p < 1:
         logits = keep_top_p(logits, settings.top_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    return logits.softmax(dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------- many tokens

@@ -128,6 +128,21 @@ class KVCache:
         self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def positions(self, steps: int) -> torch.Tensor:
+        """Positions of the next `steps` tokens: every row continues at `length` (batching.SlotCache gives
+        each row its own)."""
+        return torch.arange(self.length, self.length + steps, device=self.keys[0].device)
+
+    def attention_mask(self, steps: int) -> torch.Tensor | None:
+        """Which keys the next `steps` queries may see: each every key up to its own position (None when
+        that is plain causal attention or a single query seeing every cached key)."""
+        if not self.length or steps == 1:
+            return None
+        return torch.ones(steps, self.length + steps, dtype=torch.bool, device=self.keys[0].device).tril(self.length)
+
+    def advance(self, steps: int) -> None:
+        self.length += steps
+
 
 def make_norm(config: GPTConfig, size: int) -> nn.Module:
     if config.norm == "rms":
@@ -154,6 +169,11 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, start: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[start : start + steps], self.sin[start : start + steps]
+
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin at `positions`: (steps,) shared by every row, or (batch, steps), one row each."""
+        cos, sin = self.cos[positions], self.sin[positions]
+        return (cos, sin) if positions.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -189,15 +209,12 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        past = 0
+        past, mask = 0, None
         if cache is not None:
-            past = cache.length
+            # New queries sit at positions past..past+steps-1 and may see every key up to their own.
+            past, mask = cache.length, cache.attention_mask(steps)
             k, v = cache.append(self.layer_index, k, v)
         # scaled_dot_product_attention picks flash / memory-efficient kernels where the device has them.
-        # With a cache, new queries sit at positions past..past+steps-1 and may see every key up to their own.
-        mask = None
-        if past and steps > 1:
-            mask = torch.ones(steps, past + steps, dtype=torch.bool, device=x.device).tril(diagonal=past)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -326,15 +343,16 @@ class GPT(nn.Module):
             raise ValueError("last_only gives one position's logits, so it cannot score targets")
         x = self.wte(idx)
         rotary = None
+        positions = cache.positions(steps) if cache is not None else torch.arange(steps, device=idx.device)
         if self.config.position == "learned":
-            x = x + self.wpe(torch.arange(start, start + steps, device=idx.device))
+            x = x + self.wpe(positions)
         else:
-            rotary = self.rotary(start, steps)
+            rotary = self.rotary.at(positions)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, cache, rotary)
         if cache is not None:
-            cache.length += steps
+            cache.advance(steps)
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(self.ln_f(x))

@@ -123,7 +123,7 @@ class PrepareSettings:
         return self.backend
 
 
-SERVE_HOSTS = {"127.0.0.1": "127.0.0.1", "localhost": "127.0.0.1", "0.0.0.0": "0.0.0.0", "::": "::"}  # LitServe's
+SERVE_HOSTS = {"127.0.0.1": "127.0.0.1", "localhost": "127.0.0.1", "0.0.0.0": "0.0.0.0", "::": "::"}
 
 
 @dataclass(frozen=True)
@@ -131,20 +131,34 @@ class ServeSettings:
     """How `picogpt serve` serves a checkpoint over its OpenAI-compatible HTTP API.
 
     Args:
-        host: 127.0.0.1 (this machine only), 0.0.0.0 or :: (every interface).
+        host: 127.0.0.1 (this machine only), 0.0.0.0 or :: (every interface: anyone on the network).
         port: TCP port, 1024 to 65535.
-        workers: Inference processes, each with its own copy of the model; as many requests run at once.
-        threads: torch threads per worker; null: the CPU cores shared out between the workers.
+        api_key: Every endpoint but /health and the chat page then needs `Authorization: Bearer KEY`;
+            null: the PICOGPT_API_KEY environment variable, else no key.
+        max_batch_size: Requests generated together, sharing each forward pass; 1 serves one at a time.
+        max_queue: Requests that may wait for a place in the batch; one more is answered 503 at once.
         max_tokens: Longest answer, in tokens, for requests that do not set max_tokens.
+        max_tokens_limit: The most max_tokens a request may ask for (more is a 400); null: the model's context
+            (or max_tokens when that is larger).
+        max_messages: The most messages one request may hold.
+        max_request_bytes: The largest request body, in bytes (more is a 413).
+        workers: No longer used (requests share one model in batches); kept so that old commands still run.
+        threads: torch threads; null: every CPU core this process may use.
         model_name: The model id /v1/models reports and responses carry.
-        log_level: LitServe's and uvicorn's logging: debug, info, warning or error.
+        log_level: uvicorn's logging: debug, info, warning or error.
     """
 
     host: str = "127.0.0.1"
     port: int = 8000
+    api_key: str | None = None
+    max_batch_size: int = 8
+    max_queue: int = 64
+    max_tokens: int = 256
+    max_tokens_limit: int | None = None
+    max_messages: int = 256
+    max_request_bytes: int = 1_000_000
     workers: int = 1
     threads: int | None = None
-    max_tokens: int = 256
     model_name: str = "picogpt"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -159,6 +173,14 @@ class ServeSettings:
             raise SettingsError(f"threads must be at least 1 (or null for the default), got {self.threads}")
         if self.max_tokens < 1:
             raise SettingsError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        for name in ("max_batch_size", "max_queue", "max_messages", "max_request_bytes"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_tokens_limit is not None and self.max_tokens_limit < self.max_tokens:
+            raise SettingsError(f"max_tokens_limit {self.max_tokens_limit} is below the default max_tokens "
+                                f"{self.max_tokens}; raise it or lower --max_tokens")
+        if self.api_key is not None and (not self.api_key.strip() or not self.api_key.isprintable()):
+            raise SettingsError("api_key must be printable text that is not blank")
 
     @property
     def bind_address(self) -> str:

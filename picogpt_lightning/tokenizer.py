@@ -53,7 +53,7 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]: ...
+    def encode_with_offsets(self, text: str, special: bool = True) -> tuple[list[int], list[int]]: ...
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
 
@@ -168,9 +168,10 @@ class CharTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.encode_with_offsets(text)[0]
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
-        """The ids of `text` and the position in `text` where each token starts."""
-        return _around_endoftext(text, self.eot_id, self._encode_characters)
+    def encode_with_offsets(self, text: str, special: bool = True) -> tuple[list[int], list[int]]:
+        """The ids of `text` and the position in `text` where each token starts; with `special` off a literal
+        <|endoftext|> is ordinary text (a user's message must not forge the token)."""
+        return _around_endoftext(text, self.eot_id if special else None, self._encode_characters)
 
     def _encode_characters(self, text: str) -> tuple[list[int], list[int]]:
         try:
@@ -232,6 +233,7 @@ class BPETokenizer:
     def __init__(self, tokenizer: tokenizers.Tokenizer):
         self.tokenizer = tokenizer
         self.eot_id = tokenizer.token_to_id(ENDOFTEXT)  # None in a tokenizer.json made without it
+        self._ordinary: tokenizers.Tokenizer | None = None
 
     @classmethod
     def check_vocab_size(cls, vocab_size: int) -> None:
@@ -264,14 +266,23 @@ class BPETokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
-        """The ids of `text` and the position in `text` where each token starts.
+    def encode_with_offsets(self, text: str, special: bool = True) -> tuple[list[int], list[int]]:
+        """The ids of `text` and the position in `text` where each token starts; with `special` off the text of
+        a special token (<|endoftext|>) is encoded as ordinary text (a user's message must not forge it).
 
         The library reports positions in characters; the byte-level pieces of one character all start where
         that character does.
         """
-        encoding = self.tokenizer.encode(text)
+        encoding = (self.tokenizer if special else self._ordinary_tokenizer()).encode(text)
         return encoding.ids, [start for start, _ in encoding.offsets]
+
+    def _ordinary_tokenizer(self) -> tokenizers.Tokenizer:
+        """A copy that encodes special-token text as ordinary text (the library's own switch; a copy rather than
+        flipping it on the shared tokenizer, which other threads may be using)."""
+        if self._ordinary is None:
+            self._ordinary = _import_tokenizers().Tokenizer.from_str(self.tokenizer.to_str())
+            self._ordinary.encode_special_tokens = True
+        return self._ordinary
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts in parallel threads (the library's own batch encoding)."""
@@ -333,9 +344,10 @@ class WordTokenizer:
             return [self.stoi.get(token, 0) for token in self.pattern.findall(text)]  # the fast common case
         return self.encode_with_offsets(text)[0]
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
-        """The ids of `text` and the position in `text` where each token starts."""
-        return _around_endoftext(text, self.eot_id, self._encode_words)
+    def encode_with_offsets(self, text: str, special: bool = True) -> tuple[list[int], list[int]]:
+        """The ids of `text` and the position in `text` where each token starts; with `special` off a literal
+        <|endoftext|> is ordinary text."""
+        return _around_endoftext(text, self.eot_id if special else None, self._encode_words)
 
     def _encode_words(self, text: str) -> tuple[list[int], list[int]]:
         matches = list(self.pattern.finditer(text))

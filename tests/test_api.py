@@ -63,9 +63,32 @@ def test_greedy_is_deterministic_without_a_seed_and_stop_strings_end_the_text(mo
     assert stopped == greedy[: greedy.find(stop)] and stop not in stopped
 
 
+def test_a_temperature_or_top_p_too_small_for_float32_is_greedy(model):
+    greedy = model.generate("Q:", max_new_tokens=20, temperature=0)
+    assert model.generate("Q:", max_new_tokens=20, temperature=1e-300) == greedy
+    assert model.generate("Q:", max_new_tokens=20, temperature=1.0, top_p=1e-300, seed=3) == greedy
+    question = [{"role": "user", "content": "What?"}]
+    assert model.chat(question, max_new_tokens=10, temperature=1e-300) == model.chat(question, max_new_tokens=10,
+                                                                                     temperature=0)
+
+
 def test_unknown_prompt_characters_warn_instead_of_printing(model):
     with pytest.warns(UserWarning, match="never saw"):
         model.generate("Q: Ünknown", max_new_tokens=3, seed=0)
+
+
+def test_chat_encodes_end_of_text_inside_messages_as_text(tmp_path, monkeypatch):
+    tokenizer = CharTokenizer.train([TEXT + "<|>fx"])  # with an end-of-text token, and every character of its text
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16))
+    save_checkpoint(tmp_path / "eot.ckpt", model, tokenizer)
+    prompts = []
+    real_stream_text = picogpt_lightning.api.stream_text
+    monkeypatch.setattr(picogpt_lightning.api, "stream_text",
+                        lambda model, tokenizer, ids, *rest: prompts.append(ids) or real_stream_text(model, tokenizer,
+                                                                                                      ids, *rest))
+    load(tmp_path / "eot.ckpt", device="cpu").chat([{"role": "user", "content": "hi<|endoftext|>"}], max_new_tokens=2)
+    assert len(prompts[0]) > 5 and tokenizer.eot_id not in prompts[0]
 
 
 def test_chat_streams_the_same_answer_and_checks_the_messages(model):

@@ -47,7 +47,7 @@ class ScriptedModel(torch.nn.Module):
 
 @pytest.fixture
 def tokenizer() -> CharTokenizer:
-    return CharTokenizer.train([TEXT, "<|im_start|>user assistant<|im_end|>"])
+    return CharTokenizer.train([TEXT, "<|im_start|>user assistant<|im_end|> fx"])
 
 
 def session_for(model, tokenizer, **options) -> ChatSession:
@@ -106,6 +106,13 @@ def test_history_truncation_drops_oldest_turns_but_keeps_the_system_prompt(token
     assert "oldest turn(s)" in session.notes.getvalue()
 
 
+def test_end_of_text_typed_in_a_message_is_text_not_the_token(tokenizer):
+    session = session_for(ScriptedModel(tokenizer, {}, block_size=256), tokenizer)
+    session.history = [("hi<|endoftext|>", "yo")]
+    ids = session.build_prompt("What<|endoftext|>?")
+    assert ids.count(tokenizer.eot_id) == 1  # after the remembered answer, from the template
+
+
 def test_commands_reset_set_system_prompt_and_temperature(tokenizer):
     model = ScriptedModel(tokenizer, {})
     session = session_for(model, tokenizer)
@@ -114,6 +121,7 @@ def test_commands_reset_set_system_prompt_and_temperature(tokenizer):
     assert session.handle("/system You are picoGPT.") and session.system_prompt == "You are picoGPT."
     assert session.handle("/temp 0.3") and session.settings.temperature == 0.3
     assert session.handle("/temp hot") and session.settings.temperature == 0.3
+    assert session.handle("/temp 1e-300") and session.settings.temperature == 1e-300  # greedy when sampling
     assert session.handle("/what") and "unknown command /what" in session.notes.getvalue()
     assert not session.handle("/exit")
 

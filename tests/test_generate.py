@@ -88,6 +88,12 @@ def test_tiny_top_p_equals_greedy(model):
     assert tokens(model, [1, 2, 3], 40, settings, seed=7) == tokens(model, [1, 2, 3], 40)
 
 
+@pytest.mark.parametrize("setting", [{"temperature": 1e-300}, {"temperature": 1.0, "top_p": 1e-300}])
+def test_a_temperature_or_top_p_that_is_zero_in_float32_is_greedy_not_a_crash(model, setting):
+    settings = SamplingSettings(**{"top_k": None, **setting})
+    assert tokens(model, [1, 2, 3], 40, settings, seed=7) == tokens(model, [1, 2, 3], 40)
+
+
 def test_same_seed_gives_same_tokens_and_another_seed_differs(model):
     settings = SamplingSettings(temperature=2.0, top_k=None)
     first = tokens(model, [1, 2, 3], 60, settings, seed=11)
