@@ -33,7 +33,7 @@ import safetensors.torch
 import torch
 
 from .errors import PicoGPTError
-from .files import write_atomically
+from .files import not_found, write_atomically
 from .model import GPT, GPTConfig
 from .tokenizer import Tokenizer, fingerprint, tokenizer_from_json
 
@@ -108,7 +108,7 @@ def read_checkpoint(path: str | Path, verify: bool = True) -> dict:
     if path.is_dir():
         path = find_checkpoint(path)
     if not path.is_file():
-        raise PicoGPTError(f"checkpoint {path} does not exist; pass the .ckpt file written by `picogpt fit`")
+        raise PicoGPTError(f"checkpoint {path} {not_found(path)}; pass the .ckpt file written by `picogpt fit`")
     if not zipfile.is_zipfile(path):
         raise PicoGPTError(f"{path} is not a readable checkpoint (truncated, or not a PyTorch file); "
                            f"use a .ckpt written by `picogpt fit`")

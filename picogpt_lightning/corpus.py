@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import PicoGPTError, warn
+from .files import not_found
 from .tokenizer import ENDOFTEXT
 
 READ_BYTES = 1 << 20  # files are read in pieces of about 1 MB that end at a newline
@@ -53,7 +54,7 @@ def find_text_files(text_path: str) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise PicoGPTError(f"{text_path} does not exist: pass a UTF-8 text file or a folder of .txt files")
+        raise PicoGPTError(f"{text_path} {not_found(path)}: pass a UTF-8 text file or a folder of .txt files")
     files = sorted(file for file in path.glob("*.txt") if file.is_file() and not file.name.startswith("."))
     if not files:
         raise PicoGPTError(f"{text_path} has no .txt files: put your text in files ending in .txt, or pass a file")

@@ -35,6 +35,9 @@ FUNCTION_COMMANDS = ("prepare", "sample", "chat", "serve", "evaluate", "export",
 
 
 def run(command: str, args: list[str]) -> int:
+    from .paths import check_config_paths
+
+    check_config_paths(args)  # a FIFO or /dev/zero as --config would hang the parser
     if command in LIGHTNING_COMMANDS:
         from .flags import check_lightning_options
 
