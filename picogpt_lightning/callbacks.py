@@ -5,6 +5,7 @@ and an exponential moving average of the weights that resumes exactly."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import sys
@@ -21,6 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from tqdm import tqdm
 
 from .checkpoint import CHECKSUM_KEY, weights_sha256
+from .disk import no_space_message, save_torch
 from .errors import PicoGPTError, warn
 from .files import write_atomically
 from .generate import make_generator, stream_text
@@ -46,7 +48,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     Lightning's own writer stages the file through fsspec in $TMPDIR and moves it: when /tmp is another
     filesystem (tmpfs is common) that move is a copy, and a kill -9 during it leaves a truncated last.ckpt.
-    Remote paths (s3://...) are left to Lightning's writer."""
+    Remote paths (s3://...) are left to Lightning's writer. A full disk is one line (disk.py) that gives
+    `resume_command`."""
+
+    def __init__(self, resume_command: str | None = None):
+        super().__init__()
+        self.resume_command = resume_command
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None or "://" in str(path):
@@ -55,7 +62,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(checkpoint.get("picogpt"), dict):
             checkpoint["picogpt"][CHECKSUM_KEY] = weights_sha256(checkpoint["state_dict"])
-        write_atomically(path, lambda temporary: torch.save(checkpoint, temporary))
+        try:
+            write_atomically(path, lambda temporary: save_torch(checkpoint, temporary))
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            raise PicoGPTError(no_space_message(path, self.resume_command)) from None
 
 
 class BestCheckpoint(ModelCheckpoint):

@@ -32,6 +32,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from .disk import save_torch
 from .checkpoint_format import CHECKPOINT_FORMAT, check_format, load_weights, stored_model_config
 from .errors import PicoGPTError
 from .files import not_found, write_atomically
@@ -221,4 +222,4 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, **meta) 
                     "tokenizer_sha256": fingerprint(tokenizer), **meta},
     }
     payload["picogpt"][CHECKSUM_KEY] = weights_sha256(payload["state_dict"])
-    write_atomically(path, lambda temporary: torch.save(payload, temporary))
+    write_atomically(path, lambda temporary: save_torch(payload, temporary))
