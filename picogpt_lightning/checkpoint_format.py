@@ -70,5 +70,6 @@ def load_weights(model, state_dict: dict, source: object) -> None:
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as error:
-        raise PicoGPTError(f"{source}: its settings do not match its weights: {settings_mismatch(error, model.config)}; "
-                           f"the file was edited or damaged, use another checkpoint of the run") from None
+        mismatch = settings_mismatch(error, model.config)
+        raise PicoGPTError(f"{source}: its settings do not match its weights: {mismatch}; the file was edited or "
+                           f"damaged, use another checkpoint of the run") from None

@@ -3,13 +3,14 @@
 Every field of meta.json is checked for type and range (a `"dtype": "float16"` read every uint16 id as a float
 near 0), and each bin against a checksum written with it (ids overwritten on disk were trained on silently).
 
-What the check costs decides how it hashes (docs/benchmarks.md, issue 25): blake2b reads about 0.35-0.7 GB/s on
-one core here, so a bin of up to FULL_CHECK_BYTES (64 MiB, 32M uint16 ids: every corpus the configs ship, and
-a tenth of a second at worst) is hashed whole each time the cache is used. A larger bin would cost seconds on
-each start-up, so it is checked by its size and the hash of SAMPLE_BLOCKS blocks spread evenly over it (16 MiB
-read whatever its size): that catches a truncation, a file replaced or largely overwritten, not a few flipped
-bytes between two samples. The whole-file hash is stored too, for `verify_bin(..., whole=True)`; within one process a bin
-already checked (same size, time and inode) is not hashed again.
+What the check costs decides how it hashes (benchmarks/prepared_check.py, docs/benchmarks.md): blake2b read
+0.22 GiB/s on one core of a loaded 2-core machine, so a bin of up to FULL_CHECK_BYTES (64 MiB, 32M uint16 ids:
+every corpus the configs ship) is hashed whole each time the cache is used, 0.3 s at worst against a tiny run's
+~11 s start-up (the 80 KB bins of a 40 KB text: 0.14 ms). A larger bin would cost seconds on each start-up, so it
+is checked by its size and the hash of SAMPLE_BLOCKS blocks spread evenly over it (16 MiB read whatever its
+size, 0.06 s): that catches a truncation, a file replaced or largely overwritten, not a few flipped bytes
+between two samples. The whole-file hash is stored too, for `verify_bin(..., whole=True)`; within one process a
+bin already checked (same size, time and inode) is not hashed again.
 """
 
 from __future__ import annotations
