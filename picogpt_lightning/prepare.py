@@ -34,7 +34,7 @@ from .corpus import TextStats, chunks, find_text_files, source_sha256, split_par
 from .errors import PicoGPTError, warn
 from .files import (FolderInUse, FolderLock, commit, make_folders, remove_empty_folders, remove_leftovers,
                     temporary_path, write_json_atomically)
-from .prepared_checks import DamagedPreparation, bin_checksums, check_bins, check_meta
+from .prepared_checks import DamagedPreparation, add_missing_checksums, bin_checksums, check_bins, check_meta
 from .progress import Progress
 from .settings import PrepareSettings
 from .tokenizer import (BPE_FILE, VOCAB_FILE, BPETokenizer, CharTokenizer, Tokenizer, WordTokenizer, fingerprint,
@@ -328,7 +328,9 @@ def _is_prepared(folder: Path, say_damage: bool = False) -> bool:
     if not (folder / "meta.json").exists():
         return False
     try:
-        load_prepared(folder)
+        meta, _ = load_prepared(folder)
+        if say_damage:
+            add_missing_checksums(folder, meta)
     except DamagedPreparation as damage:
         if say_damage:
             warn(f"the prepared data in {folder} is damaged ({damage.reason}): preparing it again")

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import PicoGPTError
+from .files import write_json_atomically
 
 FULL_CHECK_BYTES = 64 << 20
 SAMPLE_BLOCKS = 64
@@ -144,3 +145,16 @@ def check_bins(folder: Path, meta: dict) -> None:
         raise DamagedPreparation(Path(folder), str(error)) from None
     except OSError as error:
         raise DamagedPreparation(Path(folder), f"cannot read it: {error.strerror or error}") from None
+
+
+def add_missing_checksums(folder: Path, meta: dict) -> None:
+    """Give a cache entry prepared before checksums existed its checksums, from its bins as they are now (they
+    passed every other check), so that later damage is caught; the ids, and so any run on them, stay the same."""
+    if "checksums" in meta:
+        return
+    folder = Path(folder)
+    meta = {**meta, "checksums": {split: bin_checksums(folder / f"{split}.bin") for split in ("train", "val")}}
+    try:
+        write_json_atomically(folder / "meta.json", meta)
+    except OSError:
+        return  # a read-only cache: it is used as before, checked by its fields and sizes

@@ -98,3 +98,19 @@ def test_a_preparation_without_checksums_still_loads(text, tmp_path):
     del meta["checksums"]
     (tmp_path / "out" / "meta.json").write_text(json.dumps(meta))
     assert load_prepared(tmp_path / "out")[0]["train_tokens"] == meta["train_tokens"]
+
+
+def test_a_cache_entry_from_before_checksums_gets_them_and_then_catches_damage(text, tmp_path, capsys):
+    cache = str(tmp_path / "cache")
+    folder = cached_prepare(str(text), cache, mode="char")
+    meta = json.loads((folder / "meta.json").read_text())
+    stored = meta.pop("checksums")
+    (folder / "meta.json").write_text(json.dumps(meta))
+    ids = (folder / "train.bin").read_bytes()
+    assert cached_prepare(str(text), cache, mode="char") == folder
+    assert json.loads((folder / "meta.json").read_text())["checksums"] == stored  # the same ids, the same sums
+    assert (folder / "train.bin").read_bytes() == ids
+    overwrite_most_ids(folder)
+    capsys.readouterr()
+    cached_prepare(str(text), cache, mode="char")
+    assert "train.bin differs from the checksum" in capsys.readouterr().err
