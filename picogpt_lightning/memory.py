@@ -117,6 +117,8 @@ def check_run_memory(model: dict, data: dict, trainer: dict) -> None:
                          **architecture)
     if estimated.total < 1 << 30:
         return  # under a GiB: not worth asking the machine
+    if any(word in str(trainer.get("strategy")) for word in ("fork", "notebook")):
+        return  # asking CUDA for its memory here would break the forked workers' own CUDA
     available, where = accelerator_bytes(trainer.get("accelerator", "auto"))
     devices = trainer.get("devices")
     host = where.startswith("this machine")

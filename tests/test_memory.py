@@ -59,3 +59,18 @@ def test_a_run_that_fits_is_not_refused(monkeypatch):
     with pytest.raises(SettingsError, match="2 processes"):
         memory.check_run_memory({"n_layer": 12, "n_embd": 768, "vocab_size": 50304}, {"block_size": 1024,
                                 "batch_size": 8}, {"accelerator": "cpu", "devices": 2})
+
+
+def test_on_a_gpu_the_gpus_memory_is_the_limit(monkeypatch):
+    import types
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace(total_memory=8 << 30))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "Test GPU")
+    monkeypatch.setattr(memory, "available_host_bytes", lambda: 1 << 50)  # the host's memory is not the limit
+    settings = ({"n_layer": 12, "n_embd": 768, "vocab_size": 50304}, {"block_size": 1024, "batch_size": 8})
+    with pytest.raises(SettingsError, match=r"more than the GPU's Test GPU \(8.0 GiB\)"):
+        memory.check_run_memory(*settings, {"accelerator": "gpu"})
+    memory.check_run_memory(*settings, {"accelerator": "cpu"})
