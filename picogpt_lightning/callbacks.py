@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import sys
 import threading
@@ -167,9 +168,16 @@ class LastCheckpoint(Callback):
             )
 
 
+SIGTERM_GRACE_S = 60.0  # after SIGTERM, a step that has not ended in this time is not waited for
+
+
 class GracefulInterrupt(Callback):
     """The first Ctrl-C stops training at the next step boundary (on every rank), like SIGTERM does in
-    Lightning, so last.ckpt holds a consistent state; a second Ctrl-C aborts at once."""
+    Lightning, so last.ckpt holds a consistent state; a second Ctrl-C aborts at once.
+
+    Lightning's SIGTERM only sets a flag read at the next step boundary: a step that never ends (a batch too
+    big to build, a hung collective) ignored it for minutes. So SIGTERM also starts a clock: SIGTERM_GRACE_S
+    later the process exits (status 143) with one line; last.ckpt is the last one saved, whole (files.py)."""
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -186,12 +194,37 @@ class GracefulInterrupt(Callback):
                 raise KeyboardInterrupt
 
         signal.signal(signal.SIGINT, on_sigint)
+        self._previous_sigterm = lightning_sigterm
+
+        def on_sigterm(signum, frame):
+            if getattr(self, "_deadline", None) is None:
+                self._deadline = threading.Timer(SIGTERM_GRACE_S, _exit_after_sigterm)
+                self._deadline.daemon = True
+                self._deadline.start()
+            if callable(lightning_sigterm):
+                lightning_sigterm(signum, frame)
+            else:
+                raise SystemExit(143)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         previous = getattr(self, "_previous", None)
         if previous is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
             self._previous = None
+        deadline = getattr(self, "_deadline", None)
+        if deadline is not None:
+            deadline.cancel()
+            self._deadline = None
+
+
+def _exit_after_sigterm() -> None:
+    # os.write, not say(): the main thread, stuck mid-step, may hold the progress bar's lock.
+    os.write(2, f"\nterminated: the current step did not end within {SIGTERM_GRACE_S:g} s of SIGTERM; last.ckpt "
+                f"holds the last saved step\n".encode())
+    os._exit(143)
 
 
 class NonFiniteLossGuard(Callback):
