@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import signal
 import sys
 import threading
@@ -22,6 +21,7 @@ from lightning.pytorch.utilities.model_summary.model_summary import _format_summ
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from tqdm import tqdm
 
+from . import sigterm_clock
 from .checkpoint import CHECKSUM_KEY, weights_sha256
 from .disk import no_space_message, save_torch
 from .errors import PicoGPTError, warn
@@ -168,16 +168,11 @@ class LastCheckpoint(Callback):
             )
 
 
-SIGTERM_GRACE_S = 60.0  # after SIGTERM, a step that has not ended in this time is not waited for
-
-
 class GracefulInterrupt(Callback):
     """The first Ctrl-C stops training at the next step boundary (on every rank), like SIGTERM does in
     Lightning, so last.ckpt holds a consistent state; a second Ctrl-C aborts at once.
 
-    Lightning's SIGTERM only sets a flag read at the next step boundary: a step that never ends (a batch too
-    big to build, a hung collective) ignored it for minutes. So SIGTERM also starts a clock: SIGTERM_GRACE_S
-    later the process exits (status 143) with one line; last.ckpt is the last one saved, whole (files.py)."""
+    SIGTERM also starts sigterm_clock, so that a step that never ends cannot make the run ignore it."""
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -198,9 +193,7 @@ class GracefulInterrupt(Callback):
 
         def on_sigterm(signum, frame):
             if getattr(self, "_deadline", None) is None:
-                self._deadline = threading.Timer(SIGTERM_GRACE_S, _exit_after_sigterm)
-                self._deadline.daemon = True
-                self._deadline.start()
+                self._deadline = sigterm_clock.start()
             if callable(lightning_sigterm):
                 lightning_sigterm(signum, frame)
             else:
@@ -218,13 +211,6 @@ class GracefulInterrupt(Callback):
         if deadline is not None:
             deadline.cancel()
             self._deadline = None
-
-
-def _exit_after_sigterm() -> None:
-    # os.write, not say(): the main thread, stuck mid-step, may hold the progress bar's lock.
-    os.write(2, f"\nterminated: the current step did not end within {SIGTERM_GRACE_S:g} s of SIGTERM; last.ckpt "
-                f"holds the last saved step\n".encode())
-    os._exit(143)
 
 
 class NonFiniteLossGuard(Callback):

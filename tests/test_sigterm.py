@@ -13,7 +13,7 @@ from pathlib import Path
 from helpers import make_config, make_text
 
 TESTS = Path(__file__).resolve().parent
-SCRIPT = ("import sys; from picogpt_lightning import callbacks; callbacks.SIGTERM_GRACE_S = 2; "
+SCRIPT = ("import sys; from picogpt_lightning import sigterm_clock; sigterm_clock.GRACE_S = 2; "
           "from picogpt_lightning.cli.main import main; sys.exit(main(sys.argv[1:]))")
 
 
