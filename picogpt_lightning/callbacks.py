@@ -5,6 +5,7 @@ and an exponential moving average of the weights that resumes exactly."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import sys
@@ -20,7 +21,9 @@ from lightning.pytorch.utilities.model_summary.model_summary import _format_summ
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from tqdm import tqdm
 
+from . import sigterm_clock
 from .checkpoint import CHECKSUM_KEY, weights_sha256
+from .disk import no_space_message, save_torch
 from .errors import PicoGPTError, warn
 from .files import write_atomically
 from .generate import make_generator, stream_text
@@ -46,7 +49,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     Lightning's own writer stages the file through fsspec in $TMPDIR and moves it: when /tmp is another
     filesystem (tmpfs is common) that move is a copy, and a kill -9 during it leaves a truncated last.ckpt.
-    Remote paths (s3://...) are left to Lightning's writer."""
+    Remote paths (s3://...) are left to Lightning's writer. A full disk is one line (disk.py) that gives
+    `resume_command`."""
+
+    def __init__(self, resume_command: str | None = None):
+        super().__init__()
+        self.resume_command = resume_command
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None or "://" in str(path):
@@ -55,7 +63,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(checkpoint.get("picogpt"), dict):
             checkpoint["picogpt"][CHECKSUM_KEY] = weights_sha256(checkpoint["state_dict"])
-        write_atomically(path, lambda temporary: torch.save(checkpoint, temporary))
+        try:
+            write_atomically(path, lambda temporary: save_torch(checkpoint, temporary))
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            raise PicoGPTError(no_space_message(path, self.resume_command)) from None
 
 
 class BestCheckpoint(ModelCheckpoint):
@@ -157,7 +170,9 @@ class LastCheckpoint(Callback):
 
 class GracefulInterrupt(Callback):
     """The first Ctrl-C stops training at the next step boundary (on every rank), like SIGTERM does in
-    Lightning, so last.ckpt holds a consistent state; a second Ctrl-C aborts at once."""
+    Lightning, so last.ckpt holds a consistent state; a second Ctrl-C aborts at once.
+
+    SIGTERM also starts sigterm_clock, so that a step that never ends cannot make the run ignore it."""
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -174,12 +189,28 @@ class GracefulInterrupt(Callback):
                 raise KeyboardInterrupt
 
         signal.signal(signal.SIGINT, on_sigint)
+        self._previous_sigterm = lightning_sigterm
+
+        def on_sigterm(signum, frame):
+            if getattr(self, "_deadline", None) is None:
+                self._deadline = sigterm_clock.start()
+            if callable(lightning_sigterm):
+                lightning_sigterm(signum, frame)
+            else:
+                raise SystemExit(143)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         previous = getattr(self, "_previous", None)
         if previous is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
             self._previous = None
+        deadline = getattr(self, "_deadline", None)
+        if deadline is not None:
+            deadline.cancel()
+            self._deadline = None
 
 
 class NonFiniteLossGuard(Callback):

@@ -32,8 +32,10 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from .disk import save_torch
+from .checkpoint_format import CHECKPOINT_FORMAT, check_format, load_weights, stored_model_config
 from .errors import PicoGPTError
-from .files import write_atomically
+from .files import not_found, write_atomically
 from .model import GPT, GPTConfig
 from .tokenizer import Tokenizer, fingerprint, tokenizer_from_json
 
@@ -108,7 +110,7 @@ def read_checkpoint(path: str | Path, verify: bool = True) -> dict:
     if path.is_dir():
         path = find_checkpoint(path)
     if not path.is_file():
-        raise PicoGPTError(f"checkpoint {path} does not exist; pass the .ckpt file written by `picogpt fit`")
+        raise PicoGPTError(f"checkpoint {path} {not_found(path)}; pass the .ckpt file written by `picogpt fit`")
     if not zipfile.is_zipfile(path):
         raise PicoGPTError(f"{path} is not a readable checkpoint (truncated, or not a PyTorch file); "
                            f"use a .ckpt written by `picogpt fit`")
@@ -132,6 +134,8 @@ def read_checkpoint(path: str | Path, verify: bool = True) -> dict:
     if "picogpt" not in checkpoint:
         raise PicoGPTError(f"{path} is a Lightning checkpoint but not one written by `picogpt fit` (no picogpt entry); "
                            f"pass a best.ckpt or last.ckpt written by `picogpt fit`")
+    check_format(checkpoint["picogpt"], path)
+    stored_model_config(checkpoint["picogpt"].get("model_config"), path)
     if verify:
         verify_weights(checkpoint, path)
     return checkpoint
@@ -144,7 +148,7 @@ def model_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
 
 
 def model_config(checkpoint: dict) -> GPTConfig:
-    return GPTConfig.from_dict(checkpoint["picogpt"]["model_config"])
+    return stored_model_config(checkpoint["picogpt"].get("model_config"), "the checkpoint")
 
 
 @dataclass
@@ -172,7 +176,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     if not meta.get("tokenizer"):
         raise PicoGPTError(f"{path} holds no tokenizer; use a checkpoint written by `picogpt fit`")
     model = GPT(model_config(checkpoint))
-    model.load_state_dict(model_state_dict(checkpoint))
+    load_weights(model, model_state_dict(checkpoint), path)
     model.to(device).eval()
     return LoadedCheckpoint(model, tokenizer_from_json(meta["tokenizer"]), meta, int(checkpoint.get("global_step", 0)))
 
@@ -182,14 +186,15 @@ def _load_safetensors_export(folder: Path, device: str | torch.device) -> Loaded
     stored once (as wte.weight), and picogpt.json with the model config and tokenizer."""
     try:
         description = json.loads((folder / EXPORT_CONFIG).read_text(encoding="utf-8"))
+        check_format(description, folder)
         state = safetensors.torch.load_file(str(folder / EXPORT_WEIGHTS))
-        model = GPT(GPTConfig.from_dict(description["model_config"]))
+        model = GPT(stored_model_config(description["model_config"], folder))
         if model.config.tie_weights:
             state["lm_head.weight"] = state["wte.weight"]
         bad = non_finite_weights(state)
         if bad:
             raise PicoGPTError(f"NaN or infinite weights ({', '.join(bad[:3])})")
-        model.load_state_dict(state)
+        load_weights(model, state, folder)
         tokenizer = tokenizer_from_json(json.dumps(description["tokenizer"]))
     except PicoGPTError:
         raise
@@ -213,8 +218,8 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, **meta) 
         "state_dict": {MODEL_PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()},
         "hyper_parameters": model.config.to_dict(),
         "global_step": int(meta.pop("global_step", 0)),
-        "picogpt": {"format": 1, "model_config": model.config.to_dict(), "tokenizer": tokenizer.to_json(),
+        "picogpt": {"format": CHECKPOINT_FORMAT, "model_config": model.config.to_dict(), "tokenizer": tokenizer.to_json(),
                     "tokenizer_sha256": fingerprint(tokenizer), **meta},
     }
     payload["picogpt"][CHECKSUM_KEY] = weights_sha256(payload["state_dict"])
-    write_atomically(path, lambda temporary: torch.save(payload, temporary))
+    write_atomically(path, lambda temporary: save_torch(payload, temporary))

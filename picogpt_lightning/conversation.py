@@ -23,6 +23,7 @@ import numpy as np
 
 from .chat_template import ChatTemplate, Segment, validate_messages
 from .errors import PicoGPTError
+from .files import not_found
 from .prompt import fit_to_vocabulary
 from .tokenizer import Tokenizer
 
@@ -46,7 +47,7 @@ def conversation_files(path: str | Path) -> list[Path]:
             raise PicoGPTError(f"{path} holds no {CONVERSATION_SUFFIX} files; pass a .jsonl file or a folder of them")
         return files
     if not path.is_file():
-        raise PicoGPTError(f"{path} does not exist; pass a .jsonl file of conversations or a folder of them")
+        raise PicoGPTError(f"{path} {not_found(path)}; pass a .jsonl file of conversations or a folder of them")
     return [path]
 
 

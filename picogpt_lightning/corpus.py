@@ -24,6 +24,7 @@ import numpy as np
 
 from .corpus_formats import DEFAULT_TEXT_FIELD, decode_utf8, find_files, opened, record_documents, relative_names
 from .errors import PicoGPTError, warn
+from .files import not_found
 from .tokenizer import ENDOFTEXT
 
 READ_BYTES = 1 << 20  # files are read in pieces of about 1 MB that end at a newline
@@ -56,7 +57,7 @@ def find_text_files(text_path: str, glob: str | None = None) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise PicoGPTError(f"{text_path} does not exist: pass a text file or a folder of text, JSON lines or "
+        raise PicoGPTError(f"{text_path} {not_found(path)}: pass a text file or a folder of text, JSON lines or "
                            f"Parquet files")
     return find_files(path, glob)
 

@@ -36,6 +36,7 @@ import torch
 from .checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS, LoadedCheckpoint, load_checkpoint
 from .chat_template import template_from_meta
 from .errors import PicoGPTError
+from .export_folder import staged_export
 from .files import write_atomically, write_json_atomically
 from .model import RMS_NORM_EPS, GPTConfig
 from .tokenizer import ENDOFTEXT, UNKNOWN, CharTokenizer, WordTokenizer
@@ -310,7 +311,7 @@ def export_hf(ckpt: str, out_dir: str) -> list[Path]:
     write_json_atomically(written[0], hf_config)
     write_json_atomically(written[1], {"bos_token_id": endoftext_id, "eos_token_id": endoftext_id,
                                        "pad_token_id": endoftext_id})
-    _write_safetensors(written[2], hf_state, {"format": "pt"})
+    _write_safetensors(written[2], hf_state, {"format": "pt", "picogpt_format": str(EXPORT_FORMAT)})
     tokenizer_json = json.dumps(compatible_tokenizer_json(json.loads(fast_tokenizer.to_str())), ensure_ascii=False)
     write_atomically(written[3], lambda temporary: temporary.write_text(tokenizer_json, encoding="utf-8"))
     write_json_atomically(written[4], hf_tokenizer_config(tokenizer.kind, special, config.block_size, chat_template))
@@ -340,8 +341,11 @@ def export_safetensors(ckpt: str, out_dir: str) -> list[Path]:
     return [weights, description]
 
 
-def export(ckpt: str, out_dir: str, format: str = "hf") -> list[Path]:
-    """Export in one of FORMATS; returns the files written."""
+def export(ckpt: str, out_dir: str, format: str = "hf", overwrite: bool = False) -> list[Path]:
+    """Export in one of FORMATS; returns the files written. The folder is replaced whole or not at all
+    (export_folder.py); one that holds anything but an earlier export is refused unless `overwrite`."""
     if format not in FORMATS:
         raise PicoGPTError(f"unknown --format {format!r}; use hf or safetensors")
-    return export_hf(ckpt, out_dir) if format == "hf" else export_safetensors(ckpt, out_dir)
+    with staged_export(out_dir, overwrite) as stage:
+        written = export_hf(ckpt, str(stage)) if format == "hf" else export_safetensors(ckpt, str(stage))
+    return [Path(out_dir) / path.name for path in written]

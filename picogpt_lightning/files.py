@@ -8,9 +8,11 @@ so two writers never collide, and it starts with a dot and ends in `.tmp`, so le
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -169,6 +171,11 @@ def _process_exists(pid: int) -> bool:
 def make_folders(folder: Path) -> list[Path]:
     """Create `folder` and any missing parents; returns the folders it created, deepest first, so that a
     failure can remove exactly those again (`remove_empty_folders`)."""
+    for path in [folder, *folder.parents]:
+        kind = what_path_is(path)
+        if kind not in ("missing", "a folder"):
+            what = "it" if path == folder else str(path)
+            raise NotADirectoryError(errno.ENOTDIR, f"{what} is {kind}, not a folder", str(path))
     created = [path for path in [folder, *folder.parents] if not path.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     return created
@@ -181,3 +188,69 @@ def remove_empty_folders(folders: list[Path]) -> None:
             folder.rmdir()
         except OSError:
             return
+
+
+def what_path_is(path: str | os.PathLike) -> str:
+    """What stands at `path`, in words for a message: "a file", "a folder", "a named pipe (FIFO)", "a character
+    device", "a symbolic link loop", "a broken symbolic link", "missing"... The one place that tells a missing
+    path from one that exists but is no regular file, so that no message says "does not exist" of /dev/zero."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        if error.errno == errno.EACCES:
+            return "not accessible (permission denied)"
+        if os.path.islink(path):
+            return f"a broken symbolic link (to {os.readlink(path)})"
+        return "missing"
+    for test, words in ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                        (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return words
+    return "not a regular file"
+
+
+def not_found(path: str | os.PathLike) -> str:
+    """The end of "PATH ..." for a path that is not what was asked for: "does not exist", or what it is instead
+    ("is a named pipe (FIFO), not a regular file")."""
+    kind = what_path_is(path)
+    if kind == "missing":
+        return "does not exist"
+    if kind.startswith("not "):
+        return f"is {kind}"
+    return f"is {kind}, not a regular file" if kind != "a folder" else "is a folder, not a regular file"
+
+
+def is_special(path: str | os.PathLike) -> bool:
+    """Whether `path` exists as something that is neither a regular file nor a folder (a FIFO, a device, a
+    socket, a symbolic link loop or broken link): reading such a thing blocks or never ends."""
+    return what_path_is(path) not in ("a file", "a folder", "missing")
+
+
+class NotARegularFile(OSError):
+    """A path that was to be read is a FIFO, a device, a loop... or a file larger than the reader allows."""
+
+
+def read_regular_bytes(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes; else NotARegularFile saying what it is. Opened without
+    blocking, so a named pipe is refused at once instead of waiting for a writer; a symbolic link to /dev/zero is
+    refused instead of read without end."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise NotARegularFile(errno.ELOOP, "it is a symbolic link loop", str(path)) from None
+        raise
+    with os.fdopen(fd, "rb") as file:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise NotARegularFile(errno.EINVAL, f"it is {what_path_is(path)}, not a regular file", str(path))
+        if status.st_size > limit:
+            raise NotARegularFile(errno.EFBIG, f"it is {status.st_size:,} bytes, more than the {limit:,} allowed",
+                                  str(path))
+        data = file.read(limit + 1)
+    if len(data) > limit:  # grew while read
+        raise NotARegularFile(errno.EFBIG, f"it holds more than the {limit:,} bytes allowed", str(path))
+    return data

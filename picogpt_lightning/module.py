@@ -16,6 +16,7 @@ from torchmetrics import MeanMetric
 
 from . import __version__
 from .checkpoint import model_state_dict, read_checkpoint
+from .checkpoint_format import CHECKPOINT_FORMAT
 from .errors import PicoGPTError, SettingsError
 from .model import GPT, GPTConfig, next_token_loss
 from .optim import MuonAdamW, OptimizerSettings, lr_at, param_groups
@@ -267,7 +268,7 @@ class GPTLightningModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         best = best_val_loss(self.trainer) if self._trainer else None
         checkpoint["picogpt"] = {
-            "format": 1,
+            "format": CHECKPOINT_FORMAT,
             "model_config": self.model.config.to_dict(),
             "tokenizer": datamodule.tokenizer.to_json() if datamodule is not None else None,
             "tokenizer_sha256": datamodule.tokenizer_sha256 if datamodule is not None else None,

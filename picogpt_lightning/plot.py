@@ -11,13 +11,17 @@ matplotlib is an optional extra, imported only here, with the Agg backend: no di
 from __future__ import annotations
 
 import csv
+import io
 import re
 from pathlib import Path
 
 from .errors import PicoGPTError
+from .files import NotARegularFile, not_found, read_regular_bytes
 
 LOSSES = ("train_loss", "val_loss")
 DEFAULT_IMAGE = "training.png"
+# A metrics.csv holds about 60 bytes a logged step: 512 MB is millions of steps, and still fits in memory.
+MAX_LOG_BYTES = 512 << 20
 
 
 def find_metric_files(run: str | Path) -> list[Path]:
@@ -26,7 +30,7 @@ def find_metric_files(run: str | Path) -> list[Path]:
     if run.is_file():
         return [run]
     if not run.is_dir():
-        raise PicoGPTError(f"{run} does not exist: pass the run folder of `picogpt fit` (its --ckpt_dir)")
+        raise PicoGPTError(f"{run} {not_found(run)}: pass the run folder of `picogpt fit` (its --ckpt_dir)")
     if (run / "metrics.csv").is_file():
         return [run / "metrics.csv"]
     files = list(run.glob("lightning_logs/version_*/metrics.csv"))
@@ -54,8 +58,11 @@ def read_metrics(files: list[Path]) -> dict[str, dict[int, float]]:
     merged: dict[str, dict[int, float]] = {name: {} for name in LOSSES}
     for path in files:
         try:
-            with open(path, newline="", encoding="utf-8") as file:
-                rows = list(csv.DictReader(file))
+            text = read_regular_bytes(path, MAX_LOG_BYTES).decode("utf-8")
+            rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        except NotARegularFile as error:
+            raise PicoGPTError(f"cannot read {path}: {error.strerror}; a run's log is a plain CSV file: move that "
+                               f"version folder out of the run") from None
         except (OSError, UnicodeDecodeError, csv.Error) as error:
             raise PicoGPTError(
                 f"cannot read {path} ({error}): the log is damaged; move that version folder out of the run"

@@ -32,9 +32,10 @@ import numpy as np
 
 from .corpus import TextStats, chunks, find_text_files, source_sha256, split_parts
 from .corpus_formats import reading_key, relative_names, sizes_are_text_sizes
-from .errors import PicoGPTError
+from .errors import PicoGPTError, warn
 from .files import (FolderInUse, FolderLock, commit, make_folders, remove_empty_folders, remove_leftovers,
                     temporary_path, write_json_atomically)
+from .prepared_checks import DamagedPreparation, add_missing_checksums, bin_checksums, check_bins, check_meta
 from .progress import Progress
 from .settings import PrepareSettings
 from .tokenizer import (BPE_FILE, ENDOFTEXT, VOCAB_FILE, BPETokenizer, CharTokenizer, Tokenizer, WordTokenizer,
@@ -283,6 +284,7 @@ def _prepare_locked(text_path: str, files: list[Path], folder: Path, settings: P
             "max_id": max_id,
             "tokenizer_file": staged.name,
             "tokenizer_sha256": fingerprint(tokenizer),
+            "checksums": {split: bin_checksums(temp) for split, temp in temps.items()},
             "source": _source_meta(text_path, files, stats),
             "settings": {key: value for key, value in asdict(settings).items() if key not in ("mode", "backend")},
         }
@@ -328,11 +330,19 @@ def _cache_key(files: list[Path], kind: str, settings: PrepareSettings, given: T
     return source_sha256(files, json.dumps(relevant, sort_keys=True).encode())[:12]
 
 
-def _is_prepared(folder: Path) -> bool:
+def _is_prepared(folder: Path, say_damage: bool = False) -> bool:
+    """Whether the folder holds a finished, undamaged preparation; with `say_damage`, a damaged one is said in
+    one line (it is then prepared again)."""
     if not (folder / "meta.json").exists():
         return False
     try:
-        load_prepared(folder)
+        meta, _ = load_prepared(folder)
+        if say_damage:
+            add_missing_checksums(folder, meta)
+    except DamagedPreparation as damage:
+        if say_damage:
+            warn(f"the prepared data in {folder} is damaged ({damage.reason}): preparing it again")
+        return False
     except PicoGPTError:
         return False
     return True
@@ -356,7 +366,7 @@ def cached_prepare(
     path = Path(text_path)
     name = path.stem if path.is_file() else path.name
     folder = Path(cache_dir) / f"{name}-{_cache_key(files, kind, settings, given)}"
-    if _is_prepared(folder):
+    if _is_prepared(folder, say_damage=is_writer):
         return folder
     if is_writer:
         clean_abandoned(Path(cache_dir))
@@ -391,35 +401,30 @@ def load_prepared(folder: str | os.PathLike) -> tuple[dict, Tokenizer]:
     except FileNotFoundError:
         raise PicoGPTError(f"{folder} has no meta.json: it is not a finished preparation; prepare the text") from None
     except (OSError, ValueError) as error:
-        raise PicoGPTError(f"cannot read {folder}/meta.json ({error}): delete the folder and prepare again") from None
+        raise DamagedPreparation(folder, f"cannot read its meta.json: {error}") from None
     required = ("format", "vocab_size", "dtype", "train_tokens", "val_tokens", "tokenizer_file")
     if not isinstance(meta, dict) or any(key not in meta for key in required) or meta["format"] != FORMAT:
         raise PicoGPTError(f"{folder}/meta.json is damaged or from another version: delete the folder, prepare again")
+    check_meta(folder, meta, token_dtype)
     tokenizer = load_tokenizer(folder / meta["tokenizer_file"])
     if tokenizer.vocab_size != meta["vocab_size"]:
-        raise PicoGPTError(
-            f"{folder / meta['tokenizer_file']} has {tokenizer.vocab_size} tokens but meta.json says "
-            f"{meta['vocab_size']}: the preparation is damaged; delete the folder and run again"
-        )
+        raise DamagedPreparation(folder, f"{meta['tokenizer_file']} has {tokenizer.vocab_size} tokens but meta.json "
+                                         f"says {meta['vocab_size']}")
     if meta.get("tokenizer_sha256") not in (None, fingerprint(tokenizer)):
         raise PicoGPTError(
             f"{folder / meta['tokenizer_file']} was changed after the data was prepared (it is not the tokenizer "
             f"that made these ids): prepare the text again"
         )
     if meta.get("max_id", -1) >= tokenizer.vocab_size:
-        raise PicoGPTError(
-            f"{folder} holds token ids up to {meta['max_id']}, beyond its tokenizer's {tokenizer.vocab_size} "
-            f"tokens: the preparation is damaged; delete the folder and run again"
-        )
+        raise DamagedPreparation(folder, f"it holds token ids up to {meta['max_id']}, beyond its tokenizer's "
+                                         f"{tokenizer.vocab_size} tokens")
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in ("train", "val"):
         path = folder / f"{split}.bin"
         if not path.is_file():
-            raise PicoGPTError(f"{path} is missing: the preparation is damaged; delete the folder and run again")
+            raise DamagedPreparation(folder, f"{path.name} is missing")
         size, expected = path.stat().st_size, meta[f"{split}_tokens"]
         if size != expected * itemsize:
-            raise PicoGPTError(
-                f"{path} has {size // itemsize} tokens but meta.json says {expected}: "
-                "the preparation is damaged; delete the folder and run again"
-            )
+            raise DamagedPreparation(folder, f"{path.name} has {size // itemsize} tokens but meta.json says {expected}")
+    check_bins(folder, meta)
     return meta, tokenizer

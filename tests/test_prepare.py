@@ -377,6 +377,8 @@ def test_ids_beyond_the_vocabulary_are_one_clear_error_not_an_index_error(tmp_pa
     meta, tokenizer = load_prepared(tmp_path / "out")
     with open(tmp_path / "out" / "train.bin", "r+b") as file:  # same length, one id out of range everywhere
         np.full(meta["train_tokens"], tokenizer.vocab_size + 5, dtype=meta["dtype"]).tofile(file)
+    del meta["checksums"]  # as in a folder prepared before checksums: the ids are then checked as they are read
+    (tmp_path / "out" / "meta.json").write_text(json.dumps(meta))
     data = GPTDataModule(prepared_dir=str(tmp_path / "out"), block_size=8, batch_size=2)
     with pytest.raises(PicoGPTError, match=f"holds token id {tokenizer.vocab_size + 5}, beyond the tokenizer"):
         next(iter(data.train_dataloader()))

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 from ..callbacks import EMA, check_average
 from ..data import check_data_settings
 from ..errors import SettingsError
+from ..memory import check_run_memory
 from ..module import check_training_settings
 from ..settings import PrepareSettings
 
@@ -74,6 +75,7 @@ def check_settings(subcommand: str, config: Namespace) -> None:
         raise SettingsError(f"--sample_tokens must be >= 0 (0 turns the samples off), got {config.sample_tokens}")
     check_trainer_settings(subcommand, config.trainer)
     check_training_settings(config.model.as_dict())
+    check_run_memory(config.model.as_dict(), config.data.as_dict(), config.trainer.as_dict())
     data = config.data
     if "text_path" not in data:
         return  # finetune's conversation data: checked by its module once the base model is known

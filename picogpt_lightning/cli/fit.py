@@ -323,7 +323,8 @@ class PicoGPTCLI(LightningCLI):
         plugins = trainer_config.get("plugins")
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [] if plugins is None else [plugins]
         if not any(hasattr(plugin, "save_checkpoint") for plugin in plugins):  # the user's CheckpointIO wins
-            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO(f"picogpt {self.command} --ckpt_path "
+                                                              f"{Path(ckpt_dir) / 'last.ckpt'}")]
         try:
             return super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as error:

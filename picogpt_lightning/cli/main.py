@@ -35,18 +35,26 @@ FUNCTION_COMMANDS = ("prepare", "sample", "chat", "serve", "evaluate", "export",
 
 
 def run(command: str, args: list[str]) -> int:
+    from .paths import check_config_paths
+
+    check_config_paths(args)  # a FIFO or /dev/zero as --config would hang the parser
     if command in LIGHTNING_COMMANDS:
         from .flags import check_lightning_options
 
         # Typos are refused here, in milliseconds, before Lightning is imported.
         check_lightning_options(command, args)
-        if command == "finetune":
-            from .finetune import run_finetune
+        try:
+            if command == "finetune":
+                from .finetune import run_finetune
 
-            return run_finetune(args)
-        from .fit import run_lightning_cli
+                return run_finetune(args)
+            from .fit import run_lightning_cli
 
-        return run_lightning_cli(command, args)
+            return run_lightning_cli(command, args)
+        except RuntimeError as error:  # another rank of a distributed run died: one line, not gloo's traceback
+            from .lost_rank import lost_rank_error
+
+            raise (lost_rank_error(error, command, args) or error) from None
     importlib.import_module(f"{__package__}.{command}").main(args)
     return 0
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import PicoGPTError, SettingsError
+from ..files import is_special, not_found
 from ..settings import SamplingSettings, check_seed
 from .common import run_function
 
@@ -106,8 +107,8 @@ def check_tokenizer_options(
 def _check_same_tokenizer(tokenizer, flag: str, path: str) -> None:
     from ..tokenizer import load_tokenizer
 
-    if not Path(path).exists():
-        raise PicoGPTError(f"{flag} {path} does not exist; leave it out, the checkpoint carries its tokenizer")
+    if not Path(path).exists() or is_special(path):
+        raise PicoGPTError(f"{flag} {path} {not_found(path)}; leave it out, the checkpoint carries its tokenizer")
     given = load_tokenizer(path)
     if given.kind != tokenizer.kind:
         raise PicoGPTError(
