@@ -17,7 +17,7 @@ USAGE = """usage: picogpt {fit,finetune,validate,prepare,sample,chat,serve,evalu
 
   fit        train a GPT (picogpt fit --config configs/tiny.yaml)
   finetune   fine-tune a checkpoint on conversations, loss on the answers (picogpt finetune --config configs/chat.yaml)
-  validate   val loss and perplexity of a checkpoint (picogpt validate --ckpt_path checkpoints/tiny/best.ckpt)
+  validate   val loss and perplexity of a checkpoint (picogpt validate --ckpt checkpoints/tiny/best.ckpt)
   prepare    tokenize text into train.bin/val.bin (picogpt prepare --text_path data/philosophy.txt)
   sample     generate text from a checkpoint (picogpt sample --ckpt checkpoints/tiny/best.ckpt)
   chat       talk to a checkpoint in a REPL (picogpt chat --ckpt checkpoints/tiny/best.ckpt)
@@ -35,11 +35,15 @@ FUNCTION_COMMANDS = ("prepare", "sample", "chat", "serve", "evaluate", "export",
 
 
 def run(command: str, args: list[str]) -> int:
+    from .early import check_early, use_ckpt_alias
+
+    args = use_ckpt_alias(command, args, lightning=command in LIGHTNING_COMMANDS)
     if command in LIGHTNING_COMMANDS:
         from .flags import check_lightning_options
 
-        # Typos are refused here, in milliseconds, before Lightning is imported.
+        # Typos and first-hour mistakes are refused here, in milliseconds, before Lightning is imported.
         check_lightning_options(command, args)
+        check_early(command, args)
         if command == "finetune":
             from .finetune import run_finetune
 
