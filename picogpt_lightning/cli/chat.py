@@ -59,6 +59,10 @@ def chat_command(
         stop=read_stop_strings(stop),
         generator=make_generator(seed, target),
     )
+    if hasattr(sys.stdin, "reconfigure"):
+        # A byte that is not UTF-8 must not end the session: it reaches the session as a lone surrogate, which
+        # encode_prompt replaces (saying so), whatever the locale's choice of error handler.
+        sys.stdin.reconfigure(errors="surrogateescape")
     run_repl(session, None if sys.stdin.isatty() else sys.stdin)
 
 

@@ -1,0 +1,110 @@
+"""The traps of a first hour (issue 25, items 4-5 and 12-18): each test shows one of them closed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from picogpt_lightning.cli import main
+from picogpt_lightning.cli.early import checkpoint_step, use_ckpt_alias
+
+from helpers import make_config, make_text
+
+EARLY_SCRIPT = """
+import json, sys
+from picogpt_lightning.cli import main
+statuses = [main(args) for args in json.loads(sys.argv[1])]
+print(json.dumps({"statuses": statuses, "lightning": "lightning" in sys.modules, "torch": "torch" in sys.modules}))
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-step char run: its folder holds best.ckpt and last.ckpt at step 2."""
+    root = tmp_path_factory.mktemp("first_hour")
+    text = make_text(root / "t.txt", sentences=200)
+    config = make_config(root, text, name="run", trainer={"max_steps": 2, "val_check_interval": 2})
+    assert main(["fit", "--config", str(config)]) == 0
+    return root, config
+
+
+def run_without_lightning(cases: list[list[str]], cwd) -> tuple[dict, str]:
+    result = subprocess.run([sys.executable, "-c", EARLY_SCRIPT, json.dumps(cases)], capture_output=True,
+                            text=True, cwd=cwd)
+    return json.loads(result.stdout.splitlines()[-1]), result.stderr
+
+
+def test_first_hour_mistakes_are_refused_before_lightning_or_torch_is_imported(trained):
+    root, config = trained
+    (root / "configs").mkdir(exist_ok=True)
+    (root / "configs" / "tiny.yaml").write_text(config.read_text())
+    cases = [
+        ["fit", "configs/tiny.yaml"],
+        ["fit", "--config", str(config), "--data.text_path", "missing.txt", "--ckpt_dir", "elsewhere"],
+        ["validate", "--config", str(config)],
+        ["fit", "--config", str(config)],  # its ckpt_dir holds the trained run
+    ]
+    found, err = run_without_lightning(cases, root)
+    assert found == {"statuses": [2, 1, 2, 1], "lightning": False, "torch": False}, err
+    lines = err.splitlines()
+    assert lines[0] == ("picogpt fit: error: unknown option configs/tiny.yaml; did you mean --config "
+                        "configs/tiny.yaml? (see `picogpt fit --help`)")
+    assert lines[1].startswith("picogpt fit: error: missing.txt does not exist")
+    assert lines[2].startswith("picogpt validate: error: validate needs --ckpt_path (or --ckpt)")
+    assert lines[3].startswith(f"picogpt fit: error: {root / 'checkpoints' / 'run'} already holds a run "
+                               f"(last.ckpt at step 2): continue it with --ckpt ")
+    assert len(lines) == 4
+    assert not (root / "elsewhere").exists()
+
+
+def test_a_checkpoints_step_is_read_without_torch_and_unknown_for_other_files(trained):
+    root, _ = trained
+    assert checkpoint_step(root / "checkpoints" / "run" / "last.ckpt") == 2
+    assert checkpoint_step(root / "t.txt") == "?"
+
+
+def test_ckpt_is_accepted_by_every_command_and_ckpt_path_keeps_working():
+    assert use_ckpt_alias("fit", ["--ckpt", "a.ckpt", "--ckpt=b"], lightning=True) == ["--ckpt_path", "a.ckpt",
+                                                                                      "--ckpt_path=b"]
+    assert use_ckpt_alias("sample", ["--ckpt_path", "a.ckpt"], lightning=False) == ["--ckpt", "a.ckpt"]
+    assert use_ckpt_alias("plot", ["--ckpt_path", "a"], lightning=False) == ["--ckpt_path", "a"]
+
+
+def test_validate_takes_ckpt_and_sample_takes_ckpt_path(trained, capsys):
+    root, _ = trained
+    best = str(root / "checkpoints" / "run" / "best.ckpt")
+    capsys.readouterr()
+    assert main(["validate", "--ckpt", best, "--trainer.enable_progress_bar", "false"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("validating ") and out.strip().splitlines()[-1].startswith("val_loss ")
+    assert main(["sample", "--ckpt_path", best, "--max_new_tokens", "3", "--prompt", "The"]) == 0
+    assert capsys.readouterr().out.startswith("The")
+
+
+def test_bytes_that_are_not_utf8_in_a_prompt_are_replaced_with_one_warning(trained, capsys):
+    root, _ = trained
+    best = str(root / "checkpoints" / "run" / "best.ckpt")
+    capsys.readouterr()
+    # Python hands a command line's undecodable byte over as a lone surrogate: "caf\xe9" arrives so.
+    assert main(["sample", "--ckpt", best, "--prompt", "The caf\udce9", "--max_new_tokens", "3"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("The caf")
+    assert [line for line in captured.err.splitlines() if "not UTF-8" in line] == [
+        "warning: the input holds 1 byte(s) that are not UTF-8; each was replaced by U+FFFD (save or type the "
+        "text as UTF-8)"]
+
+
+def test_a_chat_fed_bytes_that_are_not_utf8_answers_every_line(trained):
+    root, _ = trained
+    best = str(root / "checkpoints" / "run" / "best.ckpt")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}  # the strictest locale's handler
+    result = subprocess.run([sys.executable, "-m", "picogpt_lightning.cli", "chat", "--ckpt", best,
+                             "--max_new_tokens", "3", "--temperature", "0"], input=b"caf\xe9?\nThe truth?\n",
+                            capture_output=True, env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    assert len(result.stdout.decode().splitlines()) == 2  # one answer per message: the session went on
+    assert result.stderr.decode().count("not UTF-8") == 1
