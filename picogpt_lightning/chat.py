@@ -62,6 +62,7 @@ class ChatSession:
         self.output = output or sys.stdout
         self.notes = notes or sys.stderr
         self.history: list[tuple[str, str]] = []
+        self.answer_prompt = ""  # written before each answer, once the notes about its prompt are out
         self.system_prompt = ""
         self.set_system_prompt(system_prompt)
 
@@ -126,6 +127,8 @@ class ChatSession:
         """
         message = encode_prompt(message, self.tokenizer)[0]
         prompt_ids = self.build_prompt(message)
+        self.output.write(self.answer_prompt)
+        self.output.flush()
         raw = ""
         shown = 0
         interrupted = False

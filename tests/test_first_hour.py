@@ -81,6 +81,7 @@ def test_validate_takes_ckpt_and_sample_takes_ckpt_path(trained, capsys):
     assert main(["validate", "--ckpt", best, "--trainer.enable_progress_bar", "false"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("validating ") and out.strip().splitlines()[-1].startswith("val_loss ")
+    assert [line for line in out.splitlines() if "val_loss" in line] == [out.strip().splitlines()[-1]]  # no table
     assert main(["sample", "--ckpt_path", best, "--max_new_tokens", "3", "--prompt", "The"]) == 0
     assert capsys.readouterr().out.startswith("The")
 
@@ -108,3 +109,72 @@ def test_a_chat_fed_bytes_that_are_not_utf8_answers_every_line(trained):
     assert result.returncode == 0, result.stderr.decode()
     assert len(result.stdout.decode().splitlines()) == 2  # one answer per message: the session went on
     assert result.stderr.decode().count("not UTF-8") == 1
+
+
+def test_a_missing_best_checkpoint_beside_a_last_one_names_the_last_one(trained, tmp_path, capsys):
+    root, _ = trained
+    stopped = tmp_path / "stopped"  # a run stopped with Ctrl-C before its first validation
+    stopped.mkdir()
+    (stopped / "last.ckpt").write_bytes((root / "checkpoints" / "run" / "last.ckpt").read_bytes())
+    capsys.readouterr()
+    assert main(["sample", "--ckpt", str(stopped / "best.ckpt")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"picogpt sample: error: {stopped} has no best.ckpt (no validation ran in that run, e.g. it was stopped "
+        f"before its first one); use {stopped / 'last.ckpt'}")
+
+
+def test_prepare_in_char_mode_reports_the_texts_own_characters(tmp_path, capsys):
+    text = "Q: What is it?\nA: A test.\n\nQ: And then?\nA: Another.\n\nMore text to read.\n"
+    (tmp_path / "qa.txt").write_text(text, encoding="utf-8")
+    assert main(["prepare", "--text_path", str(tmp_path / "qa.txt"), "--mode", "char", "--out_dir",
+                 str(tmp_path / "out"), "--random_split", "false"]) == 0
+    out = capsys.readouterr().out
+    assert f"(1 file(s), {len(text)} characters; 3 end-of-text markers)" in out
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["train_tokens"] + meta["val_tokens"] == len(text) + 3  # one token per character and per marker
+
+
+def test_chat_notes_come_on_their_own_line_before_the_answer(trained, monkeypatch):
+    import builtins
+    import io
+
+    from picogpt_lightning.chat import ChatSession
+    from picogpt_lightning.checkpoint import load_checkpoint
+    from picogpt_lightning.cli.chat import run_repl
+    from picogpt_lightning.settings import SamplingSettings
+
+    root, _ = trained
+    loaded = load_checkpoint(str(root / "checkpoints" / "run" / "best.ckpt"))
+    screen = io.StringIO()  # the terminal: answers and notes interleaved as a user sees them
+    session = ChatSession(loaded.model, loaded.tokenizer, settings=SamplingSettings(temperature=0),
+                          max_new_tokens=2, output=screen, notes=screen)
+    typed = iter(["Why is the mind?", "Why is the mind?"])  # the second turn drops the first (context 16)
+
+    def fake_input(prompt):
+        try:
+            line = next(typed)
+        except StopIteration:
+            raise EOFError from None
+        screen.write(prompt + line + "\n")
+        return line
+
+    monkeypatch.setattr(builtins, "input", fake_input)
+    run_repl(session, None)
+    lines = screen.getvalue().splitlines()
+    note = next(index for index, line in enumerate(lines) if "no longer fit" in line)
+    assert lines[note].startswith("(the 1 oldest turn(s)") and lines[note + 1].startswith("A:")
+
+
+def test_the_export_folders_of_the_docs_examples_are_ignored_by_git(repo_root):
+    import re
+    from pathlib import Path
+
+    if not (Path(repo_root) / ".git").exists():
+        pytest.skip("not a git checkout")
+    docs = [Path(repo_root) / "README.md", *sorted((Path(repo_root) / "docs").glob("*.md"))]
+    folders = {found for doc in docs for found in re.findall(r"picogpt export [^\n`]*--out_dir ([^\s`]+)",
+                                                               doc.read_text(encoding="utf-8"))}
+    assert folders
+    result = subprocess.run(["git", "check-ignore", *[f"{folder}/config.json" for folder in sorted(folders)]],
+                            cwd=repo_root, capture_output=True, text=True)
+    assert len(result.stdout.splitlines()) == len(folders), (folders, result.stdout)

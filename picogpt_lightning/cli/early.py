@@ -20,6 +20,7 @@ from .run_folder import default_ckpt_dir, holds_run, is_rank_zero
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 TRUE_WORDS = ("true", "yes", "on", "1")
+LIGHTNING_COMMANDS = ("fit", "finetune", "validate")
 CKPT_COMMANDS = ("sample", "chat", "serve", "evaluate", "export", "info")  # the plain commands taking --ckpt
 
 
@@ -34,6 +35,15 @@ def use_ckpt_alias(command: str, args: list[str], lightning: bool) -> list[str]:
         name, equals, value = arg.partition("=")
         renamed.append(new + equals + value if name == old else arg)
     return renamed
+
+
+def command_line(command: str, args: list[str]) -> list[str]:
+    """`args` as the command's parser takes them: `--ckpt` under its other name where needed (above), and
+    `validate` without Lightning's results table (its one-line result says the same) unless --verbose is given."""
+    args = use_ckpt_alias(command, args, lightning=command in LIGHTNING_COMMANDS)
+    if command == "validate" and not any(option_name(arg) == "--verbose" for arg in args):
+        args.append("--verbose=false")
+    return args
 
 
 def check_early(command: str, args: list[str]) -> None:

@@ -35,9 +35,9 @@ FUNCTION_COMMANDS = ("prepare", "sample", "chat", "serve", "evaluate", "export",
 
 
 def run(command: str, args: list[str]) -> int:
-    from .early import check_early, use_ckpt_alias
+    from .early import check_early, command_line
 
-    args = use_ckpt_alias(command, args, lightning=command in LIGHTNING_COMMANDS)
+    args = command_line(command, args)
     if command in LIGHTNING_COMMANDS:
         from .flags import check_lightning_options
 
