@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import load_checkpoint
-from .chat_template import ChatTemplate, template_from_meta, validate_messages
+from .chat_template import ChatTemplate, template_from_meta, turn_stop_strings, validate_messages
 from .conversation import encode_conversation
 from .errors import PicoGPTError
 from .generate import generate, make_generator, resolve_device
@@ -125,7 +125,7 @@ async def invalid_request_body(request, error: RequestValidationError) -> JSONRe
 def reply_pieces(model, tokenizer, template: ChatTemplate, job: ChatJob) -> Iterator[dict]:
     """The answer as OpenAI message pieces, then an empty one with the finish reason and the token counts."""
     prompt_ids = encode_conversation(job.messages, template, tokenizer, add_generation_prompt=True).ids
-    decoder = StreamingDecoder(tokenizer, template.stop_strings(tokenizer.eot_id is not None) + job.stop)
+    decoder = StreamingDecoder(tokenizer, turn_stop_strings(template, tokenizer.eot_id is not None) + job.stop)
     generator = make_generator(job.seed, model.wte.weight.device)
     completion_tokens = 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -178,3 +179,33 @@ def test_the_export_folders_of_the_docs_examples_are_ignored_by_git(repo_root):
     result = subprocess.run(["git", "check-ignore", *[f"{folder}/config.json" for folder in sorted(folders)]],
                             cwd=repo_root, capture_output=True, text=True)
     assert len(result.stdout.splitlines()) == len(folders), (folders, result.stdout)
+
+
+def test_an_answer_stops_where_the_model_starts_a_new_turn_of_its_own_in_chat_api_and_serve():
+    from test_chat import TEXT, ScriptedModel
+
+    from picogpt_lightning.api import PicoGPT
+    from picogpt_lightning.chat import ChatSession
+    from picogpt_lightning.chat_template import get_template, turn_stop_strings
+    from picogpt_lightning.checkpoint import LoadedCheckpoint
+    from picogpt_lightning.settings import SamplingSettings
+    from picogpt_lightning.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer.train([TEXT])
+    # After the prompt's "A:" the script writes " hi?\nA: hi?\nA: ..." for ever: a new answer turn, no end.
+    model = ScriptedModel(tokenizer, {":": " ", " ": "h", "h": "i", "i": "?", "?": "\n", "\n": "A", "A": ":"})
+    greedy = SamplingSettings(temperature=0)
+    session = ChatSession(model, tokenizer, settings=greedy, output=io.StringIO(), notes=io.StringIO())
+    assert session.reply("What is virtue?") == "hi?"
+    messages = [{"role": "user", "content": "What is virtue?"}]
+    picogpt = PicoGPT(LoadedCheckpoint(model, tokenizer, {}, 0))
+    assert picogpt.chat(messages, temperature=0) == "hi?"
+    assert turn_stop_strings(get_template("qa"), has_eot=True) == ["<|endoftext|>", "\nQ:", "\nA:"]
+    assert turn_stop_strings(get_template("im"), has_eot=True) == [
+        "<|endoftext|>", "\n<|im_start|>user", "\n<|im_start|>assistant", "<|im_end|>"]
+    pytest.importorskip("litserve")
+    from picogpt_lightning.serve import ChatJob, reply_pieces
+
+    job = ChatJob(messages, greedy, max_tokens=40, stop=[], seed=0)
+    pieces = list(reply_pieces(model, tokenizer, get_template("qa"), job))
+    assert "".join(piece["content"] for piece in pieces) == "hi?" and pieces[-1]["finish_reason"] == "stop"
