@@ -38,6 +38,7 @@ from .errors import PicoGPTError
 from .generate import generate, make_generator, resolve_device
 from .prompt import StreamingDecoder
 from .settings import SamplingSettings, ServeSettings
+from .threads import thread_choice
 
 try:
     import litserve as ls
@@ -259,7 +260,7 @@ def serve(ckpt: str, device: str = "auto", settings: ServeSettings | None = None
     settings = settings or ServeSettings()
     target = resolve_device(device)
     template = template_from_meta(load_checkpoint(ckpt).meta)
-    threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.workers)
+    threads = settings.threads or max(1, thread_choice().threads // settings.workers)
     api = ChatAPI(str(ckpt), str(target), threads, settings.max_tokens, settings.model_name)
     # No request timeout: a request waits for a free worker however long the answers before it take. Streamed
     # pieces go from worker to HTTP process over ZeroMQ (fast_queue): LitServe's default manager queue costs

@@ -124,7 +124,7 @@ class ServeSettings:
         host: 127.0.0.1 (this machine only), 0.0.0.0 or :: (every interface).
         port: TCP port, 1024 to 65535.
         workers: Inference processes, each with its own copy of the model; as many requests run at once.
-        threads: torch threads per worker; null: the CPU cores shared out between the workers.
+        threads: torch threads per worker; null: the cores free of load (threads.py) shared out between the workers.
         max_tokens: Longest answer, in tokens, for requests that do not set max_tokens.
         model_name: The model id /v1/models reports and responses carry.
         log_level: LitServe's and uvicorn's logging: debug, info, warning or error.

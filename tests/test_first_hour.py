@@ -81,7 +81,7 @@ def test_validate_takes_ckpt_and_sample_takes_ckpt_path(trained, capsys):
     capsys.readouterr()
     assert main(["validate", "--ckpt", best, "--trainer.enable_progress_bar", "false"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("validating ") and out.strip().splitlines()[-1].startswith("val_loss ")
+    assert out.startswith("picogpt validate: 1 torch thread (OMP_NUM_THREADS); loading Lightning\nvalidating ") and out.strip().splitlines()[-1].startswith("val_loss ")
     assert [line for line in out.splitlines() if "val_loss" in line] == [out.strip().splitlines()[-1]]  # no table
     assert main(["sample", "--ckpt_path", best, "--max_new_tokens", "3", "--prompt", "The"]) == 0
     assert capsys.readouterr().out.startswith("The")
@@ -209,3 +209,35 @@ def test_an_answer_stops_where_the_model_starts_a_new_turn_of_its_own_in_chat_ap
     job = ChatJob(messages, greedy, max_tokens=40, stop=[], seed=0)
     pieces = list(reply_pieces(model, tokenizer, get_template("qa"), job))
     assert "".join(piece["content"] for piece in pieces) == "hi?" and pieces[-1]["finish_reason"] == "stop"
+
+
+def test_the_thread_count_is_the_usable_cores_less_the_load():
+    from picogpt_lightning.threads import choose_threads, thread_choice, usable_cores
+
+    assert [choose_threads(2, load) for load in (0.1, 0.4, 0.6, 1.2, 7.5)] == [2, 2, 1, 1, 1]
+    assert choose_threads(16, 3.0) == 13 and choose_threads(4, None) == 4
+    assert usable_cores() == len(os.sched_getaffinity(0))
+    assert thread_choice(3, environ={}).threads == 3
+    assert thread_choice(None, environ={"OMP_NUM_THREADS": "1"}).threads == 1
+    assert 1 <= thread_choice(None, environ={}).threads <= usable_cores()
+
+
+def test_threads_overrides_the_choice_in_fit_and_sample_and_is_said_in_the_start_up_line(trained, capsys):
+    import torch
+
+    root, _ = trained
+    best = str(root / "checkpoints" / "run" / "best.ckpt")
+    try:
+        capsys.readouterr()
+        assert main(["validate", "--ckpt", best, "--threads", "2", "--trainer.enable_progress_bar", "false",
+                     "--trainer.limit_val_batches", "1"]) == 0
+        out = capsys.readouterr().out
+        assert out.splitlines()[0] == "picogpt validate: 2 torch threads (--threads); loading Lightning"
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        assert main(["sample", "--ckpt", best, "--max_new_tokens", "2", "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+        assert main(["sample", "--ckpt", best, "--threads", "0"]) == 2
+        assert "--threads must be a whole number >= 1" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(1)

@@ -11,6 +11,7 @@ for a checkpoint, as LightningCLI's `--ckpt_path`.
 from __future__ import annotations
 
 import pickle
+import sys
 import zipfile
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from .run_folder import default_ckpt_dir, holds_run, is_rank_zero
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 TRUE_WORDS = ("true", "yes", "on", "1")
 LIGHTNING_COMMANDS = ("fit", "finetune", "validate")
+THREAD_COMMANDS = ("fit", "finetune", "validate", "sample", "chat", "evaluate")  # take --threads N (serve: its own)
 CKPT_COMMANDS = ("sample", "chat", "serve", "evaluate", "export", "info")  # the plain commands taking --ckpt
 
 
@@ -44,6 +46,47 @@ def command_line(command: str, args: list[str]) -> list[str]:
     if command == "validate" and not any(option_name(arg) == "--verbose" for arg in args):
         args.append("--verbose=false")
     return args
+
+
+def take_threads(args: list[str]) -> tuple[list[str], int | None]:
+    """`--threads N` taken out of a Lightning command's arguments (its parser does not know it): (the other
+    arguments, N or None)."""
+    rest, threads, index = [], None, 0
+    while index < len(args):
+        name, equals, value = args[index].partition("=")
+        if name != "--threads":
+            rest.append(args[index])
+        elif equals or index + 1 < len(args):
+            if not equals:
+                index += 1
+                value = args[index]
+            threads = read_threads(value)
+        else:
+            raise SettingsError("--threads needs a number of threads, e.g. --threads 2 (or auto)")
+        index += 1
+    return rest, threads
+
+
+def read_threads(value: str | int | None) -> int | None:
+    if value is None or str(value).strip().lower() in ("auto", "null", "none"):
+        return None
+    text = str(value).strip()
+    if not text.isdigit() or int(text) < 1:
+        raise SettingsError(f"--threads must be a whole number >= 1 (or auto), got {value!r}")
+    return int(text)
+
+
+def start_threads(command: str, requested: int | None, say: bool) -> None:
+    """Set torch's thread count for this command (threads.py) and, if `say`, tell which in the start-up line,
+    before the seconds of importing Lightning or loading a model: on stdout for fit, finetune and validate (their
+    report), on stderr for the others (their stdout is the model's text)."""
+    from ..threads import apply_threads
+
+    choice = apply_threads(requested)
+    if say:
+        lightning = command in LIGHTNING_COMMANDS
+        print(f"picogpt {command}: {choice.describe()}{'; loading Lightning' if lightning else ''}",
+              file=sys.stdout if lightning else sys.stderr, flush=True)
 
 
 def check_early(command: str, args: list[str]) -> None:

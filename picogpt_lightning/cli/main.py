@@ -35,15 +35,19 @@ FUNCTION_COMMANDS = ("prepare", "sample", "chat", "serve", "evaluate", "export",
 
 
 def run(command: str, args: list[str]) -> int:
-    from .early import check_early, command_line
+    from .early import check_early, command_line, start_threads, take_threads
 
     args = command_line(command, args)
     if command in LIGHTNING_COMMANDS:
         from .flags import check_lightning_options
+        from .run_folder import is_rank_zero
 
+        args, threads = take_threads(args)
         # Typos and first-hour mistakes are refused here, in milliseconds, before Lightning is imported.
         check_lightning_options(command, args)
         check_early(command, args)
+        if not any(arg in ("-h", "--help") or arg.startswith("--print_config") for arg in args):
+            start_threads(command, threads, say=is_rank_zero())
         if command == "finetune":
             from .finetune import run_finetune
 
