@@ -76,3 +76,26 @@ class Progress:
         for item in items:
             yield item
             self.update(size(item))
+
+
+class Ticker:
+    """Calls `tick()` every `every` seconds from a background thread until `stop()`: a progress bar whose steps
+    take longer than that still moves its elapsed time and rate (tqdm redraws only when told to)."""
+
+    def __init__(self, tick, every: float = 1.0):
+        import threading
+
+        self.tick, self.every = tick, every
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="picogpt-progress", daemon=True)
+
+    def start(self) -> Ticker:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.every):
+            self.tick()
+
+    def stop(self) -> None:
+        self.stopped.set()

@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 
+import lightning.pytorch as L
 import pytest
 
 from picogpt_lightning.cli import main
@@ -81,7 +83,8 @@ def test_validate_takes_ckpt_and_sample_takes_ckpt_path(trained, capsys):
     capsys.readouterr()
     assert main(["validate", "--ckpt", best, "--trainer.enable_progress_bar", "false"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("picogpt validate: 1 torch thread (OMP_NUM_THREADS); loading Lightning\nvalidating ") and out.strip().splitlines()[-1].startswith("val_loss ")
+    assert out.startswith("picogpt validate: 1 torch thread (OMP_NUM_THREADS); loading Lightning\nvalidating ")
+    assert out.strip().splitlines()[-1].startswith("val_loss ")
     assert [line for line in out.splitlines() if "val_loss" in line] == [out.strip().splitlines()[-1]]  # no table
     assert main(["sample", "--ckpt_path", best, "--max_new_tokens", "3", "--prompt", "The"]) == 0
     assert capsys.readouterr().out.startswith("The")
@@ -241,3 +244,22 @@ def test_threads_overrides_the_choice_in_fit_and_sample_and_is_said_in_the_start
         assert "--threads must be a whole number >= 1" in capsys.readouterr().err
     finally:
         torch.set_num_threads(1)
+
+
+class SlowFirstStep(L.Callback):
+    """Makes the first step take 2.5 s, as a step of a big model on a slow CPU does."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 0:
+            time.sleep(2.5)
+
+
+def test_the_progress_bar_moves_during_a_slow_step(tmp_path, capsys):
+    text = make_text(tmp_path / "t.txt", sentences=200)
+    config = make_config(tmp_path, text, name="slow", trainer={"max_steps": 2, "val_check_interval": 2,
+                                                               "enable_progress_bar": True})
+    assert main(["fit", "--config", str(config), "--sample_tokens", "0",
+                 "--trainer.callbacks+=test_first_hour.SlowFirstStep"]) == 0
+    out = capsys.readouterr().out
+    # Redrawn by the clock while step 1 runs: elapsed time goes on although no step ended (refresh rate 5).
+    assert "0/2 [00:01" in out or "0/2 [00:02" in out, out
