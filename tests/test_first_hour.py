@@ -263,3 +263,23 @@ def test_the_progress_bar_moves_during_a_slow_step(tmp_path, capsys):
     out = capsys.readouterr().out
     # Redrawn by the clock while step 1 runs: elapsed time goes on although no step ended (refresh rate 5).
     assert "0/2 [00:01" in out or "0/2 [00:02" in out, out
+
+
+def test_empty_answers_in_conversation_data_are_counted_and_named(trained, tmp_path, capsys):
+    from picogpt_lightning.chat_data import ConversationDataModule
+
+    root, _ = trained
+    lines = [{"messages": [{"role": "user", "content": f"Why {n}?"}, {"role": "assistant", "content": "Because."}]}
+             for n in range(6)]
+    lines[2]["messages"][1]["content"] = ""
+    lines[4]["messages"][1]["content"] = "  "
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    data = ConversationDataModule(path=str(tmp_path / "chat.jsonl"),
+                                  tokenizer_from=str(root / "checkpoints" / "run" / "best.ckpt"), val_fraction=0.2,
+                                  block_size=64)
+    capsys.readouterr()
+    assert data.data.train.conversations + data.data.val.conversations == 6  # counted and said, not dropped
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "empty assistant answer" in line]
+    assert warnings == [f"warning: 2 conversation(s) have an empty assistant answer ({tmp_path / 'chat.jsonl'}:3, "
+                        f"{tmp_path / 'chat.jsonl'}:5): each is trained to end its answer at once; fill them in or "
+                        f"remove those lines if that is not meant"]
