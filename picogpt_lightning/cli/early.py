@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pickle
 import sys
-import zipfile
 from pathlib import Path
 
 from ..errors import PicoGPTError, SettingsError
@@ -102,10 +101,11 @@ def check_early(command: str, args: list[str]) -> None:
     data = settings.get("data") if isinstance(settings.get("data"), dict) else {}
     text_path = data.get("text_path")
     explicit = "data.text_path" in given
-    if command == "fit" and text_path and not data.get("prepared_dir") and (explicit or not ckpt_path):
+    if (command == "fit" and isinstance(text_path, str) and not data.get("prepared_dir") and (explicit or not ckpt_path)
+            and not any(char in text_path for char in "*?[") and not Path(text_path).exists()):
         from ..corpus import find_text_files
 
-        find_text_files(str(text_path))  # the same message as the data module's, seconds sooner
+        find_text_files(text_path)  # raises the data module's own message, seconds sooner
     if command != "validate" and not ckpt_path and is_rank_zero():
         check_run_folder(settings, given)
 
@@ -238,6 +238,8 @@ class _StandIn:
 
 def checkpoint_step(path: Path) -> object:
     """The global_step of a checkpoint written by torch.save, read without importing torch; "?" if unknown."""
+    import zipfile
+
     try:
         with zipfile.ZipFile(path) as archive:
             name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))

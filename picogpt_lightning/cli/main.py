@@ -27,7 +27,8 @@ USAGE = """usage: picogpt {fit,finetune,validate,prepare,sample,chat,serve,evalu
   info       what a checkpoint holds: model, tokenizer, data, steps, config, versions
   plot       draw a run's loss and learning-rate curves into a PNG
 
-Run `picogpt COMMAND --help` for the options of each command."""
+Run `picogpt COMMAND --help` for the options of each command. `--ckpt` names a checkpoint in every command;
+the commands that compute take `--threads N` (default: the cores free of load; docs/first-hour.md)."""
 
 LIGHTNING_COMMANDS = ("fit", "finetune", "validate")
 # Plain commands: each is the module of this package with the same name, whose `main(args)` runs it.
