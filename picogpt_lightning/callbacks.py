@@ -9,7 +9,6 @@ import logging
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -26,7 +25,7 @@ from .errors import PicoGPTError, warn
 from .files import write_atomically
 from .generate import make_generator, stream_text
 from .module import SHARDED_STRATEGIES
-from .progress import Ticker
+from .progress import TimedRedraw
 from .prompt import encode_prompt
 from .settings import SamplingSettings
 
@@ -233,46 +232,32 @@ class NonFiniteLossGuard(Callback):
         self.first_checked_step = trainer.global_step
 
 
-REDRAW_EVERY_S = 1.0  # the longest the training bar goes without a redraw
-
-
 class StepProgressBar(TQDMProgressBar):
     """Shows optimizer steps out of trainer.max_steps, continuing from the resumed step ("Training from step
     600: 650/1000"), instead of the batches of an endless epoch ("21/?")."""
+
+    redraw: TimedRedraw | None = None  # redraws by time during training
 
     def on_train_start(self, trainer: L.Trainer, *_) -> None:
         super().on_train_start(trainer)
         self.first_step = trainer.global_step
         self._count_steps(trainer)  # a resumed run restarts mid-epoch: on_train_epoch_start is not called
         # Redrawn by time as well as by steps: on a slow run (seconds a step) elapsed time and rate keep moving.
-        # Not while validating: the validation bar and the sample printed after it have the screen.
-        self.training = True
-        bar = self.train_progress_bar
-        self.ticker = Ticker(lambda: self._redraw(bar), REDRAW_EVERY_S).start()
-
-    def _redraw(self, bar) -> None:
-        if self.training and self._due(bar):
-            bar.refresh()
-
-    @staticmethod
-    def _due(bar) -> bool:
-        return not bar.disable and time.time() - bar.last_print_t >= REDRAW_EVERY_S  # tqdm keeps time.time()
+        self.redraw = TimedRedraw(self.train_progress_bar)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
-        self.training = False
+        if self.redraw is not None:  # the validation bar and the sample printed after it have the screen
+            self.redraw.active = False
         super().on_validation_start(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        self._stop_ticker()
+        if self.redraw is not None:
+            self.redraw.stop()
         super().on_train_end(trainer, pl_module)
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
-        self._stop_ticker()
-
-    def _stop_ticker(self) -> None:
-        ticker = getattr(self, "ticker", None)
-        if ticker is not None:
-            ticker.stop()
+        if self.redraw is not None:
+            self.redraw.stop()
 
     def on_train_epoch_start(self, trainer: L.Trainer, *_) -> None:
         super().on_train_epoch_start(trainer)
@@ -292,10 +277,10 @@ class StepProgressBar(TQDMProgressBar):
         return metrics
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        self.training = True
+        self.redraw.active = True
         step = trainer.global_step
         bar = self.train_progress_bar
-        if step % self.refresh_rate == 0 or step >= trainer.max_steps or self._due(bar):
+        if step % self.refresh_rate == 0 or step >= trainer.max_steps or self.redraw.due():
             bar.n = step
             metrics = self.get_metrics(trainer, pl_module)
             # This step's loss (the module logs train_loss only at the logger's interval); Lightning divides
