@@ -11,8 +11,9 @@ fine-tuned checkpoint), which neither model was fine-tuned on. Two figures per m
   packed val blocks the fine-tuning run validated on (conversations longer than the context are left out);
 - clean stops: the share of greedy replies (to each held-out conversation, up to its last question) that end
   with end-of-text within max_new_tokens tokens. A model that was never fine-tuned tends to go on with the next
-  "Q:" instead; that share is printed too (`picogpt chat` stops there as well, but a client of the exported
-  model or the server relies on end-of-text). Target after fine-tuning: >= 95% clean stops.
+  "Q:" (or a new "A:") instead; those shares are printed too, and the share of replies that `picogpt chat`,
+  `serve` and PicoGPT.chat() end cleanly, at end-of-text or at any turn marker (chat_template.turn_stop_strings;
+  a client of the exported model relies on end-of-text alone). Target after fine-tuning: >= 95% clean stops.
 
 Printed, not tested; the load average is printed too, since other processes slow a shared CPU down.
 """
@@ -32,6 +33,7 @@ import torch
 
 from benchmarks.common import machine_line, set_threads
 from picogpt_lightning.chat_data import ConversationDataModule
+from picogpt_lightning.chat_template import turn_stop_strings
 from picogpt_lightning.checkpoint import load_checkpoint, read_checkpoint
 from picogpt_lightning.conversation import encode_conversation, read_conversations, split_conversations
 from picogpt_lightning.generate import generate
@@ -87,6 +89,8 @@ def replies(checkpoint: str, settings: dict, max_new_tokens: int, limit: int | N
     _, held_out = split_conversations(read_conversations(settings["path"]), settings.get("val_fraction", 0.1),
                                       settings.get("split_seed", 1337))
     stop_marker = template.stop_strings(tokenizer.eot_id is not None)[-1]  # the next user turn, e.g. "\nQ:"
+    # Where `picogpt chat`, `serve` and PicoGPT.chat() end an answer: end-of-text or any turn marker.
+    turn_markers = [stop for stop in turn_stop_strings(template, tokenizer.eot_id is not None) if stop != ENDOFTEXT]
     results = []
     for conversation in held_out[:limit]:
         messages = conversation.messages[:-1]  # up to the last question; the model writes the last answer
@@ -97,8 +101,11 @@ def replies(checkpoint: str, settings: dict, max_new_tokens: int, limit: int | N
             if token == tokenizer.eot_id:
                 break
         text = tokenizer.decode(ids)
-        results.append({"tokens": len(ids), "eot": bool(ids) and ids[-1] == tokenizer.eot_id,
-                        "next_turn": stop_marker in text.split(ENDOFTEXT)[0]})
+        answer = text.split(ENDOFTEXT)[0]
+        eot = bool(ids) and ids[-1] == tokenizer.eot_id
+        any_turn = any(marker in answer for marker in turn_markers)
+        results.append({"tokens": len(ids), "eot": eot, "next_turn": stop_marker in answer, "any_turn": any_turn,
+                        "chat_stop": eot or any_turn})
     return results
 
 
@@ -151,6 +158,9 @@ def main(
         (f"clean stops (end-of-text within {max_new_tokens})",
          lambda f: f"{sum(r['eot'] for r in f[2])}/{count} {sum(r['eot'] for r in f[2]) / count:.0%}"),
         ("replies that start a next user turn first", lambda f: f"{sum(r['next_turn'] for r in f[2]) / count:.0%}"),
+        ("replies that start any next turn first", lambda f: f"{sum(r['any_turn'] for r in f[2]) / count:.0%}"),
+        ("clean stops in chat/serve (eot or a turn)",
+         lambda f: f"{sum(r['chat_stop'] for r in f[2])}/{count} {sum(r['chat_stop'] for r in f[2]) / count:.0%}"),
         ("median reply length (tokens)", lambda f: f"{statistics.median(r['tokens'] for r in f[2]):.0f}"),
     ]
     for label, show in rows:

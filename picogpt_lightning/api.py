@@ -22,7 +22,7 @@ import torch
 
 from .batching import GenerationRequest, generate_many
 from .checkpoint import LoadedCheckpoint, load_checkpoint
-from .chat_template import ChatTemplate, get_template, template_from_meta, validate_messages
+from .chat_template import ChatTemplate, get_template, template_from_meta, turn_stop_strings, validate_messages
 from .conversation import encode_conversation
 from .evaluate import EvaluationResult, evaluate_text
 from .generate import make_generator, resolve_device, stream_text
@@ -155,7 +155,7 @@ class PicoGPT:
         prompt = encode_conversation(messages, template, self.tokenizer, add_generation_prompt=True)
         if prompt.unseen.counts:
             warnings.warn(prompt.unseen.describe(), stacklevel=2)
-        stops = template.stop_strings(self.tokenizer.eot_id is not None)
+        stops = turn_stop_strings(template, self.tokenizer.eot_id is not None)
         stops += [stop] if isinstance(stop, str) else list(stop or ())
         pieces = template.answer_pieces(stream_text(self.model, self.tokenizer, prompt.ids, max_new_tokens, settings,
                                                     make_generator(seed, self.device), stops))

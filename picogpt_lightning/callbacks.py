@@ -28,6 +28,7 @@ from .errors import PicoGPTError, warn
 from .files import write_atomically
 from .generate import make_generator, stream_text
 from .module import SHARDED_STRATEGIES
+from .progress import TimedRedraw
 from .prompt import encode_prompt
 from .settings import SamplingSettings
 
@@ -266,10 +267,28 @@ class StepProgressBar(TQDMProgressBar):
     """Shows optimizer steps out of trainer.max_steps, continuing from the resumed step ("Training from step
     600: 650/1000"), instead of the batches of an endless epoch ("21/?")."""
 
+    redraw: TimedRedraw | None = None  # redraws by time during training
+
     def on_train_start(self, trainer: L.Trainer, *_) -> None:
         super().on_train_start(trainer)
         self.first_step = trainer.global_step
         self._count_steps(trainer)  # a resumed run restarts mid-epoch: on_train_epoch_start is not called
+        # Redrawn by time as well as by steps: on a slow run (seconds a step) elapsed time and rate keep moving.
+        self.redraw = TimedRedraw(self.train_progress_bar)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
+        if self.redraw is not None:  # the validation bar and the sample printed after it have the screen
+            self.redraw.active = False
+        super().on_validation_start(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if self.redraw is not None:
+            self.redraw.stop()
+        super().on_train_end(trainer, pl_module)
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        if self.redraw is not None:
+            self.redraw.stop()
 
     def on_train_epoch_start(self, trainer: L.Trainer, *_) -> None:
         super().on_train_epoch_start(trainer)
@@ -289,9 +308,10 @@ class StepProgressBar(TQDMProgressBar):
         return metrics
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self.redraw.active = True
         step = trainer.global_step
-        if step % self.refresh_rate == 0 or step >= trainer.max_steps:
-            bar = self.train_progress_bar
+        bar = self.train_progress_bar
+        if step % self.refresh_rate == 0 or step >= trainer.max_steps or self.redraw.due():
             bar.n = step
             metrics = self.get_metrics(trainer, pl_module)
             # This step's loss (the module logs train_loss only at the logger's interval); Lightning divides

@@ -12,10 +12,10 @@ corpus' own form, for a model that has none:
     Q: new message
     A:
 
-The model continues the prompt until it writes end-of-text, the start of a next user turn ("\\nQ:", which a
-model never fine-tuned writes instead) or a stop string. The prompt is rebuilt from the history at each turn;
-when it no longer fits the model's context the oldest turns are dropped, never the system prompt. The REPL
-around a session is `picogpt chat` (cli/chat.py).
+The model continues the prompt until it writes end-of-text, the start of a next turn ("\\nQ:" or "\\nA:", which
+a model never fine-tuned, or a tiny one, writes instead) or a stop string. The prompt is rebuilt from the
+history at each turn; when it no longer fits the model's context the oldest turns are dropped, never the system
+prompt. The REPL around a session is `picogpt chat` (cli/chat.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import TextIO
 
 import torch
 
-from .chat_template import ChatTemplate, get_template
+from .chat_template import ChatTemplate, get_template, turn_stop_strings
 from .conversation import encode_conversation
 from .errors import PicoGPTError
 from .generate import stream_text
@@ -57,11 +57,12 @@ class ChatSession:
         self.template = template or get_template()
         self.settings = settings or SamplingSettings()
         self.max_new_tokens = max_new_tokens
-        self.stop = [*self.template.stop_strings(tokenizer.eot_id is not None), *stop]
+        self.stop = [*turn_stop_strings(self.template, tokenizer.eot_id is not None), *stop]
         self.generator = generator
         self.output = output or sys.stdout
         self.notes = notes or sys.stderr
         self.history: list[tuple[str, str]] = []
+        self.answer_prompt = ""  # written before each answer, once the notes about its prompt are out
         self.system_prompt = ""
         self.set_system_prompt(system_prompt)
 
@@ -126,6 +127,8 @@ class ChatSession:
         """
         message = encode_prompt(message, self.tokenizer)[0]
         prompt_ids = self.build_prompt(message)
+        self.output.write(self.answer_prompt)
+        self.output.flush()
         raw = ""
         shown = 0
         interrupted = False

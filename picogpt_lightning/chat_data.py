@@ -28,6 +28,8 @@ from .chat_template import ChatTemplate, get_template
 from .conversation import (
     PackedBlocks,
     conversation_files,
+    describe_empty_answers,
+    empty_answers,
     encode_conversations,
     pack_conversations,
     read_conversations,
@@ -183,6 +185,9 @@ class ConversationDataModule(L.LightningDataModule):
             raise PicoGPTError(f"data.block_size is not set and {hp.tokenizer_from} is not a checkpoint that "
                                f"gives one; set --data.block_size to the model's context")
         conversations = read_conversations(hp.path)
+        empty = empty_answers(conversations)
+        if empty:
+            self._warn(describe_empty_answers(empty))
         train, val = split_conversations(conversations, hp.val_fraction, hp.split_seed)
         # Trained in a seeded order rather than the file's, so a block mixes topics; then the order of the
         # blocks is shuffled again every epoch (ShuffledBlocks).

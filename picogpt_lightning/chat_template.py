@@ -257,6 +257,25 @@ class AnswerLead:
         return ""
 
 
+def turn_stop_strings(template: ChatTemplate, has_eot: bool) -> list[str]:
+    """Every place an answer ends: the template's own stops (end-of-text, the next user turn), and the markers of
+    any other turn a model may write inside one answer instead: a new assistant turn ("\\nA:", which a tiny
+    model writes after asking itself a question) and the assistant format's closing marker ("<|im_end|>") where
+    end-of-text ends answers. Used by `picogpt chat`, `serve` and `PicoGPT.chat()` alike.
+    """
+    stops = template.stop_strings(has_eot)
+    assistant_suffix = template.affixes["assistant"][1]
+    for role in ("user", "assistant"):
+        marker = template.affixes[role][0].strip()
+        if marker:  # stop_strings' rule: what comes between an answer and the marker, one newline for a blank line
+            after_answer = assistant_suffix + template.affixes[role][0]
+            between = after_answer[: after_answer.index(marker)]
+            stops.append(("\n" if "\n" in between else between) + marker)
+    if has_eot and assistant_suffix.strip():
+        stops.append(assistant_suffix.rstrip())  # the answer's own closing marker, "<|im_end|>"
+    return list(dict.fromkeys(stop for stop in stops if stop))
+
+
 def get_template(template: str | dict | ChatTemplate | None = None) -> ChatTemplate:
     """A built-in template by name, a template from its dict (as stored in checkpoints) or that dict as JSON
     (as a command line gives it), or the default."""

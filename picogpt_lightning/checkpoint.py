@@ -103,6 +103,16 @@ def find_checkpoint(path: str | Path) -> Path:
                        f"safetensors`")
 
 
+def missing_checkpoint(path: Path) -> PicoGPTError:
+    """A checkpoint that is not there; a run stopped before its first validation has a last.ckpt but no
+    best.ckpt, and the message names the file to use instead."""
+    last = path.with_name("last.ckpt")
+    if path.name == "best.ckpt" and last.is_file() and not path.exists():
+        return PicoGPTError(f"{path.parent} has no best.ckpt (no validation ran in that run, e.g. it was stopped "
+                            f"before its first one); use {last}")
+    return PicoGPTError(f"checkpoint {path} {not_found(path)}; pass the .ckpt file written by `picogpt fit`")
+
+
 def read_checkpoint(path: str | Path, verify: bool = True) -> dict:
     """The checkpoint's contents as plain types and CPU tensors, or a PicoGPTError saying what is wrong.
     `verify` checks the weights against their checksum and for NaN/inf (verify_weights)."""
@@ -110,7 +120,7 @@ def read_checkpoint(path: str | Path, verify: bool = True) -> dict:
     if path.is_dir():
         path = find_checkpoint(path)
     if not path.is_file():
-        raise PicoGPTError(f"checkpoint {path} {not_found(path)}; pass the .ckpt file written by `picogpt fit`")
+        raise missing_checkpoint(path)
     if not zipfile.is_zipfile(path):
         raise PicoGPTError(f"{path} is not a readable checkpoint (truncated, or not a PyTorch file); "
                            f"use a .ckpt written by `picogpt fit`")

@@ -86,6 +86,19 @@ def _parse_line(line: bytes, source: str) -> Conversation:
     return Conversation(messages, source)
 
 
+def empty_answers(conversations: Sequence[Conversation]) -> list[str]:
+    """Where a conversation has an assistant answer that is empty or only whitespace ("file:line"): trained,
+    such an answer teaches the model to end at once, which is rarely what the data meant."""
+    return [conversation.source for conversation in conversations
+            if any(m["role"] == "assistant" and not m["content"].strip() for m in conversation.messages)]
+
+
+def describe_empty_answers(sources: Sequence[str]) -> str:
+    shown = ", ".join(sources[:3]) + (f" and {len(sources) - 3:,} more" if len(sources) > 3 else "")
+    return (f"{len(sources):,} conversation(s) have an empty assistant answer ({shown}): each is trained to end "
+            f"its answer at once; fill them in or remove those lines if that is not meant")
+
+
 def split_conversations(
     conversations: Sequence[Conversation], val_fraction: float = 0.1, seed: int = 0
 ) -> tuple[list[Conversation], list[Conversation]]:

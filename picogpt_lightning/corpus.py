@@ -223,18 +223,25 @@ def source_sha256(files: list[Path], extra: bytes = b"") -> str:
 
 
 class TextStats:
-    """Counts what a pass over the chunks streams past: characters, UTF-8 bytes, chunks, and whether any
-    chunk is not whitespace."""
+    """Counts what a pass over the chunks streams past: characters, UTF-8 bytes, chunks, end-of-text markers,
+    and whether any chunk is not whitespace."""
 
     def __init__(self) -> None:
         self.chars = 0
         self.bytes = 0
         self.chunks = 0
+        self.markers = 0
         self.has_text = False
+
+    @property
+    def text_chars(self) -> int:
+        """The characters of the text itself: each <|endoftext|> (one token) is left out, not counted as 13."""
+        return self.chars - self.markers * len(ENDOFTEXT)
 
     def observe(self, chunks: Iterable[str]) -> Iterator[str]:
         for chunk in chunks:
             self.chars += len(chunk)
+            self.markers += chunk.count(ENDOFTEXT)
             self.bytes += len(chunk.encode("utf-8"))
             self.chunks += 1
             self.has_text = self.has_text or not chunk.isspace()

@@ -151,7 +151,8 @@ def _source_meta(text_path: str, files: list[Path], stats: TextStats) -> dict:
         "name": Path(text_path).name,
         "files": relative_names(files),
         "bytes": sum(path.stat().st_size for path in files),
-        "chars": stats.chars,
+        "chars": stats.text_chars,
+        "end_of_text_markers": stats.markers,
         "sha256": source_sha256(files),
     }
 

@@ -76,3 +76,28 @@ class Progress:
         for item in items:
             yield item
             self.update(size(item))
+
+
+
+class TimedRedraw:
+    """Redraws a tqdm bar from a background thread when `every` seconds passed without a redraw, while `active`:
+    a bar whose steps take longer than that still moves its elapsed time and rate (tqdm redraws only when
+    told to). `stop()` ends the thread."""
+
+    def __init__(self, bar, every: float = 1.0):
+        import threading
+
+        self.bar, self.every, self.active = bar, every, True
+        self.stopped = threading.Event()
+        threading.Thread(target=self._run, name="picogpt-progress", daemon=True).start()
+
+    def due(self) -> bool:
+        return not self.bar.disable and time.time() - self.bar.last_print_t >= self.every  # tqdm's clock
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.every):
+            if self.active and self.due():
+                self.bar.refresh()
+
+    def stop(self) -> None:
+        self.stopped.set()

@@ -77,13 +77,29 @@ def describe_replacements(replacements: dict[str, str | None]) -> str:
     return "characters the model never saw: " + ", ".join(parts)
 
 
+_UNDECODABLE = re.compile("[\ud800-\udfff]")
+
+
+def replace_undecodable(text: str) -> tuple[str, int]:
+    """`text` with each byte that was not UTF-8 replaced by U+FFFD, and how many there were.
+
+    Python hands such bytes of a command line or a pipe over as lone surrogates ("caf\\udce9" for the Latin-1
+    "café"), which no tokenizer can encode and no terminal can print.
+    """
+    return _UNDECODABLE.subn("\ufffd", text)
+
+
 def encode_prompt(text: str, tokenizer, warn: bool = True) -> tuple[str, list[int]]:
     """The prompt text as the model will see it, and its token ids.
 
-    Unknown characters are mapped first, with one warning line to stderr unless `warn` is off. The ids are
-    never empty: an empty prompt becomes a newline if the model knows one (the usual start of a document),
-    else token 0.
+    Bytes that are not UTF-8 are replaced by U+FFFD, then unknown characters are mapped, each with one warning
+    line to stderr unless `warn` is off. The ids are never empty: an empty prompt becomes a newline if the model
+    knows one (the usual start of a document), else token 0.
     """
+    text, undecodable = replace_undecodable(text)
+    if undecodable and warn:
+        errors.warn(f"the input holds {undecodable} byte(s) that are not UTF-8; each was replaced by U+FFFD "
+                    f"(save or type the text as UTF-8)")
     text, replacements = fit_to_vocabulary(text, tokenizer)
     if replacements and warn:
         errors.warn(describe_replacements(replacements))

@@ -34,13 +34,14 @@ from importlib import resources
 import torch
 
 from .batching import Finish, GenerationRequest, QueueFull, Scheduler
-from .chat_template import AnswerLead, ChatTemplate, template_from_meta
+from .chat_template import AnswerLead, ChatTemplate, template_from_meta, turn_stop_strings
 from .checkpoint import load_checkpoint
 from .conversation import encode_conversation
 from .errors import PicoGPTError
 from .generate import make_generator, resolve_device
 from .serve_protocol import ChatJob, RequestError, RequestLimits, read_request
 from .settings import ServeSettings
+from .threads import thread_choice
 
 try:
     import uvicorn
@@ -87,7 +88,7 @@ class ChatService:
                  limits: RequestLimits):
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.scheduler, self.limits = scheduler, limits
-        self.stop = template.stop_strings(tokenizer.eot_id is not None)
+        self.stop = turn_stop_strings(template, tokenizer.eot_id is not None)
         self.inbox: Inbox | None = None  # made in the server's event loop, on the first request
 
     def start(self, job: ChatJob) -> tuple[GenerationRequest, asyncio.Queue, int]:
@@ -281,8 +282,7 @@ def serve(ckpt: str, device: str = "auto", settings: ServeSettings | None = None
     """
     settings = settings or ServeSettings()
     target = resolve_device(device)
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    torch.set_num_threads(settings.threads or thread_choice().threads)
     loaded = load_checkpoint(ckpt, target)
     model, template = loaded.model.eval(), template_from_meta(loaded.meta)
     block_size = model.config.block_size

@@ -143,7 +143,7 @@ class ServeSettings:
         max_messages: The most messages one request may hold.
         max_request_bytes: The largest request body, in bytes (more is a 413).
         workers: No longer used (requests share one model in batches); kept so that old commands still run.
-        threads: torch threads; null: every CPU core this process may use.
+        threads: torch threads; null: the cores free of load (threads.py).
         model_name: The model id /v1/models reports and responses carry.
         log_level: uvicorn's logging: debug, info, warning or error.
     """

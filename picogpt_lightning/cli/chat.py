@@ -59,6 +59,10 @@ def chat_command(
         stop=read_stop_strings(stop),
         generator=make_generator(seed, target),
     )
+    if hasattr(sys.stdin, "reconfigure"):
+        # A byte that is not UTF-8 must not end the session: it reaches the session as a lone surrogate, which
+        # encode_prompt replaces (saying so), whatever the locale's choice of error handler.
+        sys.stdin.reconfigure(errors="surrogateescape")
     run_repl(session, None if sys.stdin.isatty() else sys.stdin)
 
 
@@ -79,7 +83,8 @@ def run_repl(session, lines: Iterable[str] | None = None) -> None:
     user_prefix, assistant_prefix = (session.template.affixes[role][0] for role in ("user", "assistant"))
     # A one-line prefix ("Q: ") reads well as the input prompt; a marker spread over lines would not.
     user_prompt = user_prefix if user_prefix.strip() and "\n" not in user_prefix else "> "
-    answer_prompt = assistant_prefix if "\n" not in assistant_prefix else ""
+    # Written by the session before each answer, after any note about its prompt (on stderr, on its own line).
+    session.answer_prompt = assistant_prefix if "\n" not in assistant_prefix else ""
     while True:
         try:
             line = input(user_prompt)
@@ -89,9 +94,6 @@ def run_repl(session, lines: Iterable[str] | None = None) -> None:
         except KeyboardInterrupt:
             session.note("\n(Ctrl-C stops an answer; to quit use /exit or Ctrl-D)")
             continue
-        if line.strip() and not line.strip().startswith("/"):
-            session.output.write(answer_prompt)
-            session.output.flush()
         if not session.handle(line):
             return
 

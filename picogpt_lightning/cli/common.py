@@ -8,6 +8,7 @@ jsonargparse and these signatures.
 from __future__ import annotations
 
 import inspect
+import sys
 import types
 import typing
 from dataclasses import fields
@@ -15,6 +16,7 @@ from dataclasses import fields
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
 from ..errors import SettingsError
+from .early import THREAD_COMMANDS, read_threads, start_threads
 from .flags import check_options, unknown_option_error
 
 
@@ -59,6 +61,10 @@ def run_function(name: str, function, args: list[str], settings: tuple[type, ...
     for dataclass in settings:
         parser.add_class_arguments(dataclass, nested_key=None, as_group=False)
         hints.update(typing.get_type_hints(dataclass))
+    if name in THREAD_COMMANDS:
+        parser.add_argument("--threads", type=int | str | None, default=None,
+                            help="torch CPU threads (default: the cores this process may use less the load; "
+                                 "see docs/first-hour.md)")
     known = set(parser._option_string_actions)
     check_options(name, args, known)
     try:
@@ -66,6 +72,8 @@ def run_function(name: str, function, args: list[str], settings: tuple[type, ...
     except ArgumentError as error:
         raise settings_error(name, error, known) from None
     values.pop("config", None)
+    if name in THREAD_COMMANDS:
+        start_threads(name, read_threads(values.pop("threads")), say=sys.stderr.isatty())
     function(**values)
 
 

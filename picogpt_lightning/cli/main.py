@@ -17,7 +17,7 @@ USAGE = """usage: picogpt {fit,finetune,validate,prepare,sample,chat,serve,evalu
 
   fit        train a GPT (picogpt fit --config configs/tiny.yaml)
   finetune   fine-tune a checkpoint on conversations, loss on the answers (picogpt finetune --config configs/chat.yaml)
-  validate   val loss and perplexity of a checkpoint (picogpt validate --ckpt_path checkpoints/tiny/best.ckpt)
+  validate   val loss and perplexity of a checkpoint (picogpt validate --ckpt checkpoints/tiny/best.ckpt)
   prepare    tokenize text into train.bin/val.bin (picogpt prepare --text_path data/philosophy.txt)
   sample     generate text from a checkpoint (picogpt sample --ckpt checkpoints/tiny/best.ckpt)
   chat       talk to a checkpoint in a REPL (picogpt chat --ckpt checkpoints/tiny/best.ckpt)
@@ -27,7 +27,8 @@ USAGE = """usage: picogpt {fit,finetune,validate,prepare,sample,chat,serve,evalu
   info       what a checkpoint holds: model, tokenizer, data, steps, config, versions
   plot       draw a run's loss and learning-rate curves into a PNG
 
-Run `picogpt COMMAND --help` for the options of each command."""
+Run `picogpt COMMAND --help` for the options of each command. `--ckpt` names a checkpoint in every command;
+the commands that compute take `--threads N` (default: the cores free of load; docs/first-hour.md)."""
 
 LIGHTNING_COMMANDS = ("fit", "finetune", "validate")
 # Plain commands: each is the module of this package with the same name, whose `main(args)` runs it.
@@ -35,14 +36,21 @@ FUNCTION_COMMANDS = ("prepare", "sample", "chat", "serve", "evaluate", "export",
 
 
 def run(command: str, args: list[str]) -> int:
+    from .early import check_early, command_line, start_threads, take_threads
     from .paths import check_config_paths
 
     check_config_paths(args)  # a FIFO or /dev/zero as --config would hang the parser
+    args = command_line(command, args)
     if command in LIGHTNING_COMMANDS:
         from .flags import check_lightning_options
+        from .run_folder import is_rank_zero
 
-        # Typos are refused here, in milliseconds, before Lightning is imported.
+        args, threads = take_threads(args)
+        # Typos and first-hour mistakes are refused here, in milliseconds, before Lightning is imported.
         check_lightning_options(command, args)
+        check_early(command, args)
+        if not any(arg in ("-h", "--help") or arg.startswith("--print_config") for arg in args):
+            start_threads(command, threads, say=is_rank_zero())
         try:
             if command == "finetune":
                 from .finetune import run_finetune

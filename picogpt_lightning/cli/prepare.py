@@ -24,7 +24,8 @@ def prepare_command(text_path: str, out_dir: str | None = None, **settings) -> N
     else:
         folder, meta = Path(out_dir), prepare(text_path, out_dir, **settings)
     source = meta["source"]
-    print(f"text:      {text_path} ({len(source['files'])} file(s), {source['chars']:,} characters)")
+    markers = f"; {source['end_of_text_markers']:,} end-of-text markers" if source.get("end_of_text_markers") else ""
+    print(f"text:      {text_path} ({len(source['files'])} file(s), {source['chars']:,} characters{markers})")
     print(f"tokenizer: {meta['backend']}, {meta['vocab_size']:,} tokens ({meta['tokenizer_file']})")
     print(f"tokens:    {meta['train_tokens']:,} train, {meta['val_tokens']:,} val, stored as {meta['dtype']}")
     print(f"saved to:  {folder}")
