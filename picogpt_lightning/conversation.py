@@ -152,6 +152,11 @@ def encode_conversation(
     A token carries loss when it starts inside an answer or is the end-of-text after one. Characters a char
     model never saw are mapped piece by piece (never inside the end-of-text literal, which is one token).
     """
+    if hasattr(template, "source"):  # a pretrained model's Jinja template: its own encoding (jinja_template.py)
+        from .jinja_template import encode_jinja_conversation
+
+        ids, mask = encode_jinja_conversation(messages, template, tokenizer, add_generation_prompt)
+        return EncodedConversation(ids, mask, UnseenCharacters())
     has_eot = tokenizer.eot_id is not None
     pieces = []
     unseen = UnseenCharacters()
