@@ -113,8 +113,9 @@ class ConversationData:
 
 
 def source_meta(path: str) -> dict | None:
-    """The picogpt entry of a checkpoint at `path`, or None for a tokenizer file or folder."""
-    if Path(path).is_dir() or Path(path).suffix == ".json":
+    """The picogpt entry of a checkpoint at `path` (a Hugging Face model folder included: its import's), or
+    None for a tokenizer file or folder."""
+    if (Path(path).is_dir() and not (Path(path) / "config.json").is_file()) or Path(path).suffix == ".json":
         return None
     from .checkpoint import read_checkpoint
 

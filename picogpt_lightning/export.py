@@ -300,6 +300,12 @@ def _state(loaded: LoadedCheckpoint) -> dict:
     return {name: tensor.detach() for name, tensor in loaded.model.state_dict().items()}
 
 
+def _special_tokens(tokenizer, fast_tokenizer, special: str | None) -> tuple[dict, dict]:
+    """bos/eos/pad token texts and ids: a pretrained model's own (picogpt import), else end-of-text for all."""
+    names = getattr(tokenizer, "special_tokens", None) or dict.fromkeys(("bos", "eos", "pad"), special)
+    return names, {role: fast_tokenizer.token_to_id(name) if name else None for role, name in names.items()}
+
+
 def export_hf(ckpt: str, out_dir: str) -> list[Path]:
     """Write a folder that `transformers` loads with AutoModelForCausalLM / AutoTokenizer.from_pretrained."""
     loaded = load_checkpoint(ckpt)
@@ -307,19 +313,26 @@ def export_hf(ckpt: str, out_dir: str) -> list[Path]:
     hf_layout(config)  # refuses an architecture transformers cannot reproduce before anything is written
     fast_tokenizer, special = hf_tokenizer(tokenizer)
     endoftext_id = fast_tokenizer.token_to_id(special) if special else None
+    names, ids = _special_tokens(tokenizer, fast_tokenizer, special)
     chat_template = template_from_meta(loaded.meta).jinja(has_eot=special is not None)
     folder = _output_folder(out_dir)
     written = [folder / name for name in ("config.json", "generation_config.json", EXPORT_WEIGHTS, "tokenizer.json",
                                           "tokenizer_config.json", "special_tokens_map.json")]
     hf_state, hf_config = hf_weights_and_config(config, state, endoftext_id)
+    hf_config.update(bos_token_id=ids["bos"], eos_token_id=ids["eos"])
     write_json_atomically(written[0], hf_config)
-    write_json_atomically(written[1], {"bos_token_id": endoftext_id, "eos_token_id": endoftext_id,
-                                       "pad_token_id": endoftext_id})
+    stops = [ids["eos"], *(fast_tokenizer.token_to_id(t) for t in getattr(tokenizer, "stop_tokens", ()))]
+    write_json_atomically(written[1], {"bos_token_id": ids["bos"], "eos_token_id": stops if len(stops) > 1 else ids["eos"],
+                                       "pad_token_id": ids["pad"]})
     _write_safetensors(written[2], hf_state, {"format": "pt"})
     tokenizer_json = json.dumps(compatible_tokenizer_json(json.loads(fast_tokenizer.to_str())), ensure_ascii=False)
     write_atomically(written[3], lambda temporary: temporary.write_text(tokenizer_json, encoding="utf-8"))
-    write_json_atomically(written[4], hf_tokenizer_config(tokenizer.kind, special, config.block_size, chat_template))
-    specials = {"bos_token": special, "eos_token": special, "pad_token": special} if special else {}
+    tokenizer_config = hf_tokenizer_config(tokenizer.kind, special, config.block_size, chat_template)
+    for role, name in names.items():
+        tokenizer_config.pop(f"{role}_token", None)
+        tokenizer_config.update({f"{role}_token": name} if name else {})
+    write_json_atomically(written[4], tokenizer_config)
+    specials = {f"{role}_token": name for role, name in names.items() if name}
     if tokenizer.kind == "word":
         specials["unk_token"] = UNKNOWN
     write_json_atomically(written[5], specials)
