@@ -309,8 +309,23 @@ def import_folder(folder: str | Path, dtype: str = "float32", block_size: int | 
     template = chat_template_of_folder(folder, tokenizer)
     state = convert_weights(folder, family, config, DTYPES[dtype])
     source = {"kind": "huggingface", "architecture": hf["architectures"][0], "folder": folder.name}
-    meta = {"data": source, **({"chat_template": template} if template else {})}
-    return checkpoint_payload(config, state, tokenizer, **meta)
+    # The settings `picogpt validate --ckpt_path` and a resume rebuild the model with (vocab_size follows the
+    # tokenizer there).
+    settings = {"model": {k: v for k, v in config.to_dict().items() if k != "vocab_size"},
+                "data": {"block_size": config.block_size}}
+    meta = {"data": source, "config": settings, **({"chat_template": template} if template else {})}
+    payload = checkpoint_payload(config, state, tokenizer, **meta)
+    payload["pytorch-lightning_version"] = _lightning_version()  # `picogpt validate --ckpt_path` reads it
+    return payload
+
+
+def _lightning_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lightning")
+    except PackageNotFoundError:
+        return "2.0.0"
 
 
 def import_checkpoint(folder: str | Path, out: str | Path, dtype: str = "float32",

@@ -14,10 +14,12 @@ This file imports neither torch nor Lightning.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .errors import PicoGPTError
-from .tokenizer import BPE_FILE, ENDOFTEXT, BPETokenizer, _import_tokenizers
+from .files import write_text_atomically
+from .tokenizer import BPE_FILE, ENDOFTEXT, VOCAB_FILE, BPETokenizer, _import_tokenizers
 
 SPECIAL_ROLES = ("bos", "eos", "pad")
 FOLDER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "config.json")
@@ -55,6 +57,11 @@ class PretrainedTokenizer(BPETokenizer):
         """Ids of a chat template's own text, special tokens included, nothing added (as transformers'
         apply_chat_template tokenizes)."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Our own JSON (`to_json`, special tokens included) as vocab.json, so `load_tokenizer` gives this
+        tokenizer back with the same fingerprint (a bare tokenizer.json would lose the special tokens)."""
+        return write_text_atomically(Path(folder) / VOCAB_FILE, self.to_json())
 
     def to_json(self) -> str:
         description = json.loads(super().to_json())

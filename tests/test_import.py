@@ -239,7 +239,7 @@ def test_a_bf16_source_loads_as_float32_or_keeps_bf16_when_asked(models, tmp_pat
 
 def test_finetune_from_the_folder_then_export_and_transformers_reproduces_our_logits(models, tmp_path):
     tokenizer, built = models
-    _, folder, _, _ = built["qwen3"]
+    _, folder, _, _ = built["llama"]  # GQA, head_dim, biases, untied, padded vocabulary
     lines = [json.dumps({"messages": [{"role": "user", "content": f"hello world {i}"},
                                       {"role": "assistant", "content": "fine, thank you!"}]}) for i in range(12)]
     (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
@@ -255,8 +255,10 @@ def test_finetune_from_the_folder_then_export_and_transformers_reproduces_our_lo
     assert main(["export", "--ckpt", str(tmp_path / "run" / "last.ckpt"), "--out_dir", str(tmp_path / "hf")]) == 0
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     idx = torch.randint(0, len(tokenizer), (1, 30), generator=torch.Generator().manual_seed(1))
+    vocab = len(tokenizer)
     with torch.no_grad():
-        assert torch.allclose(reloaded(idx).logits, tuned.model(idx)[0], atol=1e-4, rtol=0)
+        assert torch.allclose(reloaded(idx).logits[..., :vocab], tuned.model(idx)[0][..., :vocab], atol=1e-4, rtol=0)
+    assert not torch.equal(tuned.model.wte.weight, load_checkpoint(built["llama"][2]).model.wte.weight)  # it trained
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert theirs.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False) == \
         tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
@@ -345,3 +347,32 @@ def test_a_bad_setting_exits_2(models, tmp_path, capsys):
     assert main(["import", str(models[1]["qwen3"][1]), "--out", str(tmp_path / "x.ckpt"), "--block_size", "999"]) == 2
     assert "--block_size 999 is out of range" in capsys.readouterr().err
     assert not (tmp_path / "x.ckpt").exists()
+
+
+def test_model_chat_answers_with_transformers_greedy_continuation_of_the_chat_prompt(models):
+    import picogpt_lightning
+
+    tokenizer, built = models
+    model = built["qwen3"][0]
+    answer = picogpt_lightning.load(built["qwen3"][2], device="cpu").chat(MESSAGES, max_new_tokens=12, temperature=0)
+    ids = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    expected = model.generate(ids["input_ids"], max_new_tokens=12, do_sample=False, pad_token_id=0,
+                              eos_token_id=tokenizer.eos_token_id)
+    text = tokenizer.decode(expected[0, ids["input_ids"].shape[1]:], skip_special_tokens=False)
+    assert answer == text.split("<|im_end|>")[0]
+
+
+def test_fit_warm_starts_from_an_imported_checkpoint_and_validate_reads_it(models, tmp_path, capsys):
+    _, built = models
+    ckpt = built["gpt2"][2]
+    (tmp_path / "text.txt").write_text(TEXT * 20)
+    data = ["--data.text_path", str(tmp_path / "text.txt"), "--data.cache_dir", str(tmp_path / "prepared")]
+    assert main(["validate", "--ckpt_path", str(ckpt), *data, "--trainer.accelerator", "cpu"]) == 0
+    assert "val_loss" in capsys.readouterr().out
+    architecture = ["--model.n_layer", "2", "--model.n_head", "4", "--model.n_embd", "32", "--model.mlp", "gelu_tanh",
+                    "--model.tie_weights", "true", "--data.block_size", "256"]
+    assert main(["fit", *data, "--data.tokenizer_from", str(ckpt), "--model.init_from", str(ckpt), *architecture,
+                 "--trainer.max_steps", "2", "--data.batch_size", "2", "--trainer.accelerator", "cpu",
+                 "--ckpt_dir", str(tmp_path / "run"), "--sample_tokens", "0", "--trainer.enable_progress_bar",
+                 "false"]) == 0
+    assert f"warm start: loaded 29 tensors from {ckpt}" in capsys.readouterr().out
