@@ -62,7 +62,7 @@ def describe_checkpoint(path: str | Path) -> dict:
     """Everything `info` reports, as plain JSON-ready values (None for what the checkpoint does not say).
     A run folder stands for its best.ckpt (else last.ckpt); a `--format safetensors` export folder is read too."""
     path = find_checkpoint(path)
-    if path.is_dir():
+    if path.is_dir() and (path / EXPORT_CONFIG).is_file():
         return _describe_export(path)
     checkpoint = read_checkpoint(path)
     meta = checkpoint["picogpt"]
@@ -74,7 +74,7 @@ def describe_checkpoint(path: str | Path) -> dict:
     )
     return {
         "path": str(path),
-        "file_bytes": path.stat().st_size,
+        "file_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path.is_dir() else path.stat().st_size,
         "format": meta.get("format"),
         "model_config": model_config,
         "parameters": total,
