@@ -149,11 +149,13 @@ def encode_jinja_conversation(messages, template: JinjaChatTemplate, tokenizer,
             trained[position : position + len(piece.text)] = piece.trained
             position += len(piece.text)
         if markup is None:
-            ids, starts = tokenizer.encode_with_offsets(text)
+            ids, lasts = tokenizer.encode_with_offsets(text)
         else:
+            # A token carries loss when its last character does: " Paris" after a template's "A:" is the
+            # answer's first token, though it starts with the template's space.
             encoding = tokenizer.tokenizer.encode(text, add_special_tokens=False)
-            ids, starts = encoding.ids, [start for start, _ in encoding.offsets]
-        return list(ids), trained[np.asarray(starts, dtype=np.int64)]
+            ids, lasts = encoding.ids, [max(start, end - 1) for start, end in encoding.offsets]
+        return list(ids), trained[np.asarray(lasts, dtype=np.int64)]
     ids: list[int] = []
     mask: list[bool] = []
     contents = {message["content"] for message in messages} | {message["content"].strip() for message in messages}

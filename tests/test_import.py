@@ -376,3 +376,15 @@ def test_fit_warm_starts_from_an_imported_checkpoint_and_validate_reads_it(model
                  "--ckpt_dir", str(tmp_path / "run"), "--sample_tokens", "0", "--trainer.enable_progress_bar",
                  "false"]) == 0
     assert f"warm start: loaded 29 tensors from {ckpt}" in capsys.readouterr().out
+
+
+def test_an_answer_after_a_templates_space_is_trained_from_its_first_token(models):
+    from picogpt_lightning.jinja_template import JinjaChatTemplate
+
+    loaded = load_checkpoint(models[1]["qwen3"][2])
+    template = JinjaChatTemplate("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n"
+                                 "{% else %}A: {{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}",
+                                 eos_token="<|im_end|>")
+    encoded = encode_conversation(MESSAGES[:2], template, loaded.tokenizer)
+    trained = [i for i, on in zip(encoded.ids, encoded.loss_mask) if on]
+    assert loaded.tokenizer.decode(trained) == " fine, thank you!<|im_end|>"  # " fine" is one token, and trained
