@@ -2,6 +2,7 @@
 
     python -m benchmarks.pretrained_recipe                 # pretrains configs/tiny.yaml for --base_steps first
     python -m benchmarks.pretrained_recipe --steps 100
+    python -m benchmarks.pretrained_recipe --base checkpoints/tiny/last.ckpt   # an existing base instead
 
 The base is trained here with configs/tiny.yaml (shortened to --base_steps), exported as a Hugging Face folder
 and fine-tuned from that folder (`picogpt finetune --model.init_from HF_DIR`, as a downloaded model would be)
@@ -40,20 +41,24 @@ def main() -> None:
     parser.add_argument("--base_steps", type=int, default=300)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--out", default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--base", default=None, help="a trained checkpoint to use as the base (no pretraining)")
     args = parser.parse_args()
     work = Path(args.out or tempfile.mkdtemp(prefix="pretrained-recipe-"))
     started = time.perf_counter()
-    picogpt("fit", "--config", "configs/tiny.yaml", "--ckpt_dir", str(work / "base"), "--trainer.max_steps",
-            str(args.base_steps), "--trainer.val_check_interval", str(args.base_steps), "--sample_tokens", "0",
-            "--trainer.enable_progress_bar", "false")
-    picogpt("export", "--ckpt", str(work / "base" / "last.ckpt"), "--out_dir", str(work / "hf"))
-    print(f"base: configs/tiny.yaml for {args.base_steps} steps, exported to {work / 'hf'} "
-          f"({time.perf_counter() - started:.0f} s)")
+    base = args.base
+    if base is None:
+        picogpt("fit", "--config", "configs/tiny.yaml", "--ckpt_dir", str(work / "base"), "--trainer.max_steps",
+                str(args.base_steps), "--trainer.val_check_interval", str(args.base_steps), "--sample_tokens", "0",
+                "--trainer.enable_progress_bar", "false")
+        base = work / "base" / "last.ckpt"
+    picogpt("export", "--ckpt", str(base), "--out_dir", str(work / "hf"))
+    step = read_checkpoint(base)["global_step"]
+    print(f"base: {base} (step {step}), exported to {work / 'hf'} ({time.perf_counter() - started:.0f} s)")
     common = ["--config", "configs/chat.yaml", "--model.init_from", str(work / "hf"), "--trainer.max_steps",
               str(args.steps), "--trainer.val_check_interval", str(args.steps // 4), "--model.warmup_iters", "10",
               "--sample_tokens", "0", "--trainer.enable_progress_bar", "false"]
     picogpt("finetune", *common, "--ckpt_dir", str(work / "zero"), "--trainer.max_steps", "1",
-            "--model.learning_rate", "0", "--model.min_lr", "0", "--trainer.val_check_interval", "1")
+            "--model.learning_rate", "1e-12", "--model.min_lr", "1e-12", "--trainer.val_check_interval", "1")
     print(f"{'recipe':<26} held-out answer loss (nats/token), after {args.steps} steps")
     print(f"{'base, no fine-tuning':<26} {read_checkpoint(work / 'zero' / 'best.ckpt')['picogpt']['best_val_loss']:.4f}")
     for name, flags in RECIPES.items():

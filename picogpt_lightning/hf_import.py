@@ -308,7 +308,9 @@ def import_folder(folder: str | Path, dtype: str = "float32", block_size: int | 
                            f"not this model's")
     template = chat_template_of_folder(folder, tokenizer)
     state = convert_weights(folder, family, config, DTYPES[dtype])
-    source = {"kind": "huggingface", "architecture": hf["architectures"][0], "folder": folder.name}
+    architecture = hf["architectures"][0]
+    source = {"kind": "huggingface", "architecture": architecture,
+              "source": {"name": f"{folder.name} (a Hugging Face {architecture} folder)"}}
     # The settings `picogpt validate --ckpt_path` and a resume rebuild the model with (vocab_size follows the
     # tokenizer there).
     settings = {"model": {k: v for k, v in config.to_dict().items() if k != "vocab_size"},

@@ -129,7 +129,10 @@ def _model_line(config: dict | None) -> str:
         return UNKNOWN
     block = [f"{config.get('position', 'learned')} positions", f"{config.get('norm', 'layer')} norm",
              *(["QK-norm"] if config.get("qk_norm") else []), f"{config.get('mlp', 'gelu')} MLP",
-             *(["zero-init projections"] if config.get("zero_init") else [])]
+             *(["zero-init projections"] if config.get("zero_init") else []),
+             *([f"{config['n_kv_head']} key/value heads"] if config.get("n_kv_head") else []),
+             *([f"heads {config['head_dim']} wide"] if config.get("head_dim") else []),
+             *([f"MLP {config['mlp_width']} wide"] if config.get("mlp_width") else [])]
     return (f"GPT, {config['n_layer']} layers, {config['n_head']} heads, {config['n_embd']} wide, "
             f"context {config['block_size']} tokens, vocab {config['vocab_size']:,}; {', '.join(block)}, "
             f"{'biases' if config.get('bias', True) else 'no biases'}, "
