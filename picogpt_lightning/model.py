@@ -76,12 +76,9 @@ class GPTConfig:
     mlp_bias: bool | None = None
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) < 1:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_width", "n_kv_head", "head_dim"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:  # None: the default, for the last three
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("mlp_width", "n_kv_head", "head_dim"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer or null, got {getattr(self, name)}")
         if self.n_head % self.kv_heads:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head}); "
                              f"each key/value head serves the same number of query heads")
@@ -117,9 +114,7 @@ class GPTConfig:
 
     @property
     def eps(self) -> float:
-        if self.norm_eps is not None:
-            return self.norm_eps
-        return RMS_NORM_EPS if self.norm == "rms" else LAYER_NORM_EPS
+        return self.norm_eps if self.norm_eps is not None else RMS_NORM_EPS if self.norm == "rms" else LAYER_NORM_EPS
 
     @property
     def mlp_hidden(self) -> int:
