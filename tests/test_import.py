@@ -388,3 +388,17 @@ def test_an_answer_after_a_templates_space_is_trained_from_its_first_token(model
     encoded = encode_conversation(MESSAGES[:2], template, loaded.tokenizer)
     trained = [i for i, on in zip(encoded.ids, encoded.loss_mask) if on]
     assert loaded.tokenizer.decode(trained) == " fine, thank you!<|im_end|>"  # " fine" is one token, and trained
+
+
+def test_serve_answers_an_imported_model_as_model_chat_does(models):
+    import picogpt_lightning
+    from picogpt_lightning.serve import ChatJob, reply_pieces
+    from picogpt_lightning.settings import SamplingSettings
+
+    loaded = load_checkpoint(models[1]["qwen3"][2])
+    job = ChatJob(MESSAGES, SamplingSettings(temperature=0), 12, [], 0)
+    pieces = list(reply_pieces(loaded.model, loaded.tokenizer, _template(loaded), job))
+    answer = picogpt_lightning.load(models[1]["qwen3"][2], device="cpu").chat(MESSAGES, max_new_tokens=12, temperature=0)
+    assert "".join(piece["content"] for piece in pieces) == answer
+    assert pieces[-1]["prompt_tokens"] == len(encode_conversation(MESSAGES, _template(loaded), loaded.tokenizer,
+                                                                  add_generation_prompt=True).ids)
