@@ -402,3 +402,13 @@ def test_serve_answers_an_imported_model_as_model_chat_does(models):
     assert "".join(piece["content"] for piece in pieces) == answer
     assert pieces[-1]["prompt_tokens"] == len(encode_conversation(MESSAGES, _template(loaded), loaded.tokenizer,
                                                                   add_generation_prompt=True).ids)
+
+
+def test_evaluate_scores_text_with_an_imported_padded_model_over_its_real_tokens_only(models, tmp_path, capsys):
+    _, built = models
+    (tmp_path / "text.txt").write_text(TEXT)
+    assert main(["evaluate", "--ckpt", str(built["llama"][2]), "--text_path", str(tmp_path / "text.txt"),
+                 "--json", "true", "--device", "cpu"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    loss = facts.get("loss", facts.get("loss_nats"))
+    assert loss is not None and 0 < loss < torch.log(torch.tensor(300.0)).item() + 1
