@@ -231,8 +231,10 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, **meta) 
     write_payload(path, checkpoint_payload(model.config, model.state_dict(), tokenizer, **meta))
 
 
-def checkpoint_payload(model_config: GPTConfig, state: dict, tokenizer: Tokenizer, **meta) -> dict:
-    """The contents of a weights-only checkpoint (the layout above) for a model's config and state dict."""
+def checkpoint_payload(model_config: GPTConfig, state: dict, tokenizer: Tokenizer, checksum: bool = True,
+                       **meta) -> dict:
+    """The contents of a weights-only checkpoint (the layout above) for a model's config and state dict;
+    `checksum` adds the weights' checksum, which every written file carries."""
     payload = {
         "state_dict": {MODEL_PREFIX + k: v.detach().cpu() for k, v in state.items()},
         "hyper_parameters": model_config.to_dict(),
@@ -240,7 +242,8 @@ def checkpoint_payload(model_config: GPTConfig, state: dict, tokenizer: Tokenize
         "picogpt": {"format": 1, "model_config": model_config.to_dict(), "tokenizer": tokenizer.to_json(),
                     "tokenizer_sha256": fingerprint(tokenizer), **meta},
     }
-    payload["picogpt"][CHECKSUM_KEY] = weights_sha256(payload["state_dict"])
+    if checksum:
+        payload["picogpt"][CHECKSUM_KEY] = weights_sha256(payload["state_dict"])
     return payload
 
 

@@ -259,12 +259,10 @@ def _place_tensor(state, filled, expected, ours, rows, tensor, dtype, path, name
     if tuple(tensor.shape) != tuple(target_shape):
         raise PicoGPTError(f"{path.name}: tensor {name} has shape {tuple(tensor.shape)} but config.json implies "
                            f"{tuple(target_shape)}; config.json and the weights disagree")
-    if ours not in state:
-        state[ours] = torch.empty(shape, dtype=dtype)
-    if rows:
-        state[ours][rows] = tensor
-    else:
-        state[ours].copy_(tensor)
+    if rows is None:  # the tensor itself, converted (one copy at most): no second buffer to fill
+        state[ours] = tensor.to(dtype).contiguous()
+    else:  # q, k or v: their rows of our fused qkv
+        state.setdefault(ours, torch.empty(shape, dtype=dtype))[rows] = tensor
     filled[ours] = filled.get(ours, 0) + target_shape[0]
 
 
@@ -289,8 +287,10 @@ def chat_template_of_folder(folder: Path, tokenizer) -> dict | None:
     return JinjaChatTemplate(source, specials["bos"], specials["eos"], specials["pad"], tokenizer.stop_tokens).to_dict()
 
 
-def import_folder(folder: str | Path, dtype: str = "float32", block_size: int | None = None) -> dict:
-    """The checkpoint of a Hugging Face folder, in memory, as `checkpoint.read_checkpoint` returns one."""
+def import_folder(folder: str | Path, dtype: str = "float32", block_size: int | None = None,
+                  checksum: bool = False) -> dict:
+    """The checkpoint of a Hugging Face folder, in memory, as `checkpoint.read_checkpoint` returns one; with
+    `checksum`, with the weights' checksum a written file carries (not needed in memory)."""
     from .checkpoint import checkpoint_payload
 
     folder = Path(folder)
@@ -316,7 +316,7 @@ def import_folder(folder: str | Path, dtype: str = "float32", block_size: int | 
     settings = {"model": {k: v for k, v in config.to_dict().items() if k != "vocab_size"},
                 "data": {"block_size": config.block_size}}
     meta = {"data": source, "config": settings, **({"chat_template": template} if template else {})}
-    payload = checkpoint_payload(config, state, tokenizer, **meta)
+    payload = checkpoint_payload(config, state, tokenizer, checksum=checksum, **meta)
     payload["pytorch-lightning_version"] = _lightning_version()  # `picogpt validate --ckpt_path` reads it
     return payload
 
@@ -338,6 +338,6 @@ def import_checkpoint(folder: str | Path, out: str | Path, dtype: str = "float32
     out = Path(out)
     if out.is_dir():
         raise SettingsError(f"--out {out} is a folder: pass the checkpoint file to write (e.g. {out / 'model.ckpt'})")
-    payload = import_folder(folder, dtype, block_size)
+    payload = import_folder(folder, dtype, block_size, checksum=True)
     write_payload(out, payload)
     return out
