@@ -132,7 +132,9 @@ def _model_line(config: dict | None) -> str:
              *(["zero-init projections"] if config.get("zero_init") else []),
              *([f"{config['n_kv_head']} key/value heads"] if config.get("n_kv_head") else []),
              *([f"heads {config['head_dim']} wide"] if config.get("head_dim") else []),
-             *([f"MLP {config['mlp_width']} wide"] if config.get("mlp_width") else [])]
+             *([f"MLP {config['mlp_width']} wide"] if config.get("mlp_width") else []),
+             *([f"{part} biases {'on' if config[key] else 'off'}" for part, key in (("attention", "attention_bias"),
+               ("MLP", "mlp_bias")) if config.get(key) is not None])]
     return (f"GPT, {config['n_layer']} layers, {config['n_head']} heads, {config['n_embd']} wide, "
             f"context {config['block_size']} tokens, vocab {config['vocab_size']:,}; {', '.join(block)}, "
             f"{'biases' if config.get('bias', True) else 'no biases'}, "
