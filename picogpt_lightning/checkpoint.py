@@ -169,7 +169,8 @@ class LoadedCheckpoint:
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """The one way to load a model for use: a `picogpt fit` checkpoint file, a run folder (its best.ckpt, else
-    last.ckpt), or a folder written by `picogpt export --format safetensors`."""
+    last.ckpt), a folder written by `picogpt export --format safetensors`, or a Hugging Face model folder
+    (imported in memory, hf_import.py)."""
     path = find_checkpoint(path)
     if path.is_dir() and (path / EXPORT_CONFIG).is_file():
         return _load_safetensors_export(path, device)
