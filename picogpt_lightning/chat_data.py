@@ -117,8 +117,9 @@ class ConversationData:
 
 
 def source_meta(path: str) -> dict | None:
-    """The picogpt entry of a checkpoint at `path`, or None for a tokenizer file or folder."""
-    if Path(path).is_dir() or Path(path).suffix == ".json":
+    """The picogpt entry of a checkpoint at `path` (a Hugging Face model folder included: its import's), or
+    None for a tokenizer file or folder."""
+    if (Path(path).is_dir() and not (Path(path) / "config.json").is_file()) or Path(path).suffix == ".json":
         return None
     from .checkpoint import read_checkpoint
 
@@ -181,6 +182,7 @@ class ConversationDataModule(L.LightningDataModule):
         template = get_template(hp.chat_template if hp.chat_template is not None
                                 else (meta or {}).get("chat_template"))
         block_size = hp.block_size or (meta or {}).get("model_config", {}).get("block_size")
+        self._base_vocab_size = (meta or {}).get("model_config", {}).get("vocab_size", 0)
         if not block_size:
             raise PicoGPTError(f"data.block_size is not set and {hp.tokenizer_from} is not a checkpoint that "
                                f"gives one; set --data.block_size to the model's context")
@@ -263,7 +265,9 @@ class ConversationDataModule(L.LightningDataModule):
 
     @property
     def tokenizer_vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
+        """Rows of the model's embedding: the tokenizer's size, or the base model's when larger (a padded
+        vocabulary, as Qwen's: the rows past the tokenizer are kept, and never targets)."""
+        return max(self.tokenizer.vocab_size, getattr(self, "_base_vocab_size", 0))
 
     @property
     def model_vocab_size(self) -> int:

@@ -281,13 +281,17 @@ def get_template(template: str | dict | ChatTemplate | None = None) -> ChatTempl
     (as a command line gives it), or the default."""
     if template is None:
         return BUILTIN_TEMPLATES[DEFAULT_TEMPLATE]
-    if isinstance(template, ChatTemplate):
+    if isinstance(template, ChatTemplate) or hasattr(template, "segments"):
         return template
     if isinstance(template, str) and template.lstrip().startswith("{"):
         try:
             template = json.loads(template)
         except json.JSONDecodeError as error:
             raise PicoGPTError(f"the chat template is not valid JSON ({error})") from None
+    if isinstance(template, dict) and "jinja" in template:
+        from .jinja_template import JinjaChatTemplate  # a pretrained model's own template (picogpt import)
+
+        return JinjaChatTemplate.from_dict(template)
     if isinstance(template, str):
         if template not in BUILTIN_TEMPLATES:
             raise PicoGPTError(f"unknown chat template {template!r}; use one of {', '.join(BUILTIN_TEMPLATES)} or a "

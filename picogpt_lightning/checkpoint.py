@@ -95,6 +95,8 @@ def find_checkpoint(path: str | Path) -> Path:
         if (path / name).is_file():
             print(f"(using {path / name}, the run's {name.split('.')[0]} checkpoint)", file=sys.stderr)
             return path / name
+    if (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or (path / "pytorch_model.bin").is_file()):
+        return path  # a Hugging Face model folder: read_checkpoint imports it (hf_import.py)
     if (path / "config.json").is_file():
         raise PicoGPTError(f"{path} is a Hugging Face export: load it with transformers "
                            f"(AutoModelForCausalLM.from_pretrained), or pass the .ckpt it was exported from")
@@ -119,6 +121,10 @@ def read_checkpoint(path: str | Path, verify: bool = True) -> dict:
     path = Path(path)
     if path.is_dir():
         path = find_checkpoint(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        from .hf_import import import_folder  # a Hugging Face model folder, converted in memory
+
+        return import_folder(path)
     if not path.is_file():
         raise missing_checkpoint(path)
     if not zipfile.is_zipfile(path):
@@ -177,9 +183,10 @@ class LoadedCheckpoint:
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """The one way to load a model for use: a `picogpt fit` checkpoint file, a run folder (its best.ckpt, else
-    last.ckpt), or a folder written by `picogpt export --format safetensors`."""
+    last.ckpt), a folder written by `picogpt export --format safetensors`, or a Hugging Face model folder
+    (imported in memory, hf_import.py)."""
     path = find_checkpoint(path)
-    if path.is_dir():
+    if path.is_dir() and (path / EXPORT_CONFIG).is_file():
         return _load_safetensors_export(path, device)
     checkpoint = read_checkpoint(path)
     meta = checkpoint["picogpt"]
@@ -188,7 +195,22 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     model = GPT(model_config(checkpoint))
     load_weights(model, model_state_dict(checkpoint), path)
     model.to(device).eval()
-    return LoadedCheckpoint(model, tokenizer_from_json(meta["tokenizer"]), meta, int(checkpoint.get("global_step", 0)))
+    tokenizer = tokenizer_from_json(meta["tokenizer"])
+    never_sample_padding(model, tokenizer.vocab_size)
+    return LoadedCheckpoint(model, tokenizer, meta, int(checkpoint.get("global_step", 0)))
+
+
+def never_sample_padding(model: GPT, tokenizer_size: int) -> None:
+    """An embedding larger than the tokenizer (padded vocabularies, as Qwen's) has rows no text encodes to:
+    their logits become -inf, so generation never picks one and probabilities are over real tokens only."""
+    if tokenizer_size >= model.config.vocab_size:
+        return
+
+    def mask(module, inputs, logits):
+        return logits.index_fill(-1, torch.arange(tokenizer_size, logits.size(-1), device=logits.device),
+                                 float("-inf"))
+
+    model.lm_head.register_forward_hook(mask)
 
 
 def _load_safetensors_export(folder: Path, device: str | torch.device) -> LoadedCheckpoint:
@@ -222,14 +244,27 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, **meta) 
     `picogpt fit` writes full Lightning checkpoints; this is for models built outside it, such as the smoke
     test scripts. The file is written to a temporary name and renamed, so a crash never leaves half a file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    write_payload(path, checkpoint_payload(model.config, model.state_dict(), tokenizer, **meta))
+
+
+def checkpoint_payload(model_config: GPTConfig, state: dict, tokenizer: Tokenizer, checksum: bool = True,
+                       **meta) -> dict:
+    """The contents of a weights-only checkpoint (the layout above) for a model's config and state dict;
+    `checksum` adds the weights' checksum, which every written file carries."""
     payload = {
-        "state_dict": {MODEL_PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "hyper_parameters": model.config.to_dict(),
+        "state_dict": {MODEL_PREFIX + k: v.detach().cpu() for k, v in state.items()},
+        "hyper_parameters": model_config.to_dict(),
         "global_step": int(meta.pop("global_step", 0)),
-        "picogpt": {"format": CHECKPOINT_FORMAT, "model_config": model.config.to_dict(), "tokenizer": tokenizer.to_json(),
+        "picogpt": {"format": CHECKPOINT_FORMAT, "model_config": model_config.to_dict(), "tokenizer": tokenizer.to_json(),
                     "tokenizer_sha256": fingerprint(tokenizer), **meta},
     }
-    payload["picogpt"][CHECKSUM_KEY] = weights_sha256(payload["state_dict"])
+    if checksum:
+        payload["picogpt"][CHECKSUM_KEY] = weights_sha256(payload["state_dict"])
+    return payload
+
+
+def write_payload(path: str | Path, payload: dict) -> None:
+    """Write a checkpoint's contents to a temporary name and rename it, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, lambda temporary: save_torch(payload, temporary))

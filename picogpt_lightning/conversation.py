@@ -168,6 +168,11 @@ def encode_conversation(
     Only the template's own end-of-text is the special token: the same text inside a message is encoded as
     text, so a message cannot forge a turn boundary.
     """
+    if hasattr(template, "source"):  # a pretrained model's Jinja template: its own encoding (jinja_template.py)
+        from .jinja_template import encode_jinja_conversation
+
+        ids, mask = encode_jinja_conversation(messages, template, tokenizer, add_generation_prompt)
+        return EncodedConversation(ids, mask, UnseenCharacters())
     has_eot = tokenizer.eot_id is not None
     pieces = []
     unseen = UnseenCharacters()

@@ -38,11 +38,12 @@ from .chat_template import template_from_meta
 from .errors import PicoGPTError
 from .export_folder import staged_export
 from .files import write_atomically, write_json_atomically
-from .model import RMS_NORM_EPS, GPTConfig
+from .model import GPTConfig
 from .tokenizer import ENDOFTEXT, UNKNOWN, CharTokenizer, WordTokenizer
 
 EXPORT_FORMAT = 1
 FORMATS = ("hf", "safetensors")
+GPT2_MLPS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}  # our mlp -> transformers' activation_function
 
 # ---------------------------------------------------------------------------------------------------- writing
 
@@ -72,20 +73,23 @@ def _output_folder(out_dir: str) -> Path:
 def hf_layout(config: GPTConfig) -> str:
     """gpt2, llama or qwen3: the transformers architecture that computes what this model computes, or a
     PicoGPTError naming the option that has none."""
-    if (config.position, config.norm, config.mlp, config.qk_norm) == ("learned", "layer", "gelu", False):
+    if (config.position, config.norm, config.qk_norm) == ("learned", "layer", False) and config.mlp in GPT2_MLPS:
+        if config.kv_heads != config.n_head or config.head_size * config.n_head != config.n_embd:
+            raise PicoGPTError("cannot export n_kv_head or head_dim other than n_embd / n_head in the GPT-2 layout: "
+                               "GPT-2 has neither; use it through picogpt instead")
         return "gpt2"
     if (config.position, config.norm, config.mlp) == ("rotary", "rms", "swiglu"):
         if not config.qk_norm:
             return "llama"
-        if not config.bias:
+        if not (config.bias if config.mlp_bias is None else config.mlp_bias):
             return "qwen3"
-        raise PicoGPTError("cannot export bias: true with qk_norm: Qwen3 (the transformers model with QK-norm) has "
-                           "no MLP biases; train with --model.bias false to export it")
+        raise PicoGPTError("cannot export bias: true with qk_norm (MLP biases): Qwen3 (the transformers model with QK-norm) has "
+                           "none; train with --model.bias false (or --model.mlp_bias false) to export it")
     if config.position == "learned":
         refused = next(f"{name} {value}" for name, value, classic in (
-            ("norm", config.norm, "layer"), ("mlp", config.mlp, "gelu"), ("qk_norm", config.qk_norm, False))
-            if value != classic)
-        hint = "the GPT-2 layout needs norm layer, mlp gelu and no qk_norm"
+            ("norm", config.norm, "layer"), ("mlp", config.mlp, config.mlp if config.mlp in GPT2_MLPS else "gelu"),
+            ("qk_norm", config.qk_norm, False)) if value != classic)
+        hint = "the GPT-2 layout needs norm layer, mlp gelu or gelu_tanh and no qk_norm"
     else:
         refused = next(f"{name} {value}" for name, value, modern in (
             ("norm", config.norm, "rms"), ("mlp", config.mlp, "swiglu")) if value != modern)
@@ -108,7 +112,7 @@ def hf_gpt2_state_dict(state: dict, config) -> dict:
         ("attn.qkv", "attn.c_attn", True, 3 * width),
         ("attn.proj", "attn.c_proj", True, width),
         ("ln_2", "ln_2", False, width),
-        ("mlp.fc", "mlp.c_fc", True, 4 * width),
+        ("mlp.fc", "mlp.c_fc", True, config.mlp_hidden),
         ("mlp.proj", "mlp.c_proj", True, width),
     ]
     for index in range(config.n_layer):
@@ -137,9 +141,10 @@ def hf_gpt2_config(config, dtype: str, endoftext_id: int | None) -> dict:
         "n_embd": config.n_embd,
         "n_layer": config.n_layer,
         "n_head": config.n_head,
-        "n_inner": 4 * config.n_embd,
-        "activation_function": "gelu",  # exact erf GELU, as F.gelu; never GPT-2's tanh "gelu_new"
-        "layer_norm_epsilon": 1e-5,  # nn.LayerNorm's default, which our model uses
+        "n_inner": config.mlp_hidden,
+        # exact erf GELU as F.gelu, or GPT-2's tanh one ("gelu_new") for mlp gelu_tanh
+        "activation_function": GPT2_MLPS[config.mlp],
+        "layer_norm_epsilon": config.eps,
         "resid_pdrop": config.dropout,
         "embd_pdrop": config.dropout,
         "attn_pdrop": config.dropout,
@@ -158,7 +163,7 @@ def hf_gpt2_config(config, dtype: str, endoftext_id: int | None) -> dict:
 def hf_llama_state_dict(state: dict, config: GPTConfig) -> dict:
     """Our weights under Llama's (and Qwen3's) names: qkv split into q, k and v; MLP gate/up/proj as
     gate_proj/up_proj/down_proj; norms as input_layernorm/post_attention_layernorm/norm."""
-    width = config.n_embd
+    q_size, kv_size = config.n_head * config.head_size, config.kv_heads * config.head_size
     hf = {"model.embed_tokens.weight": state["wte.weight"], "model.norm.weight": state["ln_f.weight"]}
     for index in range(config.n_layer):
         ours, theirs = f"blocks.{index}.", f"model.layers.{index}."
@@ -171,7 +176,7 @@ def hf_llama_state_dict(state: dict, config: GPTConfig) -> dict:
                     hf[f"{theirs}{their_name}.{kind}"] = state[f"{ours}{our_name}.{kind}"]
         for kind in ("weight", "bias"):
             if f"{ours}attn.qkv.{kind}" in state:
-                q, k, v = state[f"{ours}attn.qkv.{kind}"].split(width, dim=0)
+                q, k, v = state[f"{ours}attn.qkv.{kind}"].split((q_size, kv_size, kv_size), dim=0)
                 hf.update({f"{theirs}self_attn.{name}_proj.{kind}": tensor
                            for name, tensor in (("q", q), ("k", k), ("v", v))})
     if not config.tie_weights:
@@ -180,8 +185,8 @@ def hf_llama_state_dict(state: dict, config: GPTConfig) -> dict:
 
 
 def hf_llama_config(config: GPTConfig, layout: str, dtype: str, endoftext_id: int | None) -> dict:
-    """config.json of a LlamaForCausalLM or Qwen3ForCausalLM with our model's shape (all heads are their
-    own key/value heads; rope_theta as both transformers 4 and 5 read it)."""
+    """config.json of a LlamaForCausalLM or Qwen3ForCausalLM with our model's shape (rope_theta as both
+    transformers 4 and 5 read it)."""
     shared = {
         "architectures": ["LlamaForCausalLM" if layout == "llama" else "Qwen3ForCausalLM"],
         "model_type": layout,
@@ -190,13 +195,13 @@ def hf_llama_config(config: GPTConfig, layout: str, dtype: str, endoftext_id: in
         "intermediate_size": config.mlp_hidden,
         "num_hidden_layers": config.n_layer,
         "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.n_head,
+        "num_key_value_heads": config.kv_heads,
         "head_dim": config.head_size,
         "hidden_act": "silu",
         "max_position_embeddings": config.block_size,
-        "rms_norm_eps": RMS_NORM_EPS,
+        "rms_norm_eps": config.eps,
         "rope_theta": config.rope_theta,
-        "attention_bias": config.bias,
+        "attention_bias": config.bias if config.attention_bias is None else config.attention_bias,
         "attention_dropout": config.dropout,
         "initializer_range": 0.02,
         "tie_word_embeddings": config.tie_weights,
@@ -206,7 +211,7 @@ def hf_llama_config(config: GPTConfig, layout: str, dtype: str, endoftext_id: in
         "dtype": dtype,
     }
     if layout == "llama":
-        return {**shared, "mlp_bias": config.bias, "pretraining_tp": 1}
+        return {**shared, "mlp_bias": config.bias if config.mlp_bias is None else config.mlp_bias, "pretraining_tp": 1}
     return {**shared, "use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layer}
 
 
@@ -296,6 +301,12 @@ def _state(loaded: LoadedCheckpoint) -> dict:
     return {name: tensor.detach() for name, tensor in loaded.model.state_dict().items()}
 
 
+def _special_tokens(tokenizer, fast_tokenizer, special: str | None) -> tuple[dict, dict]:
+    """bos/eos/pad token texts and ids: a pretrained model's own (picogpt import), else end-of-text for all."""
+    names = getattr(tokenizer, "special_tokens", None) or dict.fromkeys(("bos", "eos", "pad"), special)
+    return names, {role: fast_tokenizer.token_to_id(name) if name else None for role, name in names.items()}
+
+
 def export_hf(ckpt: str, out_dir: str) -> list[Path]:
     """Write a folder that `transformers` loads with AutoModelForCausalLM / AutoTokenizer.from_pretrained."""
     loaded = load_checkpoint(ckpt)
@@ -303,19 +314,26 @@ def export_hf(ckpt: str, out_dir: str) -> list[Path]:
     hf_layout(config)  # refuses an architecture transformers cannot reproduce before anything is written
     fast_tokenizer, special = hf_tokenizer(tokenizer)
     endoftext_id = fast_tokenizer.token_to_id(special) if special else None
+    names, ids = _special_tokens(tokenizer, fast_tokenizer, special)
     chat_template = template_from_meta(loaded.meta).jinja(has_eot=special is not None)
     folder = _output_folder(out_dir)
     written = [folder / name for name in ("config.json", "generation_config.json", EXPORT_WEIGHTS, "tokenizer.json",
                                           "tokenizer_config.json", "special_tokens_map.json")]
     hf_state, hf_config = hf_weights_and_config(config, state, endoftext_id)
+    hf_config.update(bos_token_id=ids["bos"], eos_token_id=ids["eos"])
     write_json_atomically(written[0], hf_config)
-    write_json_atomically(written[1], {"bos_token_id": endoftext_id, "eos_token_id": endoftext_id,
-                                       "pad_token_id": endoftext_id})
+    stops = [ids["eos"], *(fast_tokenizer.token_to_id(t) for t in getattr(tokenizer, "stop_tokens", ()))]
+    write_json_atomically(written[1], {"bos_token_id": ids["bos"], "eos_token_id": stops if len(stops) > 1 else ids["eos"],
+                                       "pad_token_id": ids["pad"]})
     _write_safetensors(written[2], hf_state, {"format": "pt", "picogpt_format": str(EXPORT_FORMAT)})
     tokenizer_json = json.dumps(compatible_tokenizer_json(json.loads(fast_tokenizer.to_str())), ensure_ascii=False)
     write_atomically(written[3], lambda temporary: temporary.write_text(tokenizer_json, encoding="utf-8"))
-    write_json_atomically(written[4], hf_tokenizer_config(tokenizer.kind, special, config.block_size, chat_template))
-    specials = {"bos_token": special, "eos_token": special, "pad_token": special} if special else {}
+    tokenizer_config = hf_tokenizer_config(tokenizer.kind, special, config.block_size, chat_template)
+    for role, name in names.items():
+        tokenizer_config.pop(f"{role}_token", None)
+        tokenizer_config.update({f"{role}_token": name} if name else {})
+    write_json_atomically(written[4], tokenizer_config)
+    specials = {f"{role}_token": name for role, name in names.items() if name}
     if tokenizer.kind == "word":
         specials["unk_token"] = UNKNOWN
     write_json_atomically(written[5], specials)

@@ -62,7 +62,7 @@ def describe_checkpoint(path: str | Path) -> dict:
     """Everything `info` reports, as plain JSON-ready values (None for what the checkpoint does not say).
     A run folder stands for its best.ckpt (else last.ckpt); a `--format safetensors` export folder is read too."""
     path = find_checkpoint(path)
-    if path.is_dir():
+    if path.is_dir() and (path / EXPORT_CONFIG).is_file():
         return _describe_export(path)
     checkpoint = read_checkpoint(path)
     meta = checkpoint["picogpt"]
@@ -74,7 +74,7 @@ def describe_checkpoint(path: str | Path) -> dict:
     )
     return {
         "path": str(path),
-        "file_bytes": path.stat().st_size,
+        "file_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path.is_dir() else path.stat().st_size,
         "format": meta.get("format"),
         "model_config": model_config,
         "parameters": total,
@@ -129,7 +129,12 @@ def _model_line(config: dict | None) -> str:
         return UNKNOWN
     block = [f"{config.get('position', 'learned')} positions", f"{config.get('norm', 'layer')} norm",
              *(["QK-norm"] if config.get("qk_norm") else []), f"{config.get('mlp', 'gelu')} MLP",
-             *(["zero-init projections"] if config.get("zero_init") else [])]
+             *(["zero-init projections"] if config.get("zero_init") else []),
+             *([f"{config['n_kv_head']} key/value heads"] if config.get("n_kv_head") else []),
+             *([f"heads {config['head_dim']} wide"] if config.get("head_dim") else []),
+             *([f"MLP {config['mlp_width']} wide"] if config.get("mlp_width") else []),
+             *([f"{part} biases {'on' if config[key] else 'off'}" for part, key in (("attention", "attention_bias"),
+               ("MLP", "mlp_bias")) if config.get(key) is not None])]
     return (f"GPT, {config['n_layer']} layers, {config['n_head']} heads, {config['n_embd']} wide, "
             f"context {config['block_size']} tokens, vocab {config['vocab_size']:,}; {', '.join(block)}, "
             f"{'biases' if config.get('bias', True) else 'no biases'}, "

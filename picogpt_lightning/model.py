@@ -20,13 +20,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-CHOICES = {"position": ("learned", "rotary"), "norm": ("layer", "rms"), "mlp": ("gelu", "relu2", "swiglu")}
+CHOICES = {"position": ("learned", "rotary"), "norm": ("layer", "rms"), "mlp": ("gelu", "gelu_tanh", "relu2", "swiglu")}
 
 # GPT-2's architecture. Checkpoints written before the options existed lack these keys and were trained with
 # these values, whatever the dataclass defaults become.
 CLASSIC = {"position": "learned", "norm": "layer", "qk_norm": False, "mlp": "gelu", "zero_init": False}
 
 RMS_NORM_EPS = 1e-6  # Llama's and Qwen3's value, so exported models normalise identically
+LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, GPT-2's value
 
 
 @dataclass
@@ -38,8 +39,16 @@ class GPTConfig:
     norm: "layer" (LayerNorm, with a bias when `bias`) or "rms" (RMSNorm with a learned gain, no bias).
     qk_norm: RMSNorm over each head's queries and keys before rotary (Qwen3's q_norm/k_norm), which bounds the
         attention logits and lets higher learning rates train stably.
-    mlp: "gelu" (4x wide, exact GELU), "relu2" (4x wide, relu(x)^2) or "swiglu" (silu(gate) * up, `mlp_hidden`
-        wide so it costs about what the 4x MLPs cost).
+    mlp: "gelu" (4x wide, exact GELU), "gelu_tanh" (GPT-2's own tanh-approximated GELU, transformers'
+        `gelu_new`, so imported GPT-2 weights give GPT-2's logits), "relu2" (4x wide, relu(x)^2) or "swiglu"
+        (silu(gate) * up, `mlp_hidden` wide so it costs about what the 4x MLPs cost).
+    mlp_width: the MLP's hidden width; None for the default above (`mlp_hidden`).
+    n_kv_head: key/value heads (grouped-query attention, Llama's num_key_value_heads): each serves
+        n_head / n_kv_head query heads, which shrinks the KV cache by that factor. None: one per query head.
+    head_dim: width of one head; None for n_embd / n_head (Qwen3 uses 128 with any width).
+    norm_eps: the norms' epsilon; None for 1e-5 with LayerNorm, 1e-6 with RMSNorm.
+    attention_bias, mlp_bias: biases in the attention and MLP linear layers; None follows `bias` (which also
+        decides LayerNorm's bias). Llama's attention_bias and mlp_bias.
     zero_init: start the attention and MLP output projections at zero (modded-nanogpt), so every block begins
         as the identity, instead of GPT-2's normal init scaled by depth.
     tie_weights: share the token embedding with the output layer.
@@ -59,12 +68,23 @@ class GPTConfig:
     qk_norm: bool = CLASSIC["qk_norm"]
     mlp: str = CLASSIC["mlp"]
     zero_init: bool = CLASSIC["zero_init"]
+    mlp_width: int | None = None
+    n_kv_head: int | None = None
+    head_dim: int | None = None
+    norm_eps: float | None = None
+    attention_bias: bool | None = None
+    mlp_bias: bool | None = None
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) < 1:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_width", "n_kv_head", "head_dim"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:  # None: the default, for the last three
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head}); "
+                             f"each key/value head serves the same number of query heads")
+        if self.norm_eps is not None and not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
+        if self.head_dim is None and self.n_embd % self.n_head:
             raise ValueError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                 f"try n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}"
@@ -86,12 +106,22 @@ class GPTConfig:
 
     @property
     def head_size(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def eps(self) -> float:
+        return self.norm_eps if self.norm_eps is not None else RMS_NORM_EPS if self.norm == "rms" else LAYER_NORM_EPS
 
     @property
     def mlp_hidden(self) -> int:
         """Hidden width of the MLP. SwiGLU has three matrices instead of two, so 8/3 * n_embd (rounded up to a
         multiple of 32 for friendly matmul shapes) keeps its parameters and FLOPs close to the 4x MLPs'."""
+        if self.mlp_width is not None:
+            return self.mlp_width
         if self.mlp == "swiglu":
             return 32 * math.ceil(8 * self.n_embd / 3 / 32)
         return 4 * self.n_embd
@@ -116,7 +146,7 @@ class KVCache:
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
-        shape = (batch_size, config.n_head, config.block_size, config.head_size)
+        shape = (batch_size, config.kv_heads, config.block_size, config.head_size)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = 0
@@ -146,8 +176,8 @@ class KVCache:
 
 def make_norm(config: GPTConfig, size: int) -> nn.Module:
     if config.norm == "rms":
-        return nn.RMSNorm(size, eps=RMS_NORM_EPS)
-    return nn.LayerNorm(size, bias=config.bias)
+        return nn.RMSNorm(size, eps=config.eps)
+    return nn.LayerNorm(size, eps=config.eps, bias=config.bias)
 
 
 class RotaryEmbedding(nn.Module):
@@ -186,14 +216,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_index: int):
         super().__init__()
-        self.n_head = config.n_head
+        self.n_head, self.n_kv_head, self.head_size = config.n_head, config.kv_heads, config.head_size
         self.layer_index = layer_index
         self.dropout = config.dropout
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        bias = config.bias if config.attention_bias is None else config.attention_bias
+        # Queries for every head, then keys and values for the kv heads only (all heads without GQA).
+        self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * self.n_kv_head) * self.head_size, bias=bias)
         # One gain of head_size shared by all heads, as Qwen3's q_norm / k_norm.
-        self.q_norm = nn.RMSNorm(config.head_size, eps=RMS_NORM_EPS) if config.qk_norm else None
-        self.k_norm = nn.RMSNorm(config.head_size, eps=RMS_NORM_EPS) if config.qk_norm else None
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.q_norm = nn.RMSNorm(config.head_size, eps=config.eps) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(config.head_size, eps=config.eps) if config.qk_norm else None
+        self.proj = nn.Linear(config.n_head * self.head_size, config.n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(
@@ -202,8 +234,9 @@ class CausalSelfAttention(nn.Module):
         cache: KVCache | None = None,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        batch, steps, width = x.shape
-        q, k, v = (t.view(batch, steps, self.n_head, width // self.n_head) for t in self.qkv(x).split(width, dim=2))
+        batch, steps, _ = x.shape
+        sizes = (self.n_head * self.head_size, self.n_kv_head * self.head_size, self.n_kv_head * self.head_size)
+        q, k, v = (t.view(batch, steps, -1, self.head_size) for t in self.qkv(x).split(sizes, dim=2))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -222,25 +255,30 @@ class CausalSelfAttention(nn.Module):
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=mask is None and past == 0 and steps > 1,
+            enable_gqa=self.n_kv_head != self.n_head,  # each kv head serves n_head / n_kv_head query heads
         )
-        y = y.transpose(1, 2).contiguous().view(batch, steps, width)
+        y = y.transpose(1, 2).contiguous().view(batch, steps, self.n_head * self.head_size)
         return self.resid_dropout(self.proj(y))
 
 
 class MLP(nn.Module):
-    """Two matrices around a GELU (GPT-2) or a squared ReLU (modded-nanogpt: sparser and cheaper, and it
-    trained faster there)."""
+    """Two matrices around a GELU (exact, or GPT-2's tanh approximation) or a squared ReLU (modded-nanogpt:
+    sparser and cheaper, and it trained faster there)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.activation = config.mlp
-        self.fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
-        self.proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+        bias = config.bias if config.mlp_bias is None else config.mlp_bias
+        self.fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=bias)
+        self.proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.fc(x)
-        hidden = F.relu(hidden).square() if self.activation == "relu2" else F.gelu(hidden)
+        if self.activation == "relu2":
+            hidden = F.relu(hidden).square()
+        else:
+            hidden = F.gelu(hidden, approximate="tanh" if self.activation == "gelu_tanh" else "none")
         return self.dropout(self.proj(hidden))
 
 
@@ -250,9 +288,10 @@ class SwiGLU(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
-        self.up = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
-        self.proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+        bias = config.bias if config.mlp_bias is None else config.mlp_bias
+        self.gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=bias)
+        self.up = nn.Linear(config.n_embd, config.mlp_hidden, bias=bias)
+        self.proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -57,9 +57,15 @@ class GPTLightningModule(L.LightningModule):
         position: Literal["learned", "rotary"] = GPTConfig.position,
         norm: Literal["layer", "rms"] = GPTConfig.norm,
         qk_norm: bool = GPTConfig.qk_norm,
-        mlp: Literal["gelu", "relu2", "swiglu"] = GPTConfig.mlp,
+        mlp: Literal["gelu", "gelu_tanh", "relu2", "swiglu"] = GPTConfig.mlp,
         zero_init: bool = GPTConfig.zero_init,
         rope_theta: float = GPTConfig.rope_theta,
+        mlp_width: int | None = GPTConfig.mlp_width,
+        n_kv_head: int | None = GPTConfig.n_kv_head,
+        head_dim: int | None = GPTConfig.head_dim,
+        norm_eps: float | None = GPTConfig.norm_eps,
+        attention_bias: bool | None = GPTConfig.attention_bias,
+        mlp_bias: bool | None = GPTConfig.mlp_bias,
         train_tokens: int = 0,
         label_smoothing: float = 0.0,
         optimizer: Literal["adamw", "muon"] = "adamw",
@@ -93,9 +99,16 @@ class GPTLightningModule(L.LightningModule):
             position: learned (GPT-2's position table) or rotary (RoPE on queries and keys).
             norm: layer (LayerNorm) or rms (RMSNorm).
             qk_norm: RMSNorm on each head's queries and keys (bounds attention logits; allows higher rates).
-            mlp: gelu (GPT-2), relu2 (squared ReLU) or swiglu (Llama's gated MLP).
+            mlp: gelu (GPT-2 as exported), gelu_tanh (GPT-2's own tanh GELU), relu2 (squared ReLU) or swiglu
+                (Llama's gated MLP).
             zero_init: start each block's output projections at zero, so every block starts as the identity.
             rope_theta: base wavelength of rotary positions.
+            mlp_width: the MLP's hidden width (default 4 * n_embd, or about 8/3 * n_embd with swiglu).
+            n_kv_head: key/value heads, dividing n_head (grouped-query attention; default one per head).
+            head_dim: width of one attention head (default n_embd / n_head).
+            norm_eps: epsilon of the norms (default 1e-5 with LayerNorm, 1e-6 with RMSNorm).
+            attention_bias: biases in the attention's linear layers (default: as bias).
+            mlp_bias: biases in the MLP's linear layers (default: as bias).
             train_tokens: training split size in tokens (set from the prepared data by the CLI).
             label_smoothing: label smoothing of the training loss (validation reports plain cross-entropy).
             optimizer: adamw (AdamW for every weight) or muon (Muon for the blocks' hidden matrices, AdamW for
@@ -123,7 +136,9 @@ class GPTLightningModule(L.LightningModule):
             config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
                                n_embd=n_embd, dropout=dropout, bias=bias,
                                tie_weights=resolve_tie_weights(tie_weights, train_tokens), position=position,
-                               norm=norm, qk_norm=qk_norm, mlp=mlp, zero_init=zero_init, rope_theta=rope_theta)
+                               norm=norm, qk_norm=qk_norm, mlp=mlp, zero_init=zero_init, rope_theta=rope_theta,
+                               mlp_width=mlp_width, n_kv_head=n_kv_head, head_dim=head_dim, norm_eps=norm_eps,
+                               attention_bias=attention_bias, mlp_bias=mlp_bias)
             self.model = GPT(config)
             settings = OptimizerSettings(optimizer=optimizer, learning_rate=learning_rate, betas=(beta1, beta2),
                                          weight_decay=weight_decay, muon_lr=muon_lr, muon_momentum=muon_momentum,

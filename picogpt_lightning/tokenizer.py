@@ -380,6 +380,10 @@ def _tokenizer_from_dict(description: dict, source: str) -> Tokenizer:
         return CharTokenizer(description["chars"], endoftext=description.get("endoftext") is True)
     if kind == "word" and isinstance(description.get("tokens"), list):
         return WordTokenizer(description["tokens"])
+    if kind == "bpe" and isinstance(description.get("tokenizer"), dict) and "special_tokens" in description:
+        from .pretrained_tokenizer import from_description  # a pretrained model's, with its bos/eos/pad
+
+        return from_description(description, source)
     if kind == "bpe" and isinstance(description.get("tokenizer"), dict):
         return _bpe_from_str(json.dumps(description["tokenizer"]), source)
     raise PicoGPTError(f"{source} does not describe a char, bpe or word tokenizer: it is damaged or not ours")
@@ -397,8 +401,14 @@ def tokenizer_from_json(text: str) -> Tokenizer:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load a saved `vocab.json` or `tokenizer.json`; given a folder, load the one it holds."""
+    """Load a saved `vocab.json` or `tokenizer.json`; given a folder, load the one it holds. A Hugging Face
+    model folder (or its tokenizer.json) gives the model's tokenizer with its special tokens."""
     path = Path(path)
+    from .pretrained_tokenizer import is_pretrained_folder, load_pretrained_tokenizer
+
+    folder = path if path.is_dir() else path.parent
+    if (path.is_dir() or path.name == BPE_FILE) and is_pretrained_folder(folder):
+        return load_pretrained_tokenizer(folder)
     if path.is_dir():
         path = path / BPE_FILE if (path / BPE_FILE).exists() else path / VOCAB_FILE
     try:

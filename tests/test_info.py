@@ -106,5 +106,6 @@ def test_a_run_folder_stands_for_its_best_checkpoint_and_an_export_folder_is_rea
     facts = json.loads(capsys.readouterr().out)
     assert facts["model_config"]["n_embd"] == 16 and facts["parameters"] == load_checkpoint(fitted).model.num_params(
         non_embedding=False)
-    assert main(["info", "--ckpt", str(tmp_path / "hf")]) == 1
-    assert "is a Hugging Face export: load it with transformers" in capsys.readouterr().err
+    assert main(["info", "--ckpt", str(tmp_path / "hf"), "--json"]) == 0  # a Hugging Face folder, imported
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["model_config"]["n_embd"] == 16 and facts["data"]["kind"] == "huggingface"

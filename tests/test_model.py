@@ -290,7 +290,7 @@ def test_flops_count_every_matrix_and_no_position_table_with_rotary():
 @pytest.mark.parametrize(
     "settings, message",
     [
-        (dict(mlp="geglu"), "mlp 'geglu' is unknown; choose gelu, relu2 or swiglu"),
+        (dict(mlp="geglu"), "mlp 'geglu' is unknown; choose gelu, gelu_tanh, relu2 or swiglu"),
         (dict(norm="batch"), "norm 'batch' is unknown; choose layer or rms"),
         (dict(position="alibi"), "position 'alibi' is unknown; choose learned or rotary"),
         (dict(position="rotary", n_embd=30, n_head=2), "position 'rotary' needs an even head size.*n_embd=32"),

@@ -30,7 +30,8 @@ from .fit import PicoGPTCLI, run_lightning_cli
 # Model settings that belong to the base model: its weights only make sense with them. (vocab_size follows the
 # tokenizer and block_size data.block_size, both the base's; dropout may differ.)
 BASE_MODEL_KEYS = ("n_layer", "n_head", "n_embd", "bias", "tie_weights", "position", "rope_theta", "norm",
-                   "qk_norm", "mlp", "zero_init")
+                   "qk_norm", "mlp", "zero_init", "mlp_width", "n_kv_head", "head_dim", "norm_eps", "attention_bias",
+                   "mlp_bias")
 
 
 def module_defaults() -> dict:

@@ -13,7 +13,7 @@ import sys
 
 from ..errors import PicoGPTError, SettingsError
 
-USAGE = """usage: picogpt {fit,finetune,validate,prepare,sample,chat,serve,evaluate,export,info,plot} [options]
+USAGE = """usage: picogpt {fit,finetune,validate,prepare,sample,chat,serve,evaluate,export,import,info,plot} [options]
 
   fit        train a GPT (picogpt fit --config configs/tiny.yaml)
   finetune   fine-tune a checkpoint on conversations, loss on the answers (picogpt finetune --config configs/chat.yaml)
@@ -24,6 +24,7 @@ USAGE = """usage: picogpt {fit,finetune,validate,prepare,sample,chat,serve,evalu
   serve      an OpenAI-compatible chat server (picogpt serve --ckpt checkpoints/tiny/best.ckpt --port 8000)
   evaluate   loss, perplexity and bits per byte of a checkpoint on any text
   export     write a Hugging Face folder (GPT-2, Llama or Qwen3 layout) or safetensors from a checkpoint
+  import     a Hugging Face GPT-2, Llama or Qwen3 folder as a checkpoint (picogpt import HF_DIR --out m.ckpt)
   info       what a checkpoint holds: model, tokenizer, data, steps, config, versions
   plot       draw a run's loss and learning-rate curves into a PNG
 
@@ -32,7 +33,8 @@ the commands that compute take `--threads N` (default: the cores free of load; d
 
 LIGHTNING_COMMANDS = ("fit", "finetune", "validate")
 # Plain commands: each is the module of this package with the same name, whose `main(args)` runs it.
-FUNCTION_COMMANDS = ("prepare", "sample", "chat", "serve", "evaluate", "export", "info", "plot")
+FUNCTION_COMMANDS = ("prepare", "sample", "chat", "serve", "evaluate", "export", "import", "info", "plot")
+MODULES = {"import": "import_"}  # a command whose module name differs (import is a Python keyword)
 
 
 def run(command: str, args: list[str]) -> int:
@@ -63,7 +65,7 @@ def run(command: str, args: list[str]) -> int:
             from .lost_rank import lost_rank_error
 
             raise (lost_rank_error(error, command, args) or error) from None
-    importlib.import_module(f"{__package__}.{command}").main(args)
+    importlib.import_module(f"{__package__}.{MODULES.get(command, command)}").main(args)
     return 0
 
 
