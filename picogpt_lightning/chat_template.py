@@ -264,6 +264,8 @@ def turn_stop_strings(template: ChatTemplate, has_eot: bool) -> list[str]:
     end-of-text ends answers. Used by `picogpt chat`, `serve` and `PicoGPT.chat()` alike.
     """
     stops = template.stop_strings(has_eot)
+    if not isinstance(template, ChatTemplate):  # a pretrained model's Jinja template: its own stop tokens
+        return stops
     assistant_suffix = template.affixes["assistant"][1]
     for role in ("user", "assistant"):
         marker = template.affixes[role][0].strip()

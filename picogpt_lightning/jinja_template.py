@@ -124,6 +124,8 @@ class JinjaChatTemplate:
                 return start, candidate
         return -1, ""
 
+    answer_lead = ""  # the rendered prompt ends where the answer's own text begins
+
     def stop_strings(self, has_eot: bool = True) -> list[str]:
         return [token for token in (self.eos_token, *self.stop_tokens) if token]
 

@@ -391,17 +391,32 @@ def test_an_answer_after_a_templates_space_is_trained_from_its_first_token(model
 
 
 def test_serve_answers_an_imported_model_as_model_chat_does(models):
+    import asyncio
+
     import picogpt_lightning
-    from picogpt_lightning.serve import ChatJob, reply_pieces
+    from picogpt_lightning.batching import Finish, Scheduler
+    from picogpt_lightning.serve import ChatService
+    from picogpt_lightning.serve_protocol import ChatJob, RequestLimits
     from picogpt_lightning.settings import SamplingSettings
 
     loaded = load_checkpoint(models[1]["qwen3"][2])
+    scheduler = Scheduler(loaded.model, loaded.tokenizer, max_batch_size=2, max_queue=2)
+    service = ChatService(loaded.model, loaded.tokenizer, _template(loaded), scheduler, RequestLimits("m", 12, 12, 8))
     job = ChatJob(MESSAGES, SamplingSettings(temperature=0), 12, [], 0)
-    pieces = list(reply_pieces(loaded.model, loaded.tokenizer, _template(loaded), job))
+
+    async def served() -> tuple[list, int]:
+        _, pieces, prompt_tokens = service.start(job)
+        return [item async for item in service.answer(pieces)], prompt_tokens
+
+    scheduler.start()
+    try:
+        items, prompt_tokens = asyncio.run(served())
+    finally:
+        scheduler.stop()
     answer = picogpt_lightning.load(models[1]["qwen3"][2], device="cpu").chat(MESSAGES, max_new_tokens=12, temperature=0)
-    assert "".join(piece["content"] for piece in pieces) == answer
-    assert pieces[-1]["prompt_tokens"] == len(encode_conversation(MESSAGES, _template(loaded), loaded.tokenizer,
-                                                                  add_generation_prompt=True).ids)
+    assert "".join(item for item in items if isinstance(item, str)) == answer and isinstance(items[-1], Finish)
+    assert prompt_tokens == len(encode_conversation(MESSAGES, _template(loaded), loaded.tokenizer,
+                                                    add_generation_prompt=True).ids)
 
 
 def test_evaluate_scores_text_with_an_imported_padded_model_over_its_real_tokens_only(models, tmp_path, capsys):
