@@ -56,7 +56,8 @@ def best_within(curve: list[dict], seconds: float) -> float:
 
 
 def main(corpora: list[str], budget: str = "8m", config: str = "configs/char.yaml", mode: str = "char",
-         rounds: int = 1, threads: int = 1, out: str = "_runs/budget.jsonl", work: str = "_runs/budget") -> None:
+         rounds: int = 1, threads: int = 1, out: str = "_runs/budget.jsonl", work: str = "_runs/budget",
+         only: str | None = None) -> None:
     """Measure the shipped config against the sized recipe on each corpus under one budget.
 
     Args:
@@ -68,11 +69,14 @@ def main(corpora: list[str], budget: str = "8m", config: str = "configs/char.yam
         threads: OMP/torch threads per run.
         out: JSON-lines file the results are appended to.
         work: folder for the runs.
+        only: run this recipe alone (shipped or sized), e.g. to measure a changed rule against an earlier run.
     """
     for corpus in corpora:
         stem = Path(corpus).stem
         recipes = {"shipped": ["--config", config, "--data.text_path", corpus, "--data.mode", mode, "--budget", budget],
                    "sized": ["--data.text_path", corpus, "--data.mode", mode, "--budget", budget]}
+        if only:
+            recipes = {only: recipes[only]}
         for index in range(rounds):
             order = list(recipes) if index % 2 == 0 else list(reversed(recipes))
             results = [run(f"{stem}-{mode}-{name}-{index}", recipes[name], Path(work), threads) for name in order]

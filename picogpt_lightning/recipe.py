@@ -2,19 +2,19 @@
 when no --config is given.
 
 One dial sets the model, as in nanochat: depth d gives d blocks of width 64*d (heads of 64). The rule picks the
-deepest model that the budget can still feed enough tokens, with the tokens that help capped by the corpus:
+deepest model the budget still gives MIN_STEPS optimizer steps at its measured step time, and the corpus can
+hold (at most MAX_PARAMS_PER_TOKEN parameters per training token):
 
-    usable tokens(d) = min(tokens the budget trains at d's measured step time, MAX_EPOCHS * training tokens)
-    choose the largest d with usable tokens(d) >= TOKENS_PER_PARAM * non-embedding parameters(d)
+    choose the largest d with steps(d) >= MIN_STEPS and params(d) <= MAX_PARAMS_PER_TOKEN * training tokens
 
-TOKENS_PER_PARAM is far below the ~20 of compute-optimal LLM scaling: these models train for minutes, where a
-larger model that sees each token fewer times wins. Measured here (docs/benchmarks.md, issue 26): the best
-character-level runs on a CPU sat at 1.5-2.5 tokens per parameter (configs/char.yaml: 5.3M tokens, 3.2M
-parameters; the issue's 4x128 on a 250 KB book: best at 2M tokens, 0.8M parameters, collapsing after 9 epochs).
-On a corpus the budget would repeat more than MAX_EPOCHS times the run stops there, before the budget ends,
-rather than memorise; dropout rises with the epochs that remain, and early stopping on a val plateau
-(callbacks.PlateauStop) guards the rest. The optimizer settings are configs/char.yaml's (character level) and
-configs/tiny.yaml's (tokens), the two measured best at their budgets.
+Measured here (docs/benchmarks.md, issue 26), at equal wall on a CPU: a larger model that sees each token fewer
+times wins in these minutes-long runs, far below the ~20 tokens per parameter of compute-optimal LLM scaling
+(configs/char.yaml's 4x256 at 0.14 tokens per parameter beat a 2x128 at ~9 on a 250 KB text); what a model needs
+is enough steps for warmup and decay. On a corpus that even the deepest model would repeat more than MAX_EPOCHS
+times, the run stops there, before the budget ends, rather than memorise (the issue's 4x128 without dropout
+collapsed after 9 epochs); dropout rises with the epochs, and early stopping on a val plateau (Lightning's
+EarlyStopping, in the written config) guards the rest. The optimizer settings are configs/char.yaml's
+(characters) and configs/tiny.yaml's (tokens), the two measured best at their budgets.
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ from typing import Callable
 from .errors import SettingsError
 
 DEPTHS = (1, 2, 3, 4, 5, 6, 8)
-TOKENS_PER_PARAM = 2.0
+MIN_STEPS = 200
+# At most this many parameters (outside the embeddings) per training token: configs/char.yaml's 3.1M on the
+# bundled 324K-character text trained 14 epochs with dropout 0.1 to its best val (about 10 per token).
+MAX_PARAMS_PER_TOKEN = 16
 MAX_EPOCHS = 8.0
 MIN_BLOCK = 16
 # Rough bytes per token of a byte-level BPE trained on the text itself, to size a corpus before it is encoded.
@@ -85,10 +88,12 @@ class Recipe:
         shape = self.shape
         limit = (f"capped at {self.max_epochs:g} epochs (the corpus, not the budget, limits it)" if self.data_limited
                  else f"{self.planned_tokens / self.train_tokens:.2g} epochs in the budget")
+        steps = self.planned_tokens // shape.tokens_per_step
         return (f"recipe for {self.train_tokens:,} training tokens ({self.mode}): {shape.n_layer} layers x "
                 f"{shape.n_embd} ({shape.params / 1e6:.2g}M parameters outside the embeddings), context "
                 f"{shape.block_size}, batch {shape.batch_size}, dropout {self.dropout:g}; the deepest model the "
-                f"budget feeds {TOKENS_PER_PARAM:g} tokens per parameter, {limit}")
+                f"corpus holds that the budget gives {MIN_STEPS}+ steps (~{steps:,}, {self.planned_tokens / shape.params:.2g} tokens per "
+                f"parameter), {limit}")
 
 
 def corpus_tokens(size_bytes: int, mode: str) -> int:
@@ -131,8 +136,8 @@ def choose(size_bytes: int, mode: str, val_fraction: float, budget_seconds: floa
     for depth in DEPTHS:
         shape = shape_at(depth, block, batch)
         budget_tokens = tokens_in(shape, budget_seconds)
-        usable = min(budget_tokens, MAX_EPOCHS * train_tokens)
-        if chosen is not None and usable < TOKENS_PER_PARAM * shape.params:
+        too_few_steps = budget_tokens < MIN_STEPS * shape.tokens_per_step
+        if chosen is not None and (too_few_steps or shape.params > MAX_PARAMS_PER_TOKEN * train_tokens):
             break
         chosen = (shape, budget_tokens)
     shape, budget_tokens = chosen

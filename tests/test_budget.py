@@ -10,6 +10,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
+from picogpt_lightning import budget_keeper
 from picogpt_lightning.budget import LIGHTNING_OVERHEAD, Throughput, parse_budget, plan_budget
 from picogpt_lightning.cli import budget as budget_cli
 from picogpt_lightning.cli import main
@@ -35,7 +36,9 @@ class StopAt(Callback):
 
 @pytest.fixture
 def fake_probe(monkeypatch):
+    """The probe replaced by FAKE; the pace check during the run off, so the plan stays FAKE's."""
     calls = []
+    monkeypatch.setattr(budget_keeper, "MIN_STEPS_TO_JUDGE", 10**9)
 
     def probe(*args, **kwargs):
         calls.append(args)
@@ -73,17 +76,31 @@ def test_the_plan_fills_the_budget_with_steps_and_validations_and_no_more():
 
 def test_a_budgeted_run_stops_at_the_planned_step_with_its_schedule_at_the_end(tmp_path, text, fake_probe, capsys):
     config = make_config(tmp_path, text, trainer={"max_steps": 1000})
-    assert main(["fit", "--config", str(config), "--budget", "20s"]) == 0
-    plan = plan_budget(20, FAKE, 4 * 16, 4, 5 / 1000)
+    assert main(["fit", "--config", str(config), "--budget", "21s"]) == 0
+    plan = plan_budget(21, FAKE, 4 * 16, 4, 5 / 1000)
     out = capsys.readouterr().out
-    assert f"budget 20s: {plan.max_steps} steps" in out and "epochs of the training split" in out
+    assert f"budget 21s: {plan.max_steps} steps" in out and "epochs of the training split" in out
     run = tmp_path / "checkpoints" / "run"
     last = torch.load(run / "last.ckpt", weights_only=True)
     assert last["global_step"] == plan.max_steps
     stored = last["picogpt"]["config"]
-    assert stored["budget"] == "20s" and stored["trainer"]["max_steps"] == plan.max_steps
+    assert stored["budget"] == "21s" and stored["trainer"]["max_steps"] == plan.max_steps
     hp = last["hyper_parameters"]
     assert last["lr_schedulers"][0]["_last_lr"][0] == pytest.approx(hp["min_lr"])  # adamw: every group at min_lr
+
+
+def test_a_run_faster_than_its_probe_moves_its_last_step_and_schedule_end_together(tmp_path, text, monkeypatch,
+                                                                                  capsys):
+    monkeypatch.setattr(budget_cli, "probe", lambda *args, **kwargs: FAKE)  # 0.5 s a step: far slower than here
+    monkeypatch.setattr(budget_keeper, "MIN_STEPS_TO_JUDGE", 5)
+    config = make_config(tmp_path, text, trainer={"max_steps": 1000})
+    assert main(["fit", "--config", str(config), "--budget", "8s", "--trainer.val_check_interval", "5"]) == 0
+    assert "so the plan moves from" in capsys.readouterr().out
+    run = tmp_path / "checkpoints" / "run"
+    last = torch.load(run / "last.ckpt", weights_only=True)
+    planned = plan_budget(8, FAKE, 4 * 16, 4, 5 / 1000).max_steps
+    assert last["global_step"] == last["picogpt"]["config"]["trainer"]["max_steps"] > planned
+    assert last["lr_schedulers"][0]["_last_lr"][0] == pytest.approx(last["hyper_parameters"]["min_lr"])
 
 
 def test_resuming_a_budgeted_run_continues_its_plan_without_a_new_probe(tmp_path, text, fake_probe, capsys,
@@ -109,11 +126,13 @@ def test_the_sized_recipe_is_the_same_for_the_same_corpus_and_budget():
     def tokens_in(shape, seconds):
         return int(seconds / (1e-7 * shape.params + 0.01)) * shape.tokens_per_step
 
-    first = choose(250_000, "char", 0.1, 180, tokens_in)
-    assert first == choose(250_000, "char", 0.1, 180, tokens_in)
-    bigger = choose(10_000_000, "char", 0.1, 180, tokens_in)
-    assert bigger.shape.params > first.shape.params  # more text, a larger model at the same budget
-    assert first.data_limited and first.dropout > bigger.dropout
+    first = choose(250_000, "char", 0.1, 3600, tokens_in)
+    assert first == choose(250_000, "char", 0.1, 3600, tokens_in)
+    bigger = choose(10_000_000, "char", 0.1, 3600, tokens_in)
+    assert bigger.shape.params > first.shape.params  # more text holds a larger model at the same budget
+    assert first.data_limited and first.dropout > bigger.dropout  # the small text would be repeated: capped
+    shorter = choose(10_000_000, "char", 0.1, 60, tokens_in)
+    assert shorter.shape.params < bigger.shape.params  # less time, fewer steps: a smaller model
 
 
 def test_a_sized_run_writes_its_recipe_to_the_config_and_that_config_reproduces_it(tmp_path, text, fake_probe,
@@ -122,12 +141,13 @@ def test_a_sized_run_writes_its_recipe_to_the_config_and_that_config_reproduces_
     common = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--sample_tokens", "0",
               "--data.cache_dir", str(tmp_path / "prepared")]
     assert main(["fit", "--data.text_path", str(text), "--data.mode", "char", "--budget", "20s",
-                 "--ckpt_dir", str(run), *common]) == 0
+                 "--data.batch_size", "4", "--ckpt_dir", str(run), *common]) == 0
     out = capsys.readouterr().out
     assert out.startswith("recipe for ") and "layers x" in out
     saved = next(run.glob("lightning_logs/version_*/config.yaml"))
     written = yaml.safe_load(saved.read_text())
     assert written["model"]["n_layer"] == 1 and written["model"]["n_embd"] == 64  # d=1 for 30 KB
+    assert written["data"]["batch_size"] == 4 and written["data"]["block_size"] == 128  # a flag beats the recipe
     assert any(cb["class_path"].endswith("EarlyStopping") for cb in written["trainer"]["callbacks"])
     again = tmp_path / "again"
     assert main(["fit", "--config", str(saved), "--ckpt_dir", str(again), "--overwrite", "true"]) == 0

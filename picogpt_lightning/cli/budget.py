@@ -6,14 +6,17 @@ A resumed run keeps the plan stored in its config (trainer.max_steps and the res
 
 from __future__ import annotations
 
+import math
+import time
 from pathlib import Path
 
 from jsonargparse import Namespace
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from ..budget import BudgetPlan, Throughput, format_seconds, parse_budget, plan_budget, probe
+from ..budget_keeper import BudgetKeeper
 from ..errors import SettingsError, warn
-from ..recipe import WARMUP_FRACTION, Recipe, Shape, choose, vocab_for
+from ..recipe import WARMUP_FRACTION, Recipe, Shape, choose, corpus_tokens, vocab_for
 
 EARLY_STOPPING = "lightning.pytorch.callbacks.EarlyStopping"
 # Validations without a new best before a sized recipe's run stops (the run keeps best.ckpt and last.ckpt).
@@ -45,6 +48,8 @@ class BudgetSetup:
     def __init__(self, measure=None):
         """`measure(config) -> Throughput`: the probe (a fake one in the tests)."""
         self.measured: dict[tuple, Throughput] = {}
+        self.probe_seconds = 0.0  # spent probing
+        self.training_seconds = 0.0  # the budget less the probes
         self.plan: BudgetPlan | None = None
         self.recipe: Recipe | None = None
         self.measure = measure or self._probe
@@ -54,7 +59,7 @@ class BudgetSetup:
         if budget is None:
             max_time = config.trainer.get("max_time")
             if max_time and not resuming:
-                warn(MAX_TIME_NOTE.format(steps=config.trainer.max_steps, time="3m"))
+                warn(MAX_TIME_NOTE.format(steps=config.trainer.max_steps, time=_as_budget(max_time)))
             return
         seconds = parse_budget(budget)
         if resuming:
@@ -67,11 +72,15 @@ class BudgetSetup:
             rank_zero_only(print)(self.recipe.line())
         throughput = self.measure(config)
         warmup_fraction = self._warmup_fraction(config, given)
-        self.plan = plan_budget(seconds, throughput, self._tokens_per_step(config), config.data.eval_iters,
-                                warmup_fraction)
+        # The probes' own time comes out of the budget, so the whole command keeps to it.
+        left = seconds - self.probe_seconds
+        val_batches = _val_batches(config)
+        plan = plan_budget(left, throughput, self._tokens_per_step(config), val_batches, warmup_fraction)
+        self.plan = BudgetPlan(**{**plan.to_dict(), "budget_seconds": seconds})
         if self.recipe is not None and self.recipe.data_limited:
-            self.plan = _capped(self.plan, self.recipe, throughput, config.data.eval_iters, warmup_fraction)
-        self._set(config, given)
+            self.plan = _capped(self.plan, self.recipe, throughput, val_batches, warmup_fraction)
+        self.training_seconds = left
+        self._set(config, given, left)
 
     def _size(self, config: Namespace, seconds: float, given: set[str]) -> Recipe:
         size = _corpus_bytes(config.data.text_path)
@@ -94,7 +103,7 @@ class BudgetSetup:
             config.trainer.callbacks = [*(config.trainer.get("callbacks") or []), stop]
         return recipe
 
-    def _set(self, config: Namespace, given: set[str]) -> None:
+    def _set(self, config: Namespace, given: set[str], left: float) -> None:
         plan = self.plan
         config.trainer.max_steps = plan.max_steps
         if "trainer.val_check_interval" not in given:
@@ -105,7 +114,8 @@ class BudgetSetup:
             config.model.lr_decay_iters = None  # decay to the planned end
         if not config.trainer.get("max_time"):
             # A guard, should the probe have been optimistic: the run stops at the budget all the same.
-            config.trainer.max_time = {"seconds": int(plan.budget_seconds * 1.1) + 1}
+            guard = int(left * 1.1) + 1
+            config.trainer.max_time = f"00:{guard // 3600:02d}:{guard // 60 % 60:02d}:{guard % 60:02d}"
 
     def _warmup_fraction(self, config: Namespace, given: set[str]) -> float:
         """The config's warmup as a share of its steps, kept when the steps change (the recipe's: 8%)."""
@@ -132,13 +142,33 @@ class BudgetSetup:
             pl_module = lightning_module.GPTLightningModule(vocab_size=vocab, **model_settings)
             optimizer = _optimizer(pl_module)
             device = _device(config.trainer.get("accelerator"))
+            started = time.perf_counter()
             self.measured[key] = probe(pl_module.model, optimizer, vocab, config.data.batch_size,
                                        config.data.block_size, device)
+            self.probe_seconds += time.perf_counter() - started
         return self.measured[key]
+
+    def callbacks(self) -> list:
+        """The callback that keeps a new budgeted run to its time (budget_keeper.py)."""
+        return [BudgetKeeper(self.training_seconds)] if self.plan is not None else []
 
     def report(self, train_tokens: int) -> None:
         if self.plan is not None:
             rank_zero_only(print)(self.plan.line(train_tokens))
+
+
+def _as_budget(max_time) -> str:
+    """Lightning's max_time ("DD:HH:MM:SS" or {"minutes": 3, ...}) written as a --budget."""
+    units = {"days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
+    try:
+        if isinstance(max_time, dict):
+            seconds = sum(float(value) * units[key] for key, value in max_time.items())
+        else:
+            days, hours, minutes, secs = (float(part) for part in str(max_time).split(":"))
+            seconds = days * 86400 + hours * 3600 + minutes * 60 + secs
+    except (KeyError, ValueError):
+        return "3m"
+    return format_seconds(seconds)
 
 
 def _optimizer(pl_module):
@@ -175,6 +205,17 @@ def _capped(plan: BudgetPlan, recipe: Recipe, throughput: Throughput, eval_iters
     shorter = plan_budget(min(plan.budget_seconds, seconds), throughput, plan.tokens_per_step, eval_iters,
                           warmup_fraction)
     return BudgetPlan(**{**shorter.to_dict(), "budget_seconds": plan.budget_seconds})
+
+
+def _val_batches(config: Namespace) -> int:
+    """The batches one validation takes: eval_iters, or fewer when the val split is smaller (it is then read
+    whole, once), estimated from the corpus's size before it is encoded."""
+    data = config.data
+    try:
+        val_tokens = corpus_tokens(_corpus_bytes(data.text_path), data.mode) * data.val_fraction
+    except (SettingsError, OSError, TypeError):
+        return data.eval_iters
+    return max(1, min(data.eval_iters, math.ceil(val_tokens / data.block_size / data.batch_size)))
 
 
 def _corpus_bytes(text_path: str) -> int:

@@ -309,6 +309,7 @@ class PicoGPTCLI(LightningCLI):
             callbacks += [LastCheckpoint(ckpt_dir, f"picogpt {self.command} --ckpt_path {Path(ckpt_dir) / 'last.ckpt'}",
                                          save=checkpointing),
                           GracefulInterrupt(), NonFiniteLossGuard(ckpt_dir), FinalValidation()]
+            callbacks += self.budget.callbacks()
         if trainer_config.get("enable_progress_bar", True) is not False and not _has(given, ProgressBar):
             callbacks.append(StepProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS))
         if trainer_config.get("enable_model_summary", True) is not False and not _has(given, ModelSummary):
