@@ -1,8 +1,9 @@
-"""The callback that keeps a `--budget` run to its time when the machine turns out slower or faster than the probe
-measured (a shared machine whose load changes, the data loader, logging): at each validation it projects the end
-from the run's own pace so far and, when that misses the budget by more than REPLAN_TOLERANCE, moves the last
-step and the end of the LR schedule together, so the schedule still ends at the last step and the last step near
-the budget. The stored plan (the run's config, trainer.max_steps) follows, so a resume continues the new one.
+"""The callback that keeps a `--budget` run to its time when the machine turns out slower or faster than the
+probe measured (a shared machine whose load changes, the data loader, logging): every twentieth of the plan it
+projects the end from the run's own pace so far and, when that misses the budget by more than REPLAN_TOLERANCE,
+moves the last step and the end of the LR schedule together, so the schedule still ends at the last step and the
+last step near the budget. The stored plan (the run's config, trainer.max_steps) follows, so a resume continues
+the new one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .optim import lr_at
 
 REPLAN_TOLERANCE = 0.05
 MIN_STEPS_TO_JUDGE = 20
+CHECKS_PER_RUN = 20
 
 
 class BudgetKeeper(Callback):
@@ -30,21 +32,24 @@ class BudgetKeeper(Callback):
         self.started = time.monotonic()
         self.first_step = trainer.global_step
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
-        if trainer.sanity_checking or self.started is None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        """Judged every CHECKS_PER_RUN-th of the plan (and at least MIN_STEPS_TO_JUDGE steps in): a config
+        that validates once, at its end, is kept to its time too."""
+        if (batch_idx + 1) % trainer.accumulate_grad_batches or self.started is None:
             return
         done = trainer.global_step - self.first_step
-        if done < MIN_STEPS_TO_JUDGE or trainer.global_step >= trainer.max_steps:
+        every = max(MIN_STEPS_TO_JUDGE, trainer.max_steps // CHECKS_PER_RUN)
+        if done < MIN_STEPS_TO_JUDGE or done % every or trainer.global_step >= trainer.max_steps:
             return
         elapsed = time.monotonic() - self.started
-        pace = elapsed / done  # seconds per step, its validations included
+        pace = elapsed / done  # seconds per step, the validations so far included
         target = trainer.global_step + max(1, int((self.seconds - elapsed) / pace))
         planned = trainer.max_steps
         if abs(target - planned) <= REPLAN_TOLERANCE * planned:
             return
         self.replan(trainer, pl_module, target)
-        rank_zero_only(print)(f"budget: steps take {pace:.3g}s here with validations, so the plan moves from "
-                              f"{planned:,} to {target:,} steps; the schedule ends at the new last step")
+        rank_zero_only(print)(f"budget: steps take {pace:.3g}s here, so the plan moves from {planned:,} to "
+                              f"{target:,} steps; the schedule ends at the new last step")
 
     @staticmethod
     def replan(trainer: L.Trainer, pl_module, max_steps: int) -> None:
