@@ -89,10 +89,11 @@ class Recipe:
         limit = (f"capped at {self.max_epochs:g} epochs (the corpus, not the budget, limits it)" if self.data_limited
                  else f"{self.planned_tokens / self.train_tokens:.2g} epochs in the budget")
         steps = self.planned_tokens // shape.tokens_per_step
+        per_param = self.planned_tokens / shape.params
         return (f"recipe for {self.train_tokens:,} training tokens ({self.mode}): {shape.n_layer} layers x "
                 f"{shape.n_embd} ({shape.params / 1e6:.2g}M parameters outside the embeddings), context "
                 f"{shape.block_size}, batch {shape.batch_size}, dropout {self.dropout:g}; the deepest model the "
-                f"corpus holds that the budget gives {MIN_STEPS}+ steps (~{steps:,}, {self.planned_tokens / shape.params:.2g} tokens per "
+                f"corpus holds that the budget gives {MIN_STEPS}+ steps (~{steps:,}, {per_param:.2g} tokens per "
                 f"parameter), {limit}")
 
 
