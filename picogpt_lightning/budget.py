@@ -86,20 +86,25 @@ class BudgetPlan:
 
 
 def plan_budget(seconds: float, throughput: Throughput, tokens_per_step: int, eval_iters: int,
-                warmup_fraction: float) -> BudgetPlan:
+                warmup_fraction: float, budget_seconds: float | None = None) -> BudgetPlan:
     """The steps that fill `seconds` of training with their validations (each `eval_iters` batches).
 
     Validations take at most VALIDATION_SHARE of the budget and happen at most MAX_VALIDATIONS times, evenly
     spaced (by steps, which at a steady step time is by time too). A budget that cannot hold one step and one
-    validation is refused, saying what would fit."""
+    validation is refused, saying what would fit. `seconds` is what is left of `budget_seconds` (the
+    user's) after the probes."""
     step = throughput.step_seconds * LIGHTNING_OVERHEAD
     validation = throughput.val_batch_seconds * max(1, eval_iters)
     smallest = step * 10 + validation
     if seconds < smallest:
+        budget = budget_seconds or seconds
+        probing = budget - seconds
+        needed = math.ceil(smallest + probing)
         raise SettingsError(
-            f"--budget {format_seconds(seconds)} is too short for this model here: a step takes {step:.3g}s and a "
-            f"validation {validation:.3g}s, so at least {format_seconds(math.ceil(smallest))} is needed for 10 steps "
-            f"and one validation; give a longer --budget or a smaller model"
+            f"--budget {format_seconds(budget)} is too short for this model here: a step takes {step:.3g}s and a "
+            f"validation {validation:.3g}s" + (f", the probe took {probing:.3g}s" if probing > 0.5 else "")
+            + f", so at least {format_seconds(needed)} is needed for 10 steps and one validation; give a longer "
+            f"--budget or a smaller model"
         )
     validations = max(1, min(MAX_VALIDATIONS, int(VALIDATION_SHARE * seconds / validation)))
     steps = max(10, int((seconds - validations * validation) / step))

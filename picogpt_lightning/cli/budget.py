@@ -75,7 +75,7 @@ class BudgetSetup:
         # The probes' own time comes out of the budget, so the whole command keeps to it.
         left = seconds - self.probe_seconds
         val_batches = _val_batches(config)
-        plan = plan_budget(left, throughput, self._tokens_per_step(config), val_batches, warmup_fraction)
+        plan = plan_budget(left, throughput, self._tokens_per_step(config), val_batches, warmup_fraction, seconds)
         self.plan = BudgetPlan(**{**plan.to_dict(), "budget_seconds": seconds})
         if self.recipe is not None and self.recipe.data_limited:
             self.plan = _capped(self.plan, self.recipe, throughput, val_batches, warmup_fraction)
