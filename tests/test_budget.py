@@ -122,6 +122,15 @@ def test_resuming_a_budgeted_run_continues_its_plan_without_a_new_probe(tmp_path
     assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == planned
 
 
+def test_a_budget_on_the_resume_of_a_run_without_one_is_refused(tmp_path, text, capsys):
+    config = make_config(tmp_path, text, trainer={"max_steps": 5})
+    assert main(["fit", "--config", str(config)]) == 0
+    capsys.readouterr()
+    run = tmp_path / "checkpoints" / "run"
+    assert main(["fit", "--ckpt_path", str(run / "last.ckpt"), "--budget", "1m"]) == 2
+    assert "this resume continues a run that had no budget" in capsys.readouterr().err
+
+
 def test_the_sized_recipe_is_the_same_for_the_same_corpus_and_budget():
     def tokens_in(shape, seconds):
         return int(seconds / (1e-7 * shape.params + 0.01)) * shape.tokens_per_step

@@ -54,7 +54,9 @@ class BudgetSetup:
         self.recipe: Recipe | None = None
         self.measure = measure or self._probe
 
-    def apply(self, config: Namespace, args: list[str], resuming: bool, sized: bool) -> None:
+    def apply(self, config: Namespace, args: list[str], resuming: bool, sized: bool,
+              stored_budget: str | None = None) -> None:
+        """`resuming`: the run's settings come from its checkpoint, whose budget (if any) is `stored_budget`."""
         budget = config.get("budget")
         if budget is None:
             max_time = config.trainer.get("max_time")
@@ -62,6 +64,9 @@ class BudgetSetup:
                 warn(MAX_TIME_NOTE.format(steps=config.trainer.max_steps, time=_as_budget(max_time)))
             return
         seconds = parse_budget(budget)
+        if resuming and stored_budget is None:
+            raise SettingsError(f"--budget {budget} plans a new run; this resume continues a run that had no budget: "
+                                f"drop --budget, or pass --additional_steps N")
         if resuming:
             rank_zero_only(print)(f"budget {format_seconds(seconds)}: continuing the plan stored with the run "
                                   f"({config.trainer.max_steps:,} steps), no new probe")

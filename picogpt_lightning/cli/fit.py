@@ -137,7 +137,8 @@ class PicoGPTCLI(LightningCLI):
             config.ckpt_path = str(self.checkpoint_path)
         check_settings(subcommand, config)
         if subcommand == "fit" and self.command == "fit" and not config.trainer.get("fast_dev_run"):
-            self.budget.apply(config, plain, resuming=self.checkpoint is not None, sized=not config.get("config"))
+            self.budget.apply(config, plain, resuming=self.checkpoint is not None, sized=not config.get("config"),
+                              stored_budget=(self.stored or {}).get("budget"))
 
     def _find_checkpoint(self, config) -> Path:
         """--ckpt_path as a file: `last`/`best` in the run folder, a run folder's best.ckpt, or the file itself."""
