@@ -22,9 +22,11 @@ CHECKS_PER_RUN = 20
 
 
 class BudgetKeeper(Callback):
-    def __init__(self, seconds: float):
-        """`seconds`: the training time the plan has (the budget less the probe)."""
+    def __init__(self, seconds: float, most_steps: int | None = None):
+        """`seconds`: the training time the plan has (the budget less the probe); `most_steps`: a cap the plan
+        never moves past (a sized recipe's epoch cap)."""
         self.seconds = seconds
+        self.most_steps = most_steps
         self.started: float | None = None
         self.first_step = 0
 
@@ -44,6 +46,8 @@ class BudgetKeeper(Callback):
         elapsed = time.monotonic() - self.started
         pace = elapsed / done  # seconds per step, the validations so far included
         target = trainer.global_step + max(1, int((self.seconds - elapsed) / pace))
+        if self.most_steps:
+            target = min(target, self.most_steps)
         planned = trainer.max_steps
         if abs(target - planned) <= REPLAN_TOLERANCE * planned:
             return

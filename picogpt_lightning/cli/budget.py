@@ -155,7 +155,10 @@ class BudgetSetup:
 
     def callbacks(self) -> list:
         """The callback that keeps a new budgeted run to its time (budget_keeper.py)."""
-        return [BudgetKeeper(self.training_seconds)] if self.plan is not None else []
+        if self.plan is None:
+            return []
+        capped = self.recipe is not None and self.recipe.data_limited
+        return [BudgetKeeper(self.training_seconds, self.plan.max_steps if capped else None)]
 
     def report(self, train_tokens: int) -> None:
         if self.plan is not None:
