@@ -180,6 +180,13 @@ def test_early_stopping_leaves_best_ckpt_and_ends_on_a_validation(tmp_path, text
     assert len(validated) == 2
 
 
+def test_a_budget_with_max_steps_on_the_command_line_is_refused(tmp_path, text, fake_probe, capsys):
+    config = make_config(tmp_path, text)
+    assert main(["fit", "--config", str(config), "--budget", "1m", "--trainer.max_steps", "50"]) == 2
+    assert "give one of --budget and --trainer.max_steps" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("budget", ["0s", "-1m", "abc", "2s"])
 def test_a_bad_or_too_short_budget_is_one_line_and_exit_2(tmp_path, text, fake_probe, capsys, budget):
     config = make_config(tmp_path, text)

@@ -72,6 +72,9 @@ class BudgetSetup:
                                   f"({config.trainer.max_steps:,} steps), no new probe")
             return
         given = given_options(args)
+        if "trainer.max_steps" in given:
+            raise SettingsError(f"--budget {budget} plans trainer.max_steps from the time; give one of "
+                                f"--budget and --trainer.max_steps, not both")
         if sized:
             self.recipe = self._size(config, seconds, given)
             rank_zero_only(print)(self.recipe.line())
