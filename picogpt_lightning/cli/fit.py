@@ -37,6 +37,7 @@ from ..errors import PicoGPTError, SettingsError, warn
 from ..module import GPTLightningModule, model_mismatch_message, optimizer_mismatch_message
 from ..prompt import read_escapes
 from . import resume
+from .budget import BudgetSetup, joined_budget
 from .checks import check_settings
 from .common import settings_error
 from .run_folder import (LOGS, RunFolder, clear_run, default_ckpt_dir, holds_run, is_rank_zero, next_version, peek,
@@ -71,6 +72,7 @@ class PicoGPTCLI(LightningCLI):
         self.checkpoint_path: Path | None = None
         self.stored: dict | None = None  # the run's own settings that the command line was applied over
         self.tokenizer_from_checkpoint = False  # data.tokenizer_from was set to --ckpt_path here, not by the user
+        self.budget = BudgetSetup()  # --budget: the plan (and without --config, the sized recipe); cli/budget.py
         super().__init__(*args, **kwargs)
 
     def subcommands(self) -> dict[str, set[str]]:
@@ -97,6 +99,10 @@ class PicoGPTCLI(LightningCLI):
         parser.add_argument("--allow_data_change", type=bool, default=False,
                             help="with --ckpt_path: resume or validate on other data or with another tokenizer than "
                                  "the checkpoint's (the token ids may then mean other things)")
+        parser.add_argument("--budget", type=str | None, default=None,
+                            help="train for this long (90s, 3m, 1h): a probe measures the step time and the steps, "
+                                 "warmup and validations are planned so the LR schedule ends at the budget; "
+                                 "without --config, the model and data settings are sized to the corpus too")
         parser.link_arguments("data.block_size", "model.block_size")
         parser.link_arguments(("data.tokenizer_vocab_size", "data.model_vocab_size"), "model.vocab_size",
                               compute_fn=self._model_vocab_size, apply_on="instantiate")
@@ -131,6 +137,9 @@ class PicoGPTCLI(LightningCLI):
         if self.checkpoint_path is not None:
             config.ckpt_path = str(self.checkpoint_path)
         check_settings(subcommand, config)
+        if subcommand == "fit" and self.command == "fit" and not config.trainer.get("fast_dev_run"):
+            self.budget.apply(config, plain, resuming=self.checkpoint is not None, sized=not config.get("config"),
+                              stored_budget=(self.stored or {}).get("budget"))
 
     def _find_checkpoint(self, config) -> Path:
         """--ckpt_path as a file: `last`/`best` in the run folder, a run folder's best.ckpt, or the file itself."""
@@ -265,6 +274,7 @@ class PicoGPTCLI(LightningCLI):
         if self.tokenizer_from_checkpoint:
             stored["data"]["tokenizer_from"] = None  # a later resume takes its own checkpoint's again
         self.model.run_config = stored
+        self.budget.report(self.datamodule.train_tokens if self.subcommand == "fit" else 0)
 
     def _check_text_unchanged(self, allowed: bool) -> None:
         """The same text_path may hold another text than the run trained on: refused unless allowed (it is
@@ -307,6 +317,7 @@ class PicoGPTCLI(LightningCLI):
             callbacks += [LastCheckpoint(ckpt_dir, f"picogpt {self.command} --ckpt_path {Path(ckpt_dir) / 'last.ckpt'}",
                                          save=checkpointing),
                           GracefulInterrupt(), NonFiniteLossGuard(ckpt_dir), FinalValidation()]
+            callbacks += self.budget.callbacks()
         if trainer_config.get("enable_progress_bar", True) is not False and not _has(given, ProgressBar):
             callbacks.append(StepProgressBar(refresh_rate=PROGRESS_REFRESH_STEPS))
         if trainer_config.get("enable_model_summary", True) is not False and not _has(given, ModelSummary):
@@ -409,7 +420,7 @@ def _run_lightning_cli(command: str, args: list[str], run_folder: RunFolder, cli
         cli = cli_class(
             GPTLightningModule,
             datamodule_class,
-            args=[lightning_subcommand(command), *args],
+            args=[lightning_subcommand(command), *joined_budget(args)],
             trainer_defaults=TRAINER_DEFAULTS,
             seed_everything_default=1337,
             save_config_kwargs={"overwrite": True},

@@ -33,13 +33,13 @@ FREE_SECTIONS = ("--optimizer.", "--lr_scheduler.")
 # The options cli/fit.py adds to LightningCLI's (kept here too, so typos are caught before Lightning loads;
 # tests/test_cli.py checks that the two lists agree).
 FIT_OPTIONS = ("--ckpt_dir", "--additional_steps", "--sample_prompt", "--sample_tokens", "--overwrite",
-               "--allow_data_change")
+               "--allow_data_change", "--budget")
 VALIDATE_OPTIONS = (*FIT_OPTIONS, "--verbose")
 
 
 def option_name(arg: str) -> str | None:
     """`--trainer.max_steps` for `--trainer.max_steps=5` or `--trainer.callbacks+=...`; None for values."""
-    if not arg.startswith("-") or arg in ("-", "--") or _is_number(arg):
+    if not arg.startswith("-") or arg in ("-", "--") or _is_number(arg) or arg[1:2].isdigit():
         return None
     return arg.split("=", 1)[0].rstrip("+")
 

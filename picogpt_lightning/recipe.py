@@ -1,0 +1,165 @@
+"""A recipe sized to the corpus and the time budget: what `picogpt fit --data.text_path FILE --budget 3m` trains
+when no --config is given.
+
+One dial sets the model, as in nanochat: depth d gives d blocks of width 64*d (heads of 64). The rule picks the
+deepest model the budget still gives MIN_STEPS optimizer steps at its measured step time, and the corpus can
+hold (at most MAX_PARAMS_PER_TOKEN parameters per training token):
+
+    choose the largest d with steps(d) >= MIN_STEPS and params(d) <= MAX_PARAMS_PER_TOKEN * training tokens
+
+Measured here (docs/benchmarks.md, issue 26), at equal wall on a CPU: a larger model that sees each token fewer
+times wins in these minutes-long runs, far below the ~20 tokens per parameter of compute-optimal LLM scaling
+(configs/char.yaml's 4x256 at 0.14 tokens per parameter beat a 2x128 at ~9 on a 250 KB text); what a model needs
+is enough steps for warmup and decay. On a corpus that even the deepest model would repeat more than MAX_EPOCHS
+times, the run stops there, before the budget ends, rather than memorise (the issue's 4x128 without dropout
+collapsed after 9 epochs); dropout 0.1 once the text repeats, and early stopping on a val plateau (Lightning's
+EarlyStopping, in the written config) guards the rest. The optimizer settings are configs/char.yaml's
+(characters) and configs/tiny.yaml's (tokens), the two measured best at their budgets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .errors import SettingsError
+
+DEPTHS = (1, 2, 3, 4, 5, 6, 8)
+MIN_STEPS = 200
+# At most this many parameters (outside the embeddings) per training token: configs/char.yaml's 3.1M on the
+# bundled 324K-character text trained 14 epochs with dropout 0.1 to its best val (about 10 per token).
+MAX_PARAMS_PER_TOKEN = 16
+MAX_EPOCHS = 8.0
+MIN_BLOCK = 16
+# Rough bytes per token of a byte-level BPE trained on the text itself, to size a corpus before it is encoded.
+BYTES_PER_BPE_TOKEN = 3.0
+
+CHAR_RECIPE = {"optimizer": "muon", "position": "rotary", "norm": "rms", "qk_norm": True, "mlp": "swiglu",
+               "zero_init": True, "bias": False, "learning_rate": 1.0e-3, "min_lr": 1.0e-4, "beta2": 0.99,
+               "weight_decay": 0.1, "lr_schedule": "cosine"}
+TOKEN_RECIPE = {"optimizer": "muon", "position": "rotary", "norm": "rms", "qk_norm": True, "mlp": "swiglu",
+                "zero_init": True, "bias": False, "learning_rate": 6.0e-3, "min_lr": 0.0, "weight_decay": 0.1,
+                "lr_schedule": "linear"}
+WARMUP_FRACTION = 0.08
+
+
+@dataclass(frozen=True)
+class Shape:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    block_size: int
+    batch_size: int
+
+    @property
+    def params(self) -> int:
+        """Non-embedding parameters: attention 4C^2 and a SwiGLU MLP ~8C^2 per block."""
+        return 12 * self.n_layer * self.n_embd**2
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.block_size * self.batch_size
+
+
+def shape_at(depth: int, block_size: int, batch_size: int) -> Shape:
+    return Shape(n_layer=depth, n_embd=64 * depth, n_head=depth, block_size=block_size, batch_size=batch_size)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    shape: Shape
+    mode: str
+    train_tokens: int
+    budget_tokens: int  # what the budget trains at this shape's step time
+    dropout: float
+    max_epochs: float
+    settings: dict = field(default_factory=dict)  # dotted keys, e.g. "model.n_layer"
+
+    @property
+    def planned_tokens(self) -> int:
+        return min(self.budget_tokens, int(self.max_epochs * self.train_tokens))
+
+    @property
+    def data_limited(self) -> bool:
+        return self.budget_tokens > self.max_epochs * self.train_tokens
+
+    def line(self) -> str:
+        shape = self.shape
+        limit = (f"capped at {self.max_epochs:g} epochs (the corpus, not the budget, limits it)" if self.data_limited
+                 else f"{self.planned_tokens / self.train_tokens:.2g} epochs in the budget")
+        steps = self.planned_tokens // shape.tokens_per_step
+        per_param = self.planned_tokens / shape.params
+        return (f"recipe for {self.train_tokens:,} training tokens ({self.mode}): {shape.n_layer} layers x "
+                f"{shape.n_embd} ({shape.params / 1e6:.2g}M parameters outside the embeddings), context "
+                f"{shape.block_size}, batch {shape.batch_size}, dropout {self.dropout:g}; the deepest model the "
+                f"corpus holds that the budget gives {MIN_STEPS}+ steps (~{steps:,}, {per_param:.2g} tokens per "
+                f"parameter), {limit}")
+
+
+def corpus_tokens(size_bytes: int, mode: str) -> int:
+    """A corpus's tokens before it is encoded: its characters (~bytes), or bytes / BYTES_PER_BPE_TOKEN."""
+    return size_bytes if mode == "char" else int(size_bytes / BYTES_PER_BPE_TOKEN)
+
+
+def context_for(val_tokens: int, mode: str, val_fraction: float) -> int:
+    """Context length: 128 (characters) or 64 (tokens), halved until the validation split holds a few blocks."""
+    block = 128 if mode == "char" else 64
+    while block > MIN_BLOCK and val_tokens < 4 * (block + 1):
+        block //= 2
+    if val_tokens < block + 1:
+        unit = "characters" if mode == "char" else "tokens"
+        raise SettingsError(
+            f"the corpus is too small for a sized recipe: its validation split holds ~{val_tokens} {unit}, fewer "
+            f"than the {block + 1} that the smallest context ({block}) needs; give a text of at least "
+            f"{math.ceil((block + 1) / val_fraction):,} {unit}, or a --config with its own --data.block_size"
+        )
+    return block
+
+
+def dropout_for(epochs: float) -> float:
+    """No dropout on a first pass over the text, 0.1 when it comes round again (at most MAX_EPOCHS times): 0.2
+    cost 0.12 nats at 7 epochs of a 250 KB text in 8 minutes (docs/benchmarks.md, issue 26)."""
+    return 0.0 if epochs <= 1 else 0.1
+
+
+def choose(size_bytes: int, mode: str, val_fraction: float, budget_seconds: float,
+           tokens_in: Callable[[Shape, float], int], vocab_size: int = 2000) -> Recipe:
+    """The recipe for a corpus of `size_bytes` in `mode`; `tokens_in(shape, seconds)` is how many tokens the
+    budget trains at that shape (measured by a probe on the real machine, or a fake one in the tests)."""
+    tokens = corpus_tokens(size_bytes, mode)
+    val_tokens = int(tokens * val_fraction)
+    train_tokens = max(1, tokens - val_tokens)
+    block = context_for(val_tokens, mode, val_fraction)
+    batch = 32 if mode == "char" else 16
+    chosen = None
+    for depth in DEPTHS:
+        shape = shape_at(depth, block, batch)
+        budget_tokens = tokens_in(shape, budget_seconds)
+        too_few_steps = budget_tokens < MIN_STEPS * shape.tokens_per_step
+        if chosen is not None and (too_few_steps or shape.params > MAX_PARAMS_PER_TOKEN * train_tokens):
+            break
+        chosen = (shape, budget_tokens)
+    shape, budget_tokens = chosen
+    epochs = min(budget_tokens, MAX_EPOCHS * train_tokens) / train_tokens
+    dropout = dropout_for(epochs)
+    optimizer = CHAR_RECIPE if mode == "char" else TOKEN_RECIPE
+    settings = {f"model.{key}": value for key, value in optimizer.items()}
+    settings.update({"model.n_layer": shape.n_layer, "model.n_embd": shape.n_embd, "model.n_head": shape.n_head,
+                     "model.block_size": shape.block_size, "model.dropout": dropout,
+                     "data.block_size": shape.block_size, "data.batch_size": shape.batch_size,
+                     "data.random_split": True, "data.eval_iters": eval_iters_for(val_tokens, shape)})
+    if mode == "token":
+        settings["data.vocab_size"] = vocab_size
+    return Recipe(shape=shape, mode=mode, train_tokens=train_tokens, budget_tokens=budget_tokens, dropout=dropout,
+                  max_epochs=MAX_EPOCHS, settings=settings)
+
+
+def eval_iters_for(val_tokens: int, shape: Shape) -> int:
+    """Validation batches: the whole split once when it is small, at most 50 batches when it is not."""
+    return max(4, min(50, math.ceil(val_tokens / shape.tokens_per_step)))
+
+
+def vocab_for(size_bytes: int) -> int:
+    """A BPE vocabulary that grows with the corpus: 2000 tokens under 1 MB, 4000 under 10 MB, else 8000."""
+    return 2000 if size_bytes < 1_000_000 else 4000 if size_bytes < 10_000_000 else 8000
