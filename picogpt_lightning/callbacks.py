@@ -24,6 +24,7 @@ from .checkpoint import CHECKSUM_KEY, weights_sha256
 from .errors import PicoGPTError, warn
 from .files import write_atomically
 from .generate import make_generator, stream_text
+from .lightning_adapter import LightningChanged, count_one_more_logged_step
 from .module import SHARDED_STRATEGIES
 from .prompt import encode_prompt
 from .settings import SamplingSettings
@@ -98,9 +99,10 @@ class FinalValidation(Callback):
         # run would log every step one too low.
         if self.forced_step is not None and checkpoint.get("global_step") == self.forced_step and trainer.validating:
             try:
-                checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] += 1
-            except (KeyError, TypeError):
-                pass
+                count_one_more_logged_step(checkpoint)
+            except LightningChanged as error:
+                warn(f"a run resumed from the checkpoint of step {self.forced_step} will log every step one too "
+                     f"low: {error} (please report it with your Lightning version)")
 
 
 class QuietFlopsSummary(ModelSummary):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import platform
 import time
+from contextlib import contextmanager
 from typing import Literal
 
 import lightning as L
@@ -40,6 +41,15 @@ def resolve_tie_weights(tie_weights: bool | str, train_tokens: int) -> bool:
     if isinstance(tie_weights, bool):
         return tie_weights
     raise PicoGPTError(f"tie_weights {tie_weights!r} is unknown; choose true, false or auto")
+
+
+@contextmanager
+def model_settings_checked():
+    """The ValueError a settings dataclass raises for a value it refuses, as one line that keeps its cause."""
+    try:
+        yield
+    except ValueError as error:
+        raise PicoGPTError(f"invalid model settings: {' '.join(str(error).split())}") from error
 
 
 class GPTLightningModule(L.LightningModule):
@@ -118,15 +128,18 @@ class GPTLightningModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        try:
+        # Only the settings' own checks are turned into one line: a ValueError from building the model itself
+        # would be a bug, and keeps its traceback.
+        with model_settings_checked():
             config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
                                n_embd=n_embd, dropout=dropout, bias=bias,
                                tie_weights=resolve_tie_weights(tie_weights, train_tokens), position=position,
                                norm=norm, qk_norm=qk_norm, mlp=mlp, zero_init=zero_init, rope_theta=rope_theta)
-            self.model = GPT(config)
             settings = OptimizerSettings(optimizer=optimizer, learning_rate=learning_rate, betas=(beta1, beta2),
                                          weight_decay=weight_decay, muon_lr=muon_lr, muon_momentum=muon_momentum,
                                          muon_weight_decay=muon_weight_decay)
+        self.model = GPT(config)
+        with model_settings_checked():
             # Decided here, on the unwrapped model, by name: strategies that shard parameters (FSDP keeps the
             # original parameters as flattened 1-D shards) hand configure_optimizers shapes that no longer tell
             # a matrix from a bias.
@@ -134,8 +147,6 @@ class GPTLightningModule(L.LightningModule):
                 {**{k: v for k, v in group.items() if k != "params"}, "name": group_name(group)}
                 for group in param_groups(self.model.named_parameters(), settings)
             ]
-        except ValueError as error:
-            raise PicoGPTError(f"invalid model settings: {error}") from None
         self.val_loss = MeanMetric()
         self._tokens_at_last_log = 0
         self._time_at_last_log = None

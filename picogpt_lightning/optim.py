@@ -7,27 +7,13 @@ exactly one optimizer; its whole state is in `state_dict()`, so checkpoints resu
 `param_groups` decides which parameter goes where, by name, and `lr_at` is the schedule: warmup, then a
 cosine, linear or constant.
 
-Why our own batched Newton-Schulz instead of torch.optim.Muon: measured, and for the torch floor.
-`python -m benchmarks.optimizer_step` times the optimizer step alone (fixed random gradients), medians of
-alternated rounds, 2 threads, torch 2.13; "+x%" is the time over AdamW's as a share of a whole AdamW training
-step of the same model, and "whole step" is a whole training step with MuonAdamW against one with AdamW:
-
-    2026-12-02, 2-core AMD EPYC, AVX-512 BF16
-    model (vocab 65)              AdamW      MuonAdamW (this file)    torch.optim.Muon + AdamW
-    4 x 128, block 64, batch 12   2.2 ms     10.7 ms  (+18% of 47 ms)     19.7 ms  (+37%)
-    6 x 384, block 256, batch 16  24 ms      242 ms   (+11% of 2.06 s)    174 ms   (+7%)
-
-    2026-12-02, 2-core Intel Xeon, AVX-512 BF16 and AMX
-    4 x 128, block 64, batch 12   1.9 ms     8.7 ms   (+25% of 27 ms)     16.0 ms  (+52%)   whole step +23%
-    6 x 384, block 256, batch 16  20 ms      89 ms    (+6% of 1.12 s)     127 ms   (+10%)   whole step +7.5%
-
-Ours costs about half of torch's at the width of the CPU recipes; at 384 wide it is the slower one on the AMD
-machine and the faster one on the Intel, and the Newton-Schulz overhead is a small share of the step either way.
-Here the matrices of one shape are stacked and orthogonalised together with batched matmuls (one baddbmm chain
-per shape instead of one per matrix), on the smaller side of the matrix, in bfloat16 where the hardware has it
-(fp32 Newton-Schulz: 24.5 ms and 727 ms on the AMD, 13.2 and 370 ms on the Intel, so bf16 stays). It also
-keeps the package's torch floor at 2.4 (torch.optim.Muon first shipped in 2.9) and keeps Muon and AdamW in one
-optimizer, which Lightning's automatic optimization needs and torch's separate classes would not give.
+Why our own batched Newton-Schulz instead of torch.optim.Muon: measured (`python -m benchmarks.optimizer_step`,
+figures in docs/benchmarks.md), it costs about half of torch's at the width of the CPU recipes and a small share
+of a training step at 384 wide either way. The matrices of one shape are stacked and orthogonalised together
+with batched matmuls (one baddbmm chain per shape instead of one per matrix), on the smaller side of the matrix,
+in bfloat16 where the hardware has it (fp32 Newton-Schulz was 2 to 3 times slower). It also keeps the package's
+torch floor at 2.4 (torch.optim.Muon first shipped in 2.9) and keeps Muon and AdamW in one optimizer, which
+Lightning's automatic optimization needs and torch's separate classes would not give.
 """
 
 from __future__ import annotations

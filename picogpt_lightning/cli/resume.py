@@ -123,7 +123,12 @@ def tokenizer_mismatch(checkpoint: dict, path: Path, tokenizer_sha256: str) -> s
     meta = checkpoint["picogpt"]
     stored = meta.get("tokenizer_sha256")
     if stored is None and meta.get("tokenizer"):
-        stored = fingerprint_of_json(meta["tokenizer"])
+        try:
+            stored = fingerprint(tokenizer_from_json(meta["tokenizer"]))
+        except PicoGPTError as error:  # a damaged tokenizer is not the data's: never a pass
+            return (f"the tokenizer stored in {path} is damaged ({error}), so the data's token ids cannot be "
+                    f"checked against it; use another checkpoint of the run, or pass {ALLOW_FLAG} if this is "
+                    f"deliberate")
     if stored is None or stored == tokenizer_sha256:
         return None
     return (f"the data's tokenizer is not the one {path} was trained with (another --data.tokenizer_from, or an "
@@ -139,10 +144,3 @@ def same_text(text_path: str, sha256: str) -> bool:
     except PicoGPTError:
         return False
 
-
-def fingerprint_of_json(tokenizer_json: str) -> str | None:
-    """The fingerprint of a stored tokenizer (older checkpoints store only its JSON); None if it is damaged."""
-    try:
-        return fingerprint(tokenizer_from_json(tokenizer_json))
-    except PicoGPTError:
-        return None
