@@ -31,3 +31,50 @@ def count_one_more_logged_step(checkpoint: dict) -> None:
         raise LightningChanged(f"this Lightning's checkpoints keep no {'/'.join(LOGGED_STEPS_KEYS)}")
     state[last] += 1
 
+
+def attached_trainer(module):
+    """The Trainer a LightningModule is attached to, or None (`module.trainer` raises when there is none)."""
+    return module._trainer
+
+
+def average_model(callback):
+    """The averaged copy of the model a WeightAveraging callback keeps (None before its setup)."""
+    return callback._average_model
+
+
+def summary_table(*args, **kwargs) -> str:
+    """Lightning's model summary table (ModelSummary.summarize prints it; we print it without empty columns)."""
+    from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
+
+    return _format_summary_table(*args, **kwargs)
+
+
+class LightningCLIHooks:
+    """Mixed into a LightningCLI subclass (before LightningCLI): its private steps under public names.
+
+    - `after_parse()` replaces LightningCLI's `_parse_ckpt_path`, the step between parsing the arguments and
+      instantiating the classes (Lightning's would swap the config's model settings for a checkpoint's
+      hyperparameters);
+    - `subcommand_defaults(name)` is the defaults of one subcommand's parser (`_parser(name)`);
+    - `subcommand_parser(name)` is that parser itself (`_subcommand_parsers`), available in
+      `after_subcommands_added()`, which runs once LightningCLI has built them (`_add_subcommands`).
+    """
+
+    def after_parse(self) -> None:
+        """Between parsing the arguments and building the classes; the default does nothing."""
+
+    def after_subcommands_added(self) -> None:
+        """Once the subcommand parsers exist; the default does nothing."""
+
+    def subcommand_defaults(self, subcommand: str):
+        return self._parser(subcommand).get_defaults()
+
+    def subcommand_parser(self, subcommand: str):
+        return self._subcommand_parsers[subcommand]
+
+    def _parse_ckpt_path(self) -> None:
+        self.after_parse()
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        self.after_subcommands_added()

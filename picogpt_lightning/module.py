@@ -16,15 +16,21 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torchmetrics import MeanMetric
 
 from . import __version__
-from .checkpoint import model_state_dict, read_checkpoint
 from .errors import PicoGPTError, SettingsError
+from .lightning_adapter import attached_trainer
 from .model import GPT, GPTConfig, next_token_loss
 from .optim import MuonAdamW, OptimizerSettings, lr_at, param_groups
-from .tokenizer import fingerprint, tokenizer_from_json, vocabulary
+from .warm_start import warm_start_weights
 
 AUTO_TIE_MAX_TOKENS = 1_000_000
 # Strategies that shard parameters over ranks, so no rank holds a whole matrix.
 SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+
+
+def refuse_under_sharding(strategy, feature: str, why: str, instead: str) -> None:
+    """The one check for features that need whole weight matrices on a rank, under a strategy that shards them."""
+    if isinstance(strategy, SHARDED_STRATEGIES):
+        raise PicoGPTError(f"{feature} cannot run under {type(strategy).__name__}: {why}; use {instead}")
 
 
 def group_name(group: dict) -> str:
@@ -152,64 +158,19 @@ class GPTLightningModule(L.LightningModule):
         self._time_at_last_log = None
 
     def warm_start(self, path: str, strict: bool, tokenizer=None) -> None:
-        """Load weights only (no optimizer, no step) from a checkpoint, opened with weights_only=True.
-
-        When the checkpoint's tokenizer is not `tokenizer` (the data's), the token-indexed tensors (embedding,
-        output layer) would put every id's row on another token: strict refuses; otherwise they are mapped
-        token by token (a token both vocabularies have keeps its row, the others their fresh initialisation),
-        or, between tokenizers of different kinds, left fresh. The CLI calls it once, when a new run starts;
-        resuming a run (or rebuilding the module from one of its checkpoints) never loads them again."""
-        checkpoint = read_checkpoint(path)
-        source = model_state_dict(checkpoint)
-        target = self.model.state_dict()
-        rows = _token_rows(checkpoint, tokenizer)  # None: same tokenizer (or unknown), ids mean the same tokens
-        if strict and rows is not None:
-            raise PicoGPTError(
-                f"warm start from {path}: its tokenizer is not this data's ({rows[1]}); pass "
-                f"--model.init_strict false to map the embeddings and output layer token by token"
-            )
-        token_tensors = [k for k in TOKEN_INDEXED if k in source and k in target] if rows is not None else []
-        mismatched = [k for k in source if k in target and source[k].shape != target[k].shape
-                      and k not in token_tensors]
-        missing = [k for k in target if k not in source]
-        unexpected = [k for k in source if k not in target]
-        if strict and (mismatched or missing or unexpected):
-            detail = "; ".join(
-                [f"{k}: {tuple(source[k].shape)} in checkpoint vs {tuple(target[k].shape)} here" for k in mismatched[:3]]
-                + ([f"missing {', '.join(missing[:3])}"] if missing else [])
-                + ([f"unexpected {', '.join(unexpected[:3])}"] if unexpected else [])
-            )
-            raise PicoGPTError(
-                f"warm start from {path} does not fit this model ({detail}); use the same model settings and data, "
-                f"or pass --model.init_strict false to load only the weights that match"
-            )
-        loadable = {k: v for k, v in source.items()
-                    if k in target and v.shape == target[k].shape and k not in token_tensors}
-        mapped = []
-        for key in token_tensors:
-            pairs = rows[0]
-            if pairs is not None and source[key].shape[1:] == target[key].shape[1:]:
-                tensor = target[key].clone()
-                tensor[pairs[:, 1]] = source[key][pairs[:, 0]].to(tensor.dtype)
-                loadable[key] = tensor
-                mapped.append(key)
-        self.model.load_state_dict(loadable, strict=False)
-        skipped = sorted(set(mismatched) | set(missing) | (set(token_tensors) - set(mapped)))
-        message = f"warm start: loaded {len(loadable)} tensors from {path}"
-        if mapped:
-            message += f"; mapped {', '.join(mapped)} token by token ({rows[1]})"
-        if skipped:
-            message += f"; kept fresh initialisation for {len(skipped)}: {', '.join(skipped)}"
+        """Load weights only (no optimizer, no step) from a checkpoint (warm_start.py: weights_only, with the
+        embeddings mapped token by token when its tokenizer is not the data's). The CLI calls it once, when a
+        new run starts; resuming a run (or rebuilding the module from one of its checkpoints) never loads them
+        again."""
+        message = warm_start_weights(self.model, path, strict, tokenizer)
         rank_zero_only(print)(message)  # every rank loads; one says so
 
     def setup(self, stage: str) -> None:
         strategy = self.trainer.strategy
-        if stage == "fit" and self.hparams.optimizer == "muon" and isinstance(strategy, SHARDED_STRATEGIES):
-            raise PicoGPTError(
-                f"--model.optimizer muon cannot run under {type(strategy).__name__}: Muon orthogonalises whole "
-                f"matrices, and this strategy hands the optimizer flattened shards of them; use "
-                f"--trainer.strategy ddp (the model is replicated), or --model.optimizer adamw"
-            )
+        if stage == "fit" and self.hparams.optimizer == "muon":
+            refuse_under_sharding(strategy, "--model.optimizer muon", "Muon orthogonalises whole matrices, and "
+                                  "this strategy hands the optimizer flattened shards of them",
+                                  "--trainer.strategy ddp (the model is replicated), or --model.optimizer adamw")
         if strategy.root_device.type == "cuda":
             # TF32 tensor cores for the matmuls that stay in float32 (all of them with 32-true precision).
             torch.set_float32_matmul_precision("high")
@@ -275,8 +236,9 @@ class GPTLightningModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Everything needed to use the weights without Lightning, as plain types (weights_only-loadable)."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        best = best_val_loss(self.trainer) if self._trainer else None
+        trainer = attached_trainer(self)
+        datamodule = getattr(trainer, "datamodule", None) if trainer else None
+        best = best_val_loss(trainer) if trainer else None
         checkpoint["picogpt"] = {
             "format": 1,
             "model_config": self.model.config.to_dict(),
@@ -299,7 +261,7 @@ class GPTLightningModule(L.LightningModule):
         # A weight-averaging run's checkpoint leads with the average; its trained weights are where training
         # stood. A resume without the averaging callback (which restores both itself) goes on from those.
         trained = checkpoint.get("current_model_state")
-        if (trained is not None and self._trainer is not None and self.trainer.state.fn == "fit"
+        if (trained is not None and attached_trainer(self) is not None and self.trainer.state.fn == "fit"
                 and not any(isinstance(callback, WeightAveraging) for callback in self.trainer.callbacks)):
             checkpoint["state_dict"] = trained
 
@@ -308,28 +270,6 @@ class GPTLightningModule(L.LightningModule):
         if state is not None:
             torch.set_rng_state(state)
             self._rng_state_to_restore = None
-
-
-TOKEN_INDEXED = ("wte.weight", "lm_head.weight", "lm_head.bias")  # one row per token id
-
-
-def _token_rows(checkpoint: dict, tokenizer) -> tuple[torch.Tensor | None, str] | None:
-    """None when the checkpoint's tokenizer is `tokenizer` (or either is unknown); else (pairs of (its row,
-    our row) for the tokens both have, or None between tokenizers of different kinds; a note on the overlap)."""
-    stored = checkpoint["picogpt"].get("tokenizer")
-    if tokenizer is None or not stored:
-        return None
-    theirs = tokenizer_from_json(stored)
-    if fingerprint(theirs) == fingerprint(tokenizer):
-        return None
-    if theirs.kind != tokenizer.kind:
-        return None, f"a {theirs.kind} tokenizer, this data's is {tokenizer.kind}"
-    index = {token: row for row, token in enumerate(vocabulary(theirs))}
-    pairs = [(index[token], row) for row, token in enumerate(vocabulary(tokenizer)) if token in index]
-    same_ids = sum(1 for their_row, our_row in pairs if their_row == our_row)
-    note = (f"{len(pairs):,} of this data's {tokenizer.vocab_size:,} tokens are in its vocabulary, "
-            f"{same_ids:,} of them under the same id")
-    return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2), note
 
 
 def check_training_settings(settings: dict) -> None:
@@ -375,31 +315,3 @@ def unwrapped_name(name: str) -> str:
     for prefix in WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
     return name
-
-
-ARCHITECTURE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "tie_weights", "position",
-                     "norm", "qk_norm", "mlp")
-
-
-def model_mismatch_message(saved: dict, current: dict) -> str | None:
-    """None when a checkpoint's model config has the same architecture as the current one (dropout and the
-    initialisation may differ), else a message that names each difference. Keys an old checkpoint lacks take
-    the classic values it was trained with."""
-    saved = GPTConfig.from_dict(saved).to_dict()
-    current = GPTConfig.from_dict(current).to_dict()
-    differences = ", ".join(f"{k} {saved.get(k)} in checkpoint vs {current.get(k)} now"
-                            for k in ARCHITECTURE_KEYS if saved.get(k) != current.get(k))
-    if not differences:
-        return None
-    return (f"the checkpoint's model does not match this config ({differences}); resume with the config the run "
-            f"was started with, or start a new run with --model.init_from CHECKPOINT --model.init_strict false")
-
-
-def optimizer_mismatch_message(saved_hparams: dict, optimizer: str) -> str | None:
-    """None when a checkpoint was trained with `optimizer` (checkpoints from before the choice used adamw)."""
-    saved = saved_hparams.get("optimizer", "adamw")
-    if saved == optimizer:
-        return None
-    return (f"the checkpoint was trained with optimizer {saved}, not {optimizer}: its optimizer state cannot "
-            f"continue with another rule; resume with --model.optimizer {saved}, or start a new run from its "
-            f"weights with --model.init_from CHECKPOINT --model.optimizer {optimizer}")

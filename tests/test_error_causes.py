@@ -11,7 +11,7 @@ import torch
 from picogpt_lightning import callbacks as callbacks_module
 from picogpt_lightning.callbacks import FinalValidation
 from picogpt_lightning.cli.main import os_error_line
-from picogpt_lightning.cli.resume import tokenizer_mismatch
+from picogpt_lightning.resume import tokenizer_mismatch
 from picogpt_lightning.errors import PicoGPTError
 from picogpt_lightning.model import GPT
 from picogpt_lightning.module import GPTLightningModule

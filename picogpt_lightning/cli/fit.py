@@ -14,6 +14,7 @@ Beyond what LightningCLI gives (YAML configs, `--print_config`, every Trainer fl
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 import warnings
@@ -24,8 +25,7 @@ import yaml
 from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.trainer.connectors.logger_connector import logger_connector
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -34,9 +34,10 @@ from ..callbacks import (AtomicCheckpointIO, BestCheckpoint, FinalValidation, Gr
 from ..checkpoint import find_checkpoint, read_checkpoint
 from ..data import GPTDataModule
 from ..errors import PicoGPTError, SettingsError, warn
-from ..module import GPTLightningModule, model_mismatch_message, optimizer_mismatch_message
+from ..lightning_adapter import LightningCLIHooks
+from ..module import GPTLightningModule
 from ..prompt import read_escapes
-from . import resume
+from .. import resume
 from .checks import check_settings
 from .common import settings_error
 from .run_folder import (LOGS, RunFolder, clear_run, default_ckpt_dir, holds_run, is_rank_zero, next_version, peek,
@@ -63,7 +64,7 @@ QUIET_WARNINGS = (
 )
 
 
-class PicoGPTCLI(LightningCLI):
+class PicoGPTCLI(LightningCLIHooks, LightningCLI):
     def __init__(self, *args, command: str, run_folder: RunFolder, **kwargs):
         self.command = command  # the picogpt command: fit, finetune (the Trainer's fit) or validate
         self.run_folder = run_folder
@@ -120,7 +121,7 @@ class PicoGPTCLI(LightningCLI):
             sections = None if subcommand == "fit" else ("data", "model")
             stored = resume.stored_settings(self.checkpoint, sections)
             if stored:
-                defaults = self._parser(subcommand).get_defaults()
+                defaults = self.subcommand_defaults(subcommand)
                 self.stored = resume.known_only(stored, set(defaults.keys()), set(defaults.keys(branches=True)),
                                                 str(self.checkpoint_path))
                 plain = [subcommand, "--config", resume.as_config_text(self.stored), *plain[1:]]
@@ -147,8 +148,8 @@ class PicoGPTCLI(LightningCLI):
             )
         return path
 
-    def _parse_ckpt_path(self) -> None:
-        """Replaces LightningCLI's, which silently swaps the config's model settings for the checkpoint's
+    def after_parse(self) -> None:
+        """Replaces LightningCLI's own step here, which silently swaps the config's model settings for the checkpoint's
         hyperparameters: here parse_arguments starts from the run's whole stored config instead, and the run
         folder is settled before any data is prepared."""
         subcommand = self.config.get("subcommand")
@@ -196,15 +197,14 @@ class PicoGPTCLI(LightningCLI):
 
     def _check_shape(self, found: dict) -> None:
         """A changed model shape, refused now rather than after the data is prepared and the model built (the
-        vocabulary, known only then, is checked in after_instantiate_classes)."""
+        vocabulary and tie_weights auto, known only then, are checked in after_instantiate_classes)."""
         saved = self.checkpoint["picogpt"].get("model_config") or {}
         current = dict(saved)
         for key, (_, value) in found.items():
             section, _, name = key.partition(".")
-            if name == "block_size" or (section == "model" and name in saved and name != "vocab_size"):
-                if not (name == "tie_weights" and value == "auto"):
-                    current[name] = value
-        message = model_mismatch_message(saved, current)
+            if name == "block_size" or (section == "model" and name in resume.SETTLED_BY_SETTINGS):
+                current[name] = value
+        message = resume.model_mismatch_message(saved, current, resume.SETTLED_BY_SETTINGS)
         if message:
             raise PicoGPTError(message)
 
@@ -235,9 +235,12 @@ class PicoGPTCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         if self.checkpoint is not None:
             saved = self.checkpoint["picogpt"]["model_config"]
-            message = model_mismatch_message(saved, self.model.model.config.to_dict()) or (
+            # What the settings fix was checked before the data was prepared (_check_shape), when the checkpoint
+            # stores them; the rest is known now.
+            keys = resume.SETTLED_BY_DATA if self.stored else resume.ARCHITECTURE_KEYS
+            message = resume.model_mismatch_message(saved, self.model.model.config.to_dict(), keys) or (
                 self.subcommand == "fit"
-                and optimizer_mismatch_message(self.checkpoint["hyper_parameters"], self.model.hparams.optimizer)
+                and resume.optimizer_mismatch_message(self.checkpoint["hyper_parameters"], self.model.hparams.optimizer)
             )
             if message:
                 raise PicoGPTError(message)
@@ -288,7 +291,7 @@ class PicoGPTCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         config = self.config[self.subcommand] if self.subcommand else self.config
-        trainer_config = self._get(self.config_init, "trainer", default={})
+        trainer_config = self.config_init.get(self.subcommand, self.config_init).get("trainer", {})
         ckpt_dir = config.ckpt_dir or str(default_ckpt_dir(config.get("config")))
         dry_run = bool(trainer_config.get("fast_dev_run"))
         checkpointing = trainer_config.get("enable_checkpointing") is not False and not dry_run
@@ -340,8 +343,8 @@ class PicoGPTCLI(LightningCLI):
         overwriting = self.subcommand == "fit" and self.config["fit"].overwrite  # before_fit deletes the old logs
         version = 0 if overwriting else next_version(Path(ckpt_dir) / LOGS)
         ours = [CSVLogger(save_dir=ckpt_dir, name=LOGS, version=version)]
-        if given in (None, True) and (logger_connector._TENSORBOARD_AVAILABLE or logger_connector._TENSORBOARDX_AVAILABLE):
-            ours.append(logger_connector.TensorBoardLogger(save_dir=ckpt_dir, name=LOGS, version=version))
+        if given in (None, True) and tensorboard_installed():
+            ours.append(TensorBoardLogger(save_dir=ckpt_dir, name=LOGS, version=version))
         return ours + loggers
 
     def before_fit(self) -> None:
@@ -360,6 +363,12 @@ def _class_refusal(message: str) -> str | None:
     reason = next((line[2:] for line in reasons if line.startswith("- ")), lines[0])
     classes = sorted(set(re.findall(r"class_path='([^']+)'", message)))
     return f"{reason} ({', '.join(classes)})" if classes else reason
+
+
+def tensorboard_installed() -> bool:
+    """Whether Lightning's TensorBoardLogger can write (it needs tensorboard or tensorboardX); found without
+    importing either."""
+    return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
 
 
 def _has(callbacks: list, kind: type) -> bool:

@@ -1,14 +1,19 @@
-"""A run's own settings, read back from its checkpoint: what `fit --ckpt_path` and `validate` start from.
+"""Resume and identity, in one place: what a checkpoint must share with the run that continues, validates,
+warm-starts or fine-tunes from it, what may change, and how older checkpoints are read.
 
-Every checkpoint `fit` writes holds the run's resolved config (`picogpt.config`: data, model, trainer and our
-options). Resuming starts from it, so `picogpt fit --ckpt_path checkpoints/notes/last.ckpt` continues the run
-exactly as it was started, whatever config files and flags that took; whatever is passed on the command line
-(config files and flags, in order) applies on top, and every change is listed. `validate` takes the data and
-model settings from the checkpoint the same way, and its trainer settings from the command line.
+- The run's own settings: every checkpoint `fit` writes holds the run's resolved config (`picogpt.config`: data,
+  model, trainer and our options). Resuming starts from it (`stored_settings`, brought up to date by
+  `migrate`), so `picogpt fit --ckpt_path checkpoints/notes/last.ckpt` continues the run exactly as it was
+  started; whatever is passed on the command line applies on top, and every change is listed (`changes`).
+  `validate` takes the data and model settings from the checkpoint the same way.
+- The model: `ARCHITECTURE_KEYS` (every GPTConfig field but those in `MAY_CHANGE`) must match, or the weights
+  would not fit or would mean something else (`model_mismatch_message`); the optimizer rule must match on
+  resume (`optimizer_mismatch_message`).
+- The data: a change of what the token ids or the training text mean (`DATA_KEYS`, the tokenizer) is refused
+  unless `--allow_data_change true` says it is deliberate. `tokenizer_identity` is the one test of "the same
+  tokenizer", used by resume, validate, warm start and fine-tuning; a damaged stored tokenizer is never the same.
 
-A change of what the token ids or the training data mean (the text, the tokenizer settings, the split) is
-refused, unless `--allow_data_change true` says it is deliberate; a change of the model's shape is refused by
-the shape check (cli/fit.py), since the weights would not fit. Nothing here imports Lightning.
+Nothing here imports Lightning.
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ from typing import Any
 
 import yaml
 
-from ..corpus import find_text_files, source_sha256
-from ..errors import PicoGPTError, warn
-from ..tokenizer import fingerprint, tokenizer_from_json
+from dataclasses import fields
+
+from .corpus import find_text_files, source_sha256
+from .errors import PicoGPTError, warn
+from .model import GPTConfig
+from .tokenizer import Tokenizer, fingerprint, tokenizer_from_json
 
 # Options that describe this invocation rather than the run: never taken from the checkpoint.
 INVOCATION_KEYS = ("config", "ckpt_path", "ckpt_dir", "additional_steps", "overwrite", "allow_data_change",
@@ -117,20 +125,40 @@ def check_data_changes(found: dict[str, tuple[Any, Any]], checkpoint: dict, path
         )
 
 
-def tokenizer_mismatch(checkpoint: dict, path: Path, tokenizer_sha256: str) -> str | None:
-    """The refusal when the data's tokenizer is not the checkpoint's (older checkpoints store only the
-    tokenizer's JSON: its fingerprint is computed); None when they are the same."""
-    meta = checkpoint["picogpt"]
-    stored = meta.get("tokenizer_sha256")
-    if stored is None and meta.get("tokenizer"):
-        try:
-            stored = fingerprint(tokenizer_from_json(meta["tokenizer"]))
-        except PicoGPTError as error:  # a damaged tokenizer is not the data's: never a pass
-            return (f"the tokenizer stored in {path} is damaged ({error}), so the data's token ids cannot be "
-                    f"checked against it; use another checkpoint of the run, or pass {ALLOW_FLAG} if this is "
-                    f"deliberate")
-    if stored is None or stored == tokenizer_sha256:
+def tokenizer_identity(meta: dict) -> str | None:
+    """The fingerprint of the tokenizer a checkpoint's `picogpt` entry stores: its `tokenizer_sha256`, or for
+    older checkpoints (the JSON only) computed from it; None when it stores no tokenizer. A damaged stored
+    tokenizer raises PicoGPTError: it is never the same as any other."""
+    if meta.get("tokenizer_sha256"):
+        return meta["tokenizer_sha256"]
+    if not meta.get("tokenizer"):
         return None
+    return fingerprint(tokenizer_from_json(meta["tokenizer"]))
+
+
+def same_tokenizer(meta: dict, tokenizer: Tokenizer | str) -> bool:
+    """Whether the checkpoint's tokenizer is `tokenizer` (or has its fingerprint): the one identity test of
+    resume, validate, warm start and fine-tuning. True when the checkpoint stores none (nothing to compare);
+    False when the stored one is damaged."""
+    theirs = tokenizer if isinstance(tokenizer, str) else fingerprint(tokenizer)
+    try:
+        ours = tokenizer_identity(meta)
+    except PicoGPTError:
+        return False
+    return ours is None or ours == theirs
+
+
+def tokenizer_mismatch(checkpoint: dict, path: Path, tokenizer_sha256: str) -> str | None:
+    """The refusal when the data's tokenizer is not the checkpoint's; None when they are the same."""
+    meta = checkpoint["picogpt"]
+    if same_tokenizer(meta, tokenizer_sha256):
+        return None
+    try:
+        tokenizer_identity(meta)
+    except PicoGPTError as error:
+        return (f"the tokenizer stored in {path} is damaged ({error}), so the data's token ids cannot be "
+                f"checked against it; use another checkpoint of the run, or pass {ALLOW_FLAG} if this is "
+                f"deliberate")
     return (f"the data's tokenizer is not the one {path} was trained with (another --data.tokenizer_from, or an "
             f"edited tokenizer): its token ids would mean other things. Use the run's own, start a new run "
             f"from these weights with --model.init_from {path} --model.init_strict false (which maps the "
@@ -144,3 +172,38 @@ def same_text(text_path: str, sha256: str) -> bool:
     except PicoGPTError:
         return False
 
+
+# GPTConfig fields that may differ between a checkpoint and the model that takes its weights: dropout acts in
+# training only, zero_init decides how fresh weights start. Every other field is architecture.
+MAY_CHANGE = ("dropout", "zero_init")
+ARCHITECTURE_KEYS = tuple(field.name for field in fields(GPTConfig) if field.name not in MAY_CHANGE)
+# Known only once the data is prepared: the vocabulary, and tie_weights auto (which follows the data's size).
+# The others are checked from the settings alone, before any data is prepared.
+SETTLED_BY_DATA = ("vocab_size", "tie_weights")
+SETTLED_BY_SETTINGS = tuple(key for key in ARCHITECTURE_KEYS if key not in SETTLED_BY_DATA)
+
+
+def model_mismatch_message(saved: dict, current: dict, keys: tuple[str, ...] = ARCHITECTURE_KEYS) -> str | None:
+    """None when a checkpoint's model config has the same architecture as the current one in `keys` (dropout
+    and the initialisation may differ), else a message that names each difference. Keys an old checkpoint lacks
+    take the classic values it was trained with."""
+    saved = GPTConfig.from_dict(saved).to_dict()
+    current = GPTConfig.from_dict(current).to_dict()
+    if saved["position"] == current["position"] == "learned":
+        keys = tuple(k for k in keys if k != "rope_theta")  # only rotary positions use it
+    differences = ", ".join(f"{k} {saved.get(k)} in checkpoint vs {current.get(k)} now"
+                            for k in keys if saved.get(k) != current.get(k))
+    if not differences:
+        return None
+    return (f"the checkpoint's model does not match this config ({differences}); resume with the config the run "
+            f"was started with, or start a new run with --model.init_from CHECKPOINT --model.init_strict false")
+
+
+def optimizer_mismatch_message(saved_hparams: dict, optimizer: str) -> str | None:
+    """None when a checkpoint was trained with `optimizer` (checkpoints from before the choice used adamw)."""
+    saved = saved_hparams.get("optimizer", "adamw")
+    if saved == optimizer:
+        return None
+    return (f"the checkpoint was trained with optimizer {saved}, not {optimizer}: its optimizer state cannot "
+            f"continue with another rule; resume with --model.optimizer {saved}, or start a new run from its "
+            f"weights with --model.init_from CHECKPOINT --model.optimizer {optimizer}")
