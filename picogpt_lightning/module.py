@@ -1,11 +1,18 @@
-"""The LightningModule: the GPT's loss, AdamW with decay groups, the LR schedule, metrics and checkpoint facts."""
+"""The LightningModule: the GPT's training loss, the optimizer (AdamW, or Muon for the blocks' matrices) under the
+LR schedule, metrics, and the facts every checkpoint stores.
+
+Its init arguments are the `--model.*` flags, flat, as configs and checkpoints have always spelt them; their
+defaults and rules live in the settings dataclasses (`settings_from_flags`): the model's shape in
+model.GPTConfig, the optimizer's in optim.OptimizerSettings, the schedule's in optim.ScheduleSettings.
+"""
 
 from __future__ import annotations
 
-import math
 import platform
 import time
+from collections.abc import Mapping
 from contextlib import contextmanager
+from dataclasses import fields
 from typing import Literal
 
 import lightning as L
@@ -16,10 +23,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torchmetrics import MeanMetric
 
 from . import __version__
-from .errors import PicoGPTError, SettingsError
+from .errors import PicoGPTError
 from .lightning_adapter import attached_trainer
 from .model import GPT, GPTConfig, next_token_loss
-from .optim import MuonAdamW, OptimizerSettings, lr_at, param_groups
+from .optim import MuonAdamW, OptimizerSettings, ScheduleSettings, param_groups
 from .warm_start import warm_start_weights
 
 AUTO_TIE_MAX_TOKENS = 1_000_000
@@ -31,6 +38,37 @@ def refuse_under_sharding(strategy, feature: str, why: str, instead: str) -> Non
     """The one check for features that need whole weight matrices on a rank, under a strategy that shards them."""
     if isinstance(strategy, SHARDED_STRATEGIES):
         raise PicoGPTError(f"{feature} cannot run under {type(strategy).__name__}: {why}; use {instead}")
+
+
+def settings_from_flags(flags: Mapping) -> tuple[GPTConfig, OptimizerSettings, ScheduleSettings]:
+    """The module's init arguments (the --model.* flags, or a checkpoint's hyper_parameters) as the settings
+    dataclasses, each checked by its own __post_init__ (a ValueError names the flag). Every field a dataclass
+    has and the flags set is taken, so a field added to one is a flag as soon as the module takes it."""
+    model = {**_taken(GPTConfig, flags), "tie_weights": resolve_tie_weights(flags.get("tie_weights", "auto"),
+                                                                             flags.get("train_tokens", 0))}
+    return GPTConfig(**model), *recipe_from_flags(flags)
+
+
+def recipe_from_flags(flags: Mapping) -> tuple[OptimizerSettings, ScheduleSettings]:
+    """The training recipe's part of the flags (settings_from_flags without the model's shape)."""
+    schedule = _taken(ScheduleSettings, flags)
+    if flags.get("cosine_lr") is False:  # the older switch, still read from old configs and checkpoints
+        schedule["lr_schedule"] = "constant"
+    return OptimizerSettings(**_taken(OptimizerSettings, flags)), ScheduleSettings(**schedule)
+
+
+def _taken(settings_class, flags: Mapping) -> dict:
+    return {field.name: flags[field.name] for field in fields(settings_class) if field.name in flags}
+
+
+def optimizer_groups(model: GPT, settings: OptimizerSettings) -> list[dict]:
+    """The optimizer's param groups by parameter name, without the parameters (configure_optimizers adds them).
+
+    Decided on the unwrapped model, by name: strategies that shard parameters (FSDP keeps the original
+    parameters as flattened 1-D shards) hand configure_optimizers shapes that no longer tell a matrix from a
+    bias."""
+    return [{**{k: v for k, v in group.items() if k != "params"}, "name": group_name(group)}
+            for group in param_groups(model.named_parameters(), settings)]
 
 
 def group_name(group: dict) -> str:
@@ -59,100 +97,70 @@ def model_settings_checked():
 
 
 class GPTLightningModule(L.LightningModule):
+    """A GPT (model.py) trained on next-token prediction.
+
+    Args:
+        vocab_size: vocabulary size (set from the prepared data by the CLI).
+        block_size: context length in tokens (linked to data.block_size by the CLI).
+        n_layer: transformer blocks.
+        n_head: attention heads per block; must divide n_embd.
+        n_embd: width of the residual stream.
+        dropout: dropout on attention, residual branches and embeddings (0 for large data, 0.1-0.2 small).
+        bias: biases in linear layers and layer norms.
+        tie_weights: share the token embedding with the output layer: true, false, or auto (tie when the
+            training split has fewer than 1M tokens, where the embeddings are most of the model).
+        position: learned (GPT-2's position table) or rotary (RoPE on queries and keys).
+        norm: layer (LayerNorm) or rms (RMSNorm).
+        qk_norm: RMSNorm on each head's queries and keys (bounds attention logits; allows higher rates).
+        mlp: gelu (GPT-2), relu2 (squared ReLU) or swiglu (Llama's gated MLP).
+        zero_init: start each block's output projections at zero, so every block starts as the identity.
+        rope_theta: base wavelength of rotary positions.
+        train_tokens: training split size in tokens (set from the prepared data by the CLI).
+        label_smoothing: label smoothing of the training loss (validation reports plain cross-entropy).
+        optimizer: adamw (AdamW for every weight) or muon (Muon for the blocks' hidden matrices, AdamW for
+            embeddings, output layer, biases and gains).
+        learning_rate: peak learning rate of AdamW's weights.
+        min_lr: learning rate at the end of the decay (Muon's falls in the same proportion).
+        weight_decay: AdamW weight decay on matrices and embeddings (not on biases or norm gains).
+        beta1: AdamW beta1.
+        beta2: AdamW beta2.
+        muon_lr: peak learning rate of the matrices Muon trains (with optimizer muon).
+        muon_momentum: Muon's (Nesterov) momentum.
+        muon_weight_decay: Muon's decoupled weight decay.
+        lr_schedule: after warmup, decay to min_lr along a half cosine (cosine) or a straight line
+            (linear), or keep the peak rate (constant).
+        cosine_lr: kept for older configs and checkpoints: false means lr_schedule constant (use lr_schedule).
+        warmup_iters: optimizer steps of linear warmup.
+        lr_decay_iters: step at which the decay reaches min_lr (default: trainer.max_steps).
+        init_from: warm start: load weights (only) from this checkpoint when a new run starts (not on resume).
+        init_strict: with init_from, require every weight to match; false loads what matches and lists the rest.
+        compile: torch.compile the GPT (in place, so checkpoints keep plain parameter names).
+    """
+
     def __init__(
-        self,
-        vocab_size: int = 0,
-        block_size: int = GPTConfig.block_size,
-        n_layer: int = GPTConfig.n_layer,
-        n_head: int = GPTConfig.n_head,
-        n_embd: int = GPTConfig.n_embd,
-        dropout: float = GPTConfig.dropout,
-        bias: bool = GPTConfig.bias,
-        tie_weights: bool | Literal["auto"] = "auto",
-        position: Literal["learned", "rotary"] = GPTConfig.position,
-        norm: Literal["layer", "rms"] = GPTConfig.norm,
-        qk_norm: bool = GPTConfig.qk_norm,
-        mlp: Literal["gelu", "relu2", "swiglu"] = GPTConfig.mlp,
-        zero_init: bool = GPTConfig.zero_init,
-        rope_theta: float = GPTConfig.rope_theta,
-        train_tokens: int = 0,
-        label_smoothing: float = 0.0,
-        optimizer: Literal["adamw", "muon"] = "adamw",
-        learning_rate: float = 6e-4,
-        min_lr: float = 6e-5,
-        weight_decay: float = 0.1,
-        beta1: float = 0.9,
-        beta2: float = 0.95,
-        muon_lr: float = 0.02,
-        muon_momentum: float = 0.95,
-        muon_weight_decay: float = 0.0,
-        lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
-        cosine_lr: bool = True,
-        warmup_iters: int = 100,
-        lr_decay_iters: int | None = None,
-        init_from: str | None = None,
-        init_strict: bool = True,
-        compile: bool = False,
+        self, vocab_size: int = 0, block_size: int = GPTConfig.block_size, n_layer: int = GPTConfig.n_layer,
+        n_head: int = GPTConfig.n_head, n_embd: int = GPTConfig.n_embd, dropout: float = GPTConfig.dropout, bias: bool = GPTConfig.bias,
+        tie_weights: bool | Literal["auto"] = "auto", position: Literal["learned", "rotary"] = GPTConfig.position,
+        norm: Literal["layer", "rms"] = GPTConfig.norm, qk_norm: bool = GPTConfig.qk_norm,
+        mlp: Literal["gelu", "relu2", "swiglu"] = GPTConfig.mlp, zero_init: bool = GPTConfig.zero_init,
+        rope_theta: float = GPTConfig.rope_theta, train_tokens: int = 0,
+        label_smoothing: float = OptimizerSettings.label_smoothing, optimizer: Literal["adamw", "muon"] = OptimizerSettings.optimizer,
+        learning_rate: float = OptimizerSettings.learning_rate, min_lr: float = ScheduleSettings.min_lr,
+        weight_decay: float = OptimizerSettings.weight_decay, beta1: float = OptimizerSettings.beta1, beta2: float = OptimizerSettings.beta2,
+        muon_lr: float = OptimizerSettings.muon_lr, muon_momentum: float = OptimizerSettings.muon_momentum,
+        muon_weight_decay: float = OptimizerSettings.muon_weight_decay,
+        lr_schedule: Literal["cosine", "linear", "constant"] = ScheduleSettings.lr_schedule, cosine_lr: bool = True,
+        warmup_iters: int = ScheduleSettings.warmup_iters, lr_decay_iters: int | None = ScheduleSettings.lr_decay_iters,
+        init_from: str | None = None, init_strict: bool = True, compile: bool = False,
     ):
-        """
-        Args:
-            vocab_size: vocabulary size (set from the prepared data by the CLI).
-            block_size: context length in tokens (linked to data.block_size by the CLI).
-            n_layer: transformer blocks.
-            n_head: attention heads per block; must divide n_embd.
-            n_embd: width of the residual stream.
-            dropout: dropout on attention, residual branches and embeddings (0 for large data, 0.1-0.2 small).
-            bias: biases in linear layers and layer norms.
-            tie_weights: share the token embedding with the output layer: true, false, or auto (tie when the
-                training split has fewer than 1M tokens, where the embeddings are most of the model).
-            position: learned (GPT-2's position table) or rotary (RoPE on queries and keys).
-            norm: layer (LayerNorm) or rms (RMSNorm).
-            qk_norm: RMSNorm on each head's queries and keys (bounds attention logits; allows higher rates).
-            mlp: gelu (GPT-2), relu2 (squared ReLU) or swiglu (Llama's gated MLP).
-            zero_init: start each block's output projections at zero, so every block starts as the identity.
-            rope_theta: base wavelength of rotary positions.
-            train_tokens: training split size in tokens (set from the prepared data by the CLI).
-            label_smoothing: label smoothing of the training loss (validation reports plain cross-entropy).
-            optimizer: adamw (AdamW for every weight) or muon (Muon for the blocks' hidden matrices, AdamW for
-                embeddings, output layer, biases and gains).
-            learning_rate: peak learning rate of AdamW's weights.
-            min_lr: learning rate at the end of the decay (Muon's falls in the same proportion).
-            weight_decay: AdamW weight decay on matrices and embeddings (not on biases or norm gains).
-            beta1: AdamW beta1.
-            beta2: AdamW beta2.
-            muon_lr: peak learning rate of the matrices Muon trains (with optimizer muon).
-            muon_momentum: Muon's (Nesterov) momentum.
-            muon_weight_decay: Muon's decoupled weight decay.
-            lr_schedule: after warmup, decay to min_lr along a half cosine (cosine) or a straight line
-                (linear), or keep the peak rate (constant).
-            cosine_lr: the older switch: false means lr_schedule constant.
-            warmup_iters: optimizer steps of linear warmup.
-            lr_decay_iters: step at which the decay reaches min_lr (default: trainer.max_steps).
-            init_from: warm start: load weights (only) from this checkpoint when a new run starts (not on resume).
-            init_strict: with init_from, require every weight to match; false loads what matches and lists the rest.
-            compile: torch.compile the GPT (in place, so checkpoints keep plain parameter names).
-        """
         super().__init__()
         self.save_hyperparameters()
-        # Only the settings' own checks are turned into one line: a ValueError from building the model itself
-        # would be a bug, and keeps its traceback.
+        # Only the settings' own checks become one line: a ValueError from building the model is a bug.
         with model_settings_checked():
-            config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
-                               n_embd=n_embd, dropout=dropout, bias=bias,
-                               tie_weights=resolve_tie_weights(tie_weights, train_tokens), position=position,
-                               norm=norm, qk_norm=qk_norm, mlp=mlp, zero_init=zero_init, rope_theta=rope_theta)
-            settings = OptimizerSettings(optimizer=optimizer, learning_rate=learning_rate, betas=(beta1, beta2),
-                                         weight_decay=weight_decay, muon_lr=muon_lr, muon_momentum=muon_momentum,
-                                         muon_weight_decay=muon_weight_decay)
+            config, self.optimizer_settings, self.schedule = settings_from_flags(self.hparams)
         self.model = GPT(config)
         with model_settings_checked():
-            # Decided here, on the unwrapped model, by name: strategies that shard parameters (FSDP keeps the
-            # original parameters as flattened 1-D shards) hand configure_optimizers shapes that no longer tell
-            # a matrix from a bias.
-            self.optimizer_groups = [
-                {**{k: v for k, v in group.items() if k != "params"}, "name": group_name(group)}
-                for group in param_groups(self.model.named_parameters(), settings)
-            ]
+            self.optimizer_groups = optimizer_groups(self.model, self.optimizer_settings)
         self.val_loss = MeanMetric()
         self._tokens_at_last_log = 0
         self._time_at_last_log = None
@@ -167,7 +175,7 @@ class GPTLightningModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         strategy = self.trainer.strategy
-        if stage == "fit" and self.hparams.optimizer == "muon":
+        if stage == "fit" and self.optimizer_settings.optimizer == "muon":
             refuse_under_sharding(strategy, "--model.optimizer muon", "Muon orthogonalises whole matrices, and "
                                   "this strategy hands the optimizer flattened shards of them",
                                   "--trainer.strategy ddp (the model is replicated), or --model.optimizer adamw")
@@ -183,7 +191,7 @@ class GPTLightningModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs, targets = batch
         logits, _ = self.model(inputs)
-        loss = next_token_loss(logits, targets, self.hparams.label_smoothing)
+        loss = next_token_loss(logits, targets, self.optimizer_settings.label_smoothing)
         return loss  # logged in on_train_batch_end, at the logger's interval only
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -218,19 +226,14 @@ class GPTLightningModule(L.LightningModule):
         self._tokens_at_last_log, self._time_at_last_log = tokens, now
 
     def configure_optimizers(self):
-        hp = self.hparams
         current = {unwrapped_name(name): param for name, param in self.model.named_parameters()}
         groups = [{**group, "params": [current[name] for name in group["names"]]} for group in self.optimizer_groups]
         try:
             optimizer = MuonAdamW(groups)
         except ValueError as error:  # Muon given flattened shards (FSDP), say
             raise PicoGPTError(f"{error}") from None
-        decay_iters = hp.lr_decay_iters or max(1, self.trainer.max_steps)
-        shape = hp.get("lr_schedule", "cosine") if hp.get("cosine_lr", True) else "constant"
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: lr_at(step, 1.0, hp.min_lr / hp.learning_rate, hp.warmup_iters, decay_iters, shape),
-        )
+        peak, max_steps = self.optimizer_settings.learning_rate, self.trainer.max_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.schedule.factor(step, peak, max_steps))
         # "name" is the metric LearningRateMonitor logs, one per parameter group: lr/muon, lr/decay, lr/no_decay.
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "lr"}}
 
@@ -270,32 +273,6 @@ class GPTLightningModule(L.LightningModule):
         if state is not None:
             torch.set_rng_state(state)
             self._rng_state_to_restore = None
-
-
-def check_training_settings(settings: dict) -> None:
-    """The model and recipe settings that would fail late (a division by zero, a NaN) or silently (a beta
-    of 1.5), checked before any data is prepared; `settings` is this class's init arguments as a dict."""
-    def need(name: str, ok, rule: str) -> None:
-        value = settings.get(name)
-        if name in settings and value is not None and not (isinstance(value, (int, float)) and ok(value)):
-            raise SettingsError(f"model.{name} must be {rule}, got {value}")
-
-    finite = math.isfinite
-    for name in ("n_layer", "n_head", "n_embd", "block_size"):
-        need(name, lambda v: v >= 1, "a positive integer")
-    need("learning_rate", lambda v: finite(v) and v > 0, "a number > 0")
-    need("min_lr", lambda v: finite(v) and v >= 0, "a number >= 0")
-    need("weight_decay", lambda v: finite(v) and v >= 0, "a number >= 0")
-    for name in ("beta1", "beta2"):
-        need(name, lambda v: 0 <= v < 1, "in [0, 1)")
-    for name in ("dropout", "label_smoothing"):
-        need(name, lambda v: 0 <= v < 1, "in [0, 1)")
-    need("muon_lr", lambda v: finite(v) and v > 0, "a number > 0")
-    need("muon_momentum", lambda v: 0 <= v < 1, "in [0, 1)")
-    need("muon_weight_decay", lambda v: finite(v) and v >= 0, "a number >= 0")
-    need("rope_theta", lambda v: finite(v) and v > 0, "a number > 0")
-    need("warmup_iters", lambda v: v >= 0, "a number of steps >= 0")
-    need("lr_decay_iters", lambda v: v >= 1, "a positive number of steps (or null: trainer.max_steps)")
 
 
 def best_val_loss(trainer) -> float | None:

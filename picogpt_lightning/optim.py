@@ -53,28 +53,96 @@ def lr_at(step: int, learning_rate: float, min_lr: float, warmup_iters: int, dec
     return min_lr + shape * (learning_rate - min_lr)
 
 
+OPTIMIZERS = ("adamw", "muon")
+
+
+def require(value, ok, name: str, rule: str) -> None:
+    """A ValueError naming the setting (as its flag spells it) unless `value` is a number that passes `ok`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+        raise ValueError(f"{name} must be {rule}, got {value}")
+
+
+def in_unit_interval(value: float) -> bool:
+    return 0 <= value < 1
+
+
+def non_negative(value: float) -> bool:
+    return math.isfinite(value) and value >= 0
+
+
+def positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
 @dataclass
 class OptimizerSettings:
-    """Which rule trains the hidden matrices, and each rule's rates.
+    """Which rule trains the hidden matrices, each rule's rates, and the training loss's label smoothing: the
+    training recipe's defaults, defined once (the LightningModule's --model.* flags take theirs from here).
 
     optimizer: "adamw" (AdamW everywhere, GPT-2's recipe) or "muon" (Muon for the 2-D weights inside the
         blocks, AdamW for the rest).
-    learning_rate, betas, eps, weight_decay: AdamW's; weight decay applies to matrices and embeddings only.
+    learning_rate, beta1, beta2, eps, weight_decay: AdamW's; weight decay applies to matrices and embeddings only.
     muon_lr, muon_momentum, muon_weight_decay: Muon's (Nesterov momentum; decoupled decay, lr * wd per step).
+    label_smoothing: of the training loss, a regulariser like weight decay (validation reports plain
+        cross-entropy).
     """
 
-    optimizer: str = "muon"
-    learning_rate: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.95)
+    optimizer: str = "adamw"
+    learning_rate: float = 6e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
     muon_weight_decay: float = 0.0
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("adamw", "muon"):
+        if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer {self.optimizer!r} is unknown; choose adamw or muon")
+        require(self.learning_rate, positive, "learning_rate", "a number > 0")
+        require(self.weight_decay, non_negative, "weight_decay", "a number >= 0")
+        for name in ("beta1", "beta2", "muon_momentum", "label_smoothing"):
+            require(getattr(self, name), in_unit_interval, name, "in [0, 1)")
+        require(self.eps, positive, "eps", "a number > 0")
+        require(self.muon_lr, positive, "muon_lr", "a number > 0")
+        require(self.muon_weight_decay, non_negative, "muon_weight_decay", "a number >= 0")
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        return self.beta1, self.beta2
+
+
+@dataclass
+class ScheduleSettings:
+    """The learning rate over the steps (`lr_at`): linear warmup to the peak, then down to min_lr.
+
+    lr_schedule: after warmup, decay to min_lr along a half cosine (cosine) or a straight line (linear), or keep
+        the peak rate (constant).
+    min_lr: AdamW's rate at the end of the decay; every group's rate (Muon's too) falls in the same proportion.
+    warmup_iters: optimizer steps of linear warmup.
+    lr_decay_iters: the step at which the decay reaches min_lr; None: the run's last step (trainer.max_steps).
+    """
+
+    lr_schedule: str = "cosine"
+    min_lr: float = 6e-5
+    warmup_iters: int = 100
+    lr_decay_iters: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r} is unknown; choose cosine, linear or constant")
+        require(self.min_lr, non_negative, "min_lr", "a number >= 0")
+        require(self.warmup_iters, lambda v: v >= 0, "warmup_iters", "a number of steps >= 0")
+        if self.lr_decay_iters is not None:
+            require(self.lr_decay_iters, lambda v: v >= 1, "lr_decay_iters",
+                    "a positive number of steps (or null: trainer.max_steps)")
+
+    def factor(self, step: int, learning_rate: float, max_steps: int) -> float:
+        """Every group's rate at `step` as a share of its peak (what LambdaLR multiplies by)."""
+        decay_iters = self.lr_decay_iters or max(1, max_steps)
+        return lr_at(step, 1.0, self.min_lr / learning_rate, self.warmup_iters, decay_iters, self.lr_schedule)
 
 
 def is_hidden_matrix(name: str, param: torch.Tensor) -> bool:

@@ -165,6 +165,36 @@ def tokenizer_mismatch(checkpoint: dict, path: Path, tokenizer_sha256: str) -> s
             f"embeddings by token), or pass {ALLOW_FLAG} if this is deliberate")
 
 
+def check_shape_changes(found: dict[str, tuple[Any, Any]], checkpoint: dict) -> None:
+    """A model shape the changed settings (`changes`) would give, refused before the data is prepared and the
+    model built; the vocabulary and tie_weights auto, known only then, are checked once the data is
+    (SETTLED_BY_DATA)."""
+    saved = checkpoint["picogpt"].get("model_config") or {}
+    current = dict(saved)
+    for key, (_, value) in found.items():
+        section, _, name = key.partition(".")
+        if name == "block_size" or (section == "model" and name in SETTLED_BY_SETTINGS):
+            current[name] = value
+    message = model_mismatch_message(saved, current, SETTLED_BY_SETTINGS)
+    if message:
+        raise PicoGPTError(message)
+
+
+def check_text_unchanged(checkpoint: dict, path: Path, data_now: dict | None, allowed: bool) -> None:
+    """The same text_path may hold another text than the run trained on: refused unless allowed (it is encoded
+    with the checkpoint's tokenizer either way, so the ids keep their meaning). `data_now` is the data module's
+    describe()."""
+    saved = ((checkpoint["picogpt"].get("data") or {}).get("source") or {}).get("sha256")
+    now = ((data_now or {}).get("source") or {}).get("sha256")
+    if not (saved and now and saved != now):
+        return
+    if not allowed:
+        raise PicoGPTError(f"the text differs from the one {path} was trained on: pass {ALLOW_FLAG} to go on with "
+                           f"this text (encoded with the checkpoint's tokenizer), or use the run's own text")
+    warn(f"the text differs from the one {path} was trained on: going on with it, encoded with the checkpoint's "
+         f"tokenizer ({ALLOW_FLAG})")
+
+
 def same_text(text_path: str, sha256: str) -> bool:
     """Whether the files of text_path hold the text whose source sha256 is given."""
     try:

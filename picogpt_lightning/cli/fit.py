@@ -33,13 +33,13 @@ from ..callbacks import (AtomicCheckpointIO, BestCheckpoint, FinalValidation, Gr
                          NonFiniteLossGuard, QuietFlopsSummary, StepProgressBar, ValidationSample)
 from ..checkpoint import find_checkpoint, read_checkpoint
 from ..data import GPTDataModule
-from ..errors import PicoGPTError, SettingsError, warn
+from ..errors import PicoGPTError, SettingsError
 from ..lightning_adapter import LightningCLIHooks
 from ..module import GPTLightningModule
 from ..prompt import read_escapes
 from .. import resume
 from .checks import check_settings
-from .common import settings_error
+from .common import class_refusal, settings_error
 from .run_folder import (LOGS, RunFolder, clear_run, default_ckpt_dir, holds_run, is_rank_zero, next_version, peek,
                          summary_line)
 
@@ -175,7 +175,7 @@ class PicoGPTCLI(LightningCLIHooks, LightningCLI):
         if self.stored:
             current = yaml.safe_load(self.parser.dump(self.config))[subcommand]
             found = resume.changes(self.stored, current)
-            self._check_shape(found)
+            resume.check_shape_changes(found, self.checkpoint)
             resume.check_data_changes(found, self.checkpoint, self.checkpoint_path, config.allow_data_change)
             verb = "resuming" if subcommand == "fit" else "validating"
             changed = f", with {resume.describe_changes(found)}" if found else " with the run's own settings"
@@ -194,19 +194,6 @@ class PicoGPTCLI(LightningCLIHooks, LightningCLI):
                 f"{self.checkpoint_path} is at step {step} and trainer.max_steps is {config.trainer.max_steps}: "
                 f"nothing to train; pass a larger --trainer.max_steps, or --additional_steps N"
             )
-
-    def _check_shape(self, found: dict) -> None:
-        """A changed model shape, refused now rather than after the data is prepared and the model built (the
-        vocabulary and tie_weights auto, known only then, are checked in after_instantiate_classes)."""
-        saved = self.checkpoint["picogpt"].get("model_config") or {}
-        current = dict(saved)
-        for key, (_, value) in found.items():
-            section, _, name = key.partition(".")
-            if name == "block_size" or (section == "model" and name in resume.SETTLED_BY_SETTINGS):
-                current[name] = value
-        message = resume.model_mismatch_message(saved, current, resume.SETTLED_BY_SETTINGS)
-        if message:
-            raise PicoGPTError(message)
 
     def _claim_run_folder(self, config) -> None:
         """Refuse a new run in a folder that holds one (unless --overwrite), then create and lock the folder."""
@@ -248,7 +235,8 @@ class PicoGPTCLI(LightningCLIHooks, LightningCLI):
             mismatch = resume.tokenizer_mismatch(self.checkpoint, self.checkpoint_path, self.datamodule.tokenizer_sha256)
             if mismatch and not config.allow_data_change:
                 raise PicoGPTError(mismatch)
-            self._check_text_unchanged(config.allow_data_change)
+            resume.check_text_unchanged(self.checkpoint, self.checkpoint_path, self.datamodule.describe(),
+                                        config.allow_data_change)
             self.checkpoint = None  # Lightning loads the weights again; free this copy
         elif self.subcommand == "fit" and self.model.hparams.init_from:
             # A new run: the warm start happens here, once; a resume continues from its own weights.
@@ -262,20 +250,6 @@ class PicoGPTCLI(LightningCLIHooks, LightningCLI):
             stored["data"]["tokenizer_from"] = None  # a later resume takes its own checkpoint's again
         self.model.run_config = stored
 
-    def _check_text_unchanged(self, allowed: bool) -> None:
-        """The same text_path may hold another text than the run trained on: refused unless allowed (it is
-        encoded with the checkpoint's tokenizer either way, so the ids keep their meaning)."""
-        saved = ((self.checkpoint["picogpt"].get("data") or {}).get("source") or {}).get("sha256")
-        now = ((self.datamodule.describe() or {}).get("source") or {}).get("sha256")
-        if not (saved and now and saved != now):
-            return
-        if not allowed:
-            raise PicoGPTError(f"the text differs from the one {self.checkpoint_path} was trained on: pass "
-                               f"{resume.ALLOW_FLAG} to go on with this text (encoded with the checkpoint's "
-                               f"tokenizer), or use the run's own text")
-        warn(f"the text differs from the one {self.checkpoint_path} was trained on: going on with it, encoded "
-             f"with the checkpoint's tokenizer ({resume.ALLOW_FLAG})")
-
     # ------------------------------------------------------------------------------------------ trainer
 
     def instantiate_classes(self) -> None:
@@ -284,7 +258,7 @@ class PicoGPTCLI(LightningCLIHooks, LightningCLI):
         try:
             super().instantiate_classes()
         except ValueError as error:
-            reason = _class_refusal(str(error))
+            reason = class_refusal(str(error))
             if reason is None:
                 raise
             raise SettingsError(reason) from None
@@ -352,17 +326,6 @@ class PicoGPTCLI(LightningCLIHooks, LightningCLI):
         if config.overwrite and is_rank_zero() and not config.trainer.get("fast_dev_run"):
             # Only now, with the data prepared and the model built: a failed start leaves the old run alone.
             clear_run(Path(config.ckpt_dir))
-
-
-def _class_refusal(message: str) -> str | None:
-    """The reason in jsonargparse's report that it could not build a class of the settings, with the class."""
-    if "class_path" not in message:
-        return None
-    lines = [line.strip() for line in message.splitlines()]
-    reasons = lines[lines.index("Errors:") + 1:] if "Errors:" in lines else lines
-    reason = next((line[2:] for line in reasons if line.startswith("- ")), lines[0])
-    classes = sorted(set(re.findall(r"class_path='([^']+)'", message)))
-    return f"{reason} ({', '.join(classes)})" if classes else reason
 
 
 def tensorboard_installed() -> bool:
