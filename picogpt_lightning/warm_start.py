@@ -71,13 +71,10 @@ def warm_start_weights(model: GPT, path: str, strict: bool, tokenizer: Tokenizer
     if strict and (mismatched or missing or unexpected):
         detail = "; ".join(
             [f"{k}: {tuple(source[k].shape)} in checkpoint vs {tuple(target[k].shape)} here" for k in mismatched[:3]]
-            + ([f"missing {', '.join(missing[:3])}"] if missing else [])
-            + ([f"unexpected {', '.join(unexpected[:3])}"] if unexpected else [])
-        )
-        raise PicoGPTError(
-            f"warm start from {path} does not fit this model ({detail}); use the same model settings and data, "
-            f"or pass --model.init_strict false to load only the weights that match"
-        )
+            + [f"{what} {', '.join(keys[:3])}" for what, keys in (("missing", missing), ("unexpected", unexpected))
+               if keys])
+        raise PicoGPTError(f"warm start from {path} does not fit this model ({detail}); use the same model settings "
+                           f"and data, or pass --model.init_strict false to load only the weights that match")
     loadable = {k: v for k, v in source.items()
                 if k in target and v.shape == target[k].shape and k not in token_tensors}
     mapped = []
