@@ -49,7 +49,7 @@ from benchmarks.common import (
 )
 from picogpt_lightning.data import RandomBlocks
 from picogpt_lightning.model import GPT, next_token_loss
-from picogpt_lightning.optim import MuonAdamW, lr_at
+from picogpt_lightning.optim import MuonAdamW
 
 
 class ReferenceLoop:
@@ -58,7 +58,6 @@ class ReferenceLoop:
     def __init__(self, trainer: L.Trainer, module: L.LightningModule, compile: bool,
                  batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None):
         """`batches` replaces the run's own random blocks (benchmarks.quality replays nanoGPT's sampling)."""
-        hp = module.hparams
         self.device = module.device
         self.model = GPT(module.model.config).to(self.device)
         self.model.load_state_dict(module.model.state_dict())
@@ -70,10 +69,10 @@ class ReferenceLoop:
         groups = [{**group, "params": [current[name] for name in group["names"]]} for group in module.optimizer_groups]
         self.optimizer = MuonAdamW(groups)
         self.peak_lrs = [group["lr"] for group in self.optimizer.param_groups]
-        decay_iters = hp.lr_decay_iters or max(1, trainer.max_steps)
-        self.lr = lambda step: lr_at(step, 1.0, hp.min_lr / hp.learning_rate, hp.warmup_iters, decay_iters,
-                                     hp.cosine_lr)
-        self.label_smoothing = hp.label_smoothing
+        # The module's own schedule (this passed cosine_lr, a bool, as the schedule's shape: a linear decay).
+        peak, max_steps = module.optimizer_settings.learning_rate, trainer.max_steps
+        self.lr = lambda step: module.schedule.factor(step, peak, max_steps)
+        self.label_smoothing = module.optimizer_settings.label_smoothing
         self.clip = trainer.gradient_clip_val
         self.accumulate = trainer.accumulate_grad_batches
         self.autocast = self._autocast(str(trainer.precision))

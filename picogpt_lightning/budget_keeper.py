@@ -14,7 +14,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from .optim import lr_at
+from .lightning_adapter import set_max_steps
 
 REPLAN_TOLERANCE = 0.05
 MIN_STEPS_TO_JUDGE = 20
@@ -57,16 +57,14 @@ class BudgetKeeper(Callback):
 
     @staticmethod
     def replan(trainer: L.Trainer, pl_module, max_steps: int) -> None:
-        trainer.fit_loop.epoch_loop.max_steps = max_steps
-        hp = pl_module.hparams
-        if not hp.get("lr_decay_iters"):
-            shape = hp.get("lr_schedule", "cosine") if hp.get("cosine_lr", True) else "constant"
-            end, warmup = hp.min_lr / hp.learning_rate, hp.warmup_iters
+        set_max_steps(trainer, max_steps)
+        schedule, peak = pl_module.schedule, pl_module.optimizer_settings.learning_rate
+        if schedule.lr_decay_iters is None:  # the decay ends at the last step: it moves with it
             for config in trainer.lr_scheduler_configs:
                 lambdas = getattr(config.scheduler, "lr_lambdas", None)
                 if lambdas is not None:
                     config.scheduler.lr_lambdas = [
-                        (lambda step: lr_at(step, 1.0, end, warmup, max_steps, shape)) for _ in lambdas]
+                        (lambda step: schedule.factor(step, peak, max_steps)) for _ in lambdas]
         run_config = getattr(pl_module, "run_config", None)
         if isinstance(run_config, dict) and isinstance(run_config.get("trainer"), dict):
             run_config["trainer"]["max_steps"] = max_steps

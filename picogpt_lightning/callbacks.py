@@ -17,7 +17,6 @@ import torch
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint, ModelSummary, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from tqdm import tqdm
 
@@ -27,7 +26,8 @@ from .disk import no_space_message, save_torch
 from .errors import PicoGPTError, warn
 from .files import write_atomically
 from .generate import make_generator, stream_text
-from .module import SHARDED_STRATEGIES
+from .lightning_adapter import LightningChanged, average_model, count_one_more_logged_step, summary_table
+from .module import SHARDED_STRATEGIES, refuse_under_sharding
 from .progress import TimedRedraw
 from .prompt import encode_prompt
 from .settings import SamplingSettings
@@ -112,9 +112,10 @@ class FinalValidation(Callback):
         # run would log every step one too low.
         if self.forced_step is not None and checkpoint.get("global_step") == self.forced_step and trainer.validating:
             try:
-                checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] += 1
-            except (KeyError, TypeError):
-                pass
+                count_one_more_logged_step(checkpoint)
+            except LightningChanged as error:
+                warn(f"a run resumed from the checkpoint of step {self.forced_step} will log every step one too "
+                     f"low: {error} (please report it with your Lightning version)")
 
 
 class QuietFlopsSummary(ModelSummary):
@@ -128,7 +129,7 @@ class QuietFlopsSummary(ModelSummary):
             return ModelSummary.summarize(summary_data, total_parameters, trainable_parameters, model_size,
                                           total_training_modes, total_flops, **summarize_kwargs)
         columns = [column for column in summary_data if column[0] != "FLOPs"]
-        table = _format_summary_table(total_parameters, trainable_parameters, model_size, total_training_modes,
+        table = summary_table(total_parameters, trainable_parameters, model_size, total_training_modes,
                                       total_flops, *columns)
         log.info("\n" + table.rsplit("\n", 1)[0])
 
@@ -401,11 +402,10 @@ class EMA(EMAWeightAveraging):
                          update_every_n_steps=update_every_n_steps, **kwargs)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and isinstance(trainer.strategy, SHARDED_STRATEGIES):
-            raise PicoGPTError(
-                f"the EMA of the weights cannot run under {type(trainer.strategy).__name__}: Lightning's average "
-                f"keeps a whole copy of the model, and this strategy holds a shard of it on each rank; use "
-                f"--trainer.strategy ddp, or train without it (--trainer.callbacks '[]')")
+        if stage == "fit":
+            refuse_under_sharding(trainer.strategy, "the EMA of the weights", "Lightning's average keeps a whole "
+                                  "copy of the model, and this strategy holds a shard of it on each rank",
+                                  "--trainer.strategy ddp, or train without it (--trainer.callbacks '[]')")
         super().setup(trainer, pl_module, stage)
         start = self.update_starting_at_step
         if stage == "fit" and start is not None and 0 < trainer.max_steps <= start and trainer.is_global_zero:
@@ -414,7 +414,7 @@ class EMA(EMAWeightAveraging):
 
     def _follow_until_first_update(self, pl_module: L.LightningModule) -> None:
         """Before its first update the average holds the weights of the start: make it the trained weights."""
-        average = self._average_model
+        average = average_model(self)
         if average is None or average.n_averaged.item() > 0:
             return
         with torch.no_grad():
@@ -428,7 +428,7 @@ class EMA(EMAWeightAveraging):
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         # A run that had no average (the resume line lists the callback added): the average begins at its
         # first update, and until then it is the trained weights (_follow_until_first_update).
-        if self._average_model is not None and "averaging_state" not in checkpoint:
+        if average_model(self) is not None and "averaging_state" not in checkpoint:
             return
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
 

@@ -9,6 +9,7 @@ of blocks (or the whole val split when it is small), so val losses at different 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Iterator, Literal
@@ -40,15 +41,32 @@ def _blocks(data: np.ndarray, starts: np.ndarray, block_size: int, vocab_size: i
     return rows[:, :-1], rows[:, 1:]
 
 
-def check_data_settings(block_size: int, batch_size: int, eval_iters: int, num_workers: int,
-                        seed: int | None) -> None:
-    """The data module's own settings (PrepareSettings checks the preparation's); a SettingsError names the flag."""
-    for name, value in (("block_size", block_size), ("batch_size", batch_size), ("eval_iters", eval_iters)):
-        if value < 1:
-            raise SettingsError(f"data.{name} must be a positive integer, got {value}")
-    if num_workers < 0:
-        raise SettingsError(f"data.num_workers must be 0 (load in the training process) or more, got {num_workers}")
-    check_seed(seed, "data.seed")
+@dataclass(frozen=True)
+class BlockSettings:
+    """How the prepared tokens are served: the data module's own settings and their defaults, defined once
+    (PrepareSettings has the preparation's). A SettingsError names the flag.
+
+    block_size: context length in tokens (also the model's; linked by the CLI).
+    batch_size: blocks per batch on each device.
+    eval_iters: validation batches per evaluation (the whole val split when it is smaller).
+    seed: seed of the block sampling; None: the run's seed_everything, or DEFAULT_SEED outside the command line.
+    num_workers: DataLoader workers; 0 (load in the training process) is fastest for memory-mapped blocks.
+    """
+
+    block_size: int = 256
+    batch_size: int = 16
+    eval_iters: int = 50
+    seed: int | None = None
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "batch_size", "eval_iters"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"data.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise SettingsError(f"data.num_workers must be 0 (load in the training process) or more, got "
+                                f"{self.num_workers}")
+        check_seed(self.seed, "data.seed")
 
 
 class RandomBlocks(IterableDataset):
@@ -113,6 +131,37 @@ def _local_rank() -> int:
 
 
 class GPTDataModule(L.LightningDataModule):
+    """Text prepared once (prepare.py, cached) and served as random blocks for training, fixed ones for validation.
+
+    Args:
+        text_path: a text, JSON lines or Parquet file (plain or .gz), or a folder of them searched at any
+            depth; each file (text) or record (JSON lines, Parquet) is one document.
+        mode: "char" (one token per character) or "token" (subword or word tokens).
+        backend: tokenizer for mode "token": byte-level "bpe" (Hugging Face tokenizers) or "word".
+        vocab_size: vocabulary size to train for mode "token" (ignored for "char").
+        val_fraction: share of the text held out for validation.
+        random_split: split in random chunks (seeded by split_seed) instead of taking the end of the text.
+        split_seed: seed of the random split.
+        end_of_text: end each document (each file, each Q/A pair that ends a paragraph) with the
+            end-of-text token when the tokenizer has one, so a model learns to stop.
+        tokenizer_from: encode with the tokenizer of this checkpoint, tokenizer.json, vocab.json, prepared
+            or Hugging Face folder, or GPT-2's encoder.json + vocab.bpe, instead of training one (read from a
+            file, the model's vocabulary is its size rounded up to a multiple of 64); `--ckpt_path` (resume,
+            validate) sets it to the checkpoint when not given, so ids keep their meaning.
+        glob: for a folder text_path, the files to read, matched at any depth (e.g. '*.jsonl.gz');
+            default: every .txt, .md, .jsonl and .parquet file, plain or gzipped.
+        text_field: the JSON lines field or Parquet column that holds each document's text.
+        block_size: context length in tokens (also the model's; linked by the CLI).
+        batch_size: blocks per batch on each device.
+        eval_iters: validation batches per evaluation (the whole val split when it is smaller).
+        seed: seed of the training and validation block sampling; default (null): the run's seed_everything
+            (so one seed changes the whole run), or 1337 outside the command line.
+        cache_dir: where prepared data is cached, keyed by the text and the settings above (with
+            tokenizer_from, by the tokenizer's sha256 instead of mode, backend and vocab_size).
+        prepared_dir: use this prepared folder (from `picogpt prepare --out_dir`) instead of text_path.
+        num_workers: DataLoader workers; 0 (load in the training process) is fastest for memory-mapped blocks.
+    """
+
     def __init__(
         self,
         text_path: str = "data/philosophy.txt",
@@ -126,47 +175,18 @@ class GPTDataModule(L.LightningDataModule):
         tokenizer_from: str | None = PREPARE.tokenizer_from,
         glob: str | None = PREPARE.glob,
         text_field: str = PREPARE.text_field,
-        block_size: int = 256,
-        batch_size: int = 16,
-        eval_iters: int = 50,
-        seed: int | None = None,
+        block_size: int = BlockSettings.block_size,
+        batch_size: int = BlockSettings.batch_size,
+        eval_iters: int = BlockSettings.eval_iters,
+        seed: int | None = BlockSettings.seed,
         cache_dir: str = DEFAULT_CACHE_DIR,
         prepared_dir: str | None = None,
-        num_workers: int = 0,
+        num_workers: int = BlockSettings.num_workers,
     ):
-        """
-        Args:
-            text_path: a text, JSON lines or Parquet file (plain or .gz), or a folder of them searched at any
-                depth; each file (text) or record (JSON lines, Parquet) is one document.
-            mode: "char" (one token per character) or "token" (subword or word tokens).
-            backend: tokenizer for mode "token": byte-level "bpe" (Hugging Face tokenizers) or "word".
-            vocab_size: vocabulary size to train for mode "token" (ignored for "char").
-            val_fraction: share of the text held out for validation.
-            random_split: split in random chunks (seeded by split_seed) instead of taking the end of the text.
-            split_seed: seed of the random split.
-            end_of_text: end each document (each file, each Q/A pair that ends a paragraph) with the
-                end-of-text token when the tokenizer has one, so a model learns to stop.
-            tokenizer_from: encode with the tokenizer of this checkpoint, tokenizer.json, vocab.json, prepared
-                or Hugging Face folder, or GPT-2's encoder.json + vocab.bpe, instead of training one (read from a
-                file, the model's vocabulary is its size rounded up to a multiple of 64); `--ckpt_path` (resume,
-                validate) sets it to the checkpoint when not given, so ids keep their meaning.
-            glob: for a folder text_path, the files to read, matched at any depth (e.g. '*.jsonl.gz');
-                default: every .txt, .md, .jsonl and .parquet file, plain or gzipped.
-            text_field: the JSON lines field or Parquet column that holds each document's text.
-            block_size: context length in tokens (also the model's; linked by the CLI).
-            batch_size: blocks per batch on each device.
-            eval_iters: validation batches per evaluation (the whole val split when it is smaller).
-            seed: seed of the training and validation block sampling; default (null): the run's seed_everything
-                (so one seed changes the whole run), or 1337 outside the command line.
-            cache_dir: where prepared data is cached, keyed by the text and the settings above (with
-                tokenizer_from, by the tokenizer's sha256 instead of mode, backend and vocab_size).
-            prepared_dir: use this prepared folder (from `picogpt prepare --out_dir`) instead of text_path.
-            num_workers: DataLoader workers; 0 (load in the training process) is fastest for memory-mapped blocks.
-        """
         super().__init__()
         # Not merged into the logger's hparams: data.vocab_size (requested) would clash with the model's (actual).
         self.save_hyperparameters(logger=False)
-        check_data_settings(block_size, batch_size, eval_iters, num_workers, seed)
+        BlockSettings(block_size, batch_size, eval_iters, seed, num_workers)
         self.seed = DEFAULT_SEED if seed is None else seed
 
     @cached_property

@@ -101,8 +101,8 @@ class GPTConfig:
                 f"{self.head_size}; pick n_embd and n_head with an even ratio (e.g. n_embd="
                 f"{self.n_head * (self.head_size + 1)}) or use position 'learned'"
             )
-        if self.rope_theta <= 0:
-            raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
+        if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            raise ValueError(f"rope_theta must be a number > 0, got {self.rope_theta}")
 
     @property
     def head_size(self) -> int:

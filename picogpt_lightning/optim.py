@@ -7,27 +7,13 @@ exactly one optimizer; its whole state is in `state_dict()`, so checkpoints resu
 `param_groups` decides which parameter goes where, by name, and `lr_at` is the schedule: warmup, then a
 cosine, linear or constant.
 
-Why our own batched Newton-Schulz instead of torch.optim.Muon: measured, and for the torch floor.
-`python -m benchmarks.optimizer_step` times the optimizer step alone (fixed random gradients), medians of
-alternated rounds, 2 threads, torch 2.13; "+x%" is the time over AdamW's as a share of a whole AdamW training
-step of the same model, and "whole step" is a whole training step with MuonAdamW against one with AdamW:
-
-    2026-12-02, 2-core AMD EPYC, AVX-512 BF16
-    model (vocab 65)              AdamW      MuonAdamW (this file)    torch.optim.Muon + AdamW
-    4 x 128, block 64, batch 12   2.2 ms     10.7 ms  (+18% of 47 ms)     19.7 ms  (+37%)
-    6 x 384, block 256, batch 16  24 ms      242 ms   (+11% of 2.06 s)    174 ms   (+7%)
-
-    2026-12-02, 2-core Intel Xeon, AVX-512 BF16 and AMX
-    4 x 128, block 64, batch 12   1.9 ms     8.7 ms   (+25% of 27 ms)     16.0 ms  (+52%)   whole step +23%
-    6 x 384, block 256, batch 16  20 ms      89 ms    (+6% of 1.12 s)     127 ms   (+10%)   whole step +7.5%
-
-Ours costs about half of torch's at the width of the CPU recipes; at 384 wide it is the slower one on the AMD
-machine and the faster one on the Intel, and the Newton-Schulz overhead is a small share of the step either way.
-Here the matrices of one shape are stacked and orthogonalised together with batched matmuls (one baddbmm chain
-per shape instead of one per matrix), on the smaller side of the matrix, in bfloat16 where the hardware has it
-(fp32 Newton-Schulz: 24.5 ms and 727 ms on the AMD, 13.2 and 370 ms on the Intel, so bf16 stays). It also
-keeps the package's torch floor at 2.4 (torch.optim.Muon first shipped in 2.9) and keeps Muon and AdamW in one
-optimizer, which Lightning's automatic optimization needs and torch's separate classes would not give.
+Why our own batched Newton-Schulz instead of torch.optim.Muon: measured (`python -m benchmarks.optimizer_step`,
+figures in docs/benchmarks.md), it costs about half of torch's at the width of the CPU recipes and a small share
+of a training step at 384 wide either way. The matrices of one shape are stacked and orthogonalised together
+with batched matmuls (one baddbmm chain per shape instead of one per matrix), on the smaller side of the matrix,
+in bfloat16 where the hardware has it (fp32 Newton-Schulz was 2 to 3 times slower). It also keeps the package's
+torch floor at 2.4 (torch.optim.Muon first shipped in 2.9) and keeps Muon and AdamW in one optimizer, which
+Lightning's automatic optimization needs and torch's separate classes would not give.
 """
 
 from __future__ import annotations
@@ -67,28 +53,96 @@ def lr_at(step: int, learning_rate: float, min_lr: float, warmup_iters: int, dec
     return min_lr + shape * (learning_rate - min_lr)
 
 
+OPTIMIZERS = ("adamw", "muon")
+
+
+def require(value, ok, name: str, rule: str) -> None:
+    """A ValueError naming the setting (as its flag spells it) unless `value` is a number that passes `ok`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+        raise ValueError(f"{name} must be {rule}, got {value}")
+
+
+def in_unit_interval(value: float) -> bool:
+    return 0 <= value < 1
+
+
+def non_negative(value: float) -> bool:
+    return math.isfinite(value) and value >= 0
+
+
+def positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
 @dataclass
 class OptimizerSettings:
-    """Which rule trains the hidden matrices, and each rule's rates.
+    """Which rule trains the hidden matrices, each rule's rates, and the training loss's label smoothing: the
+    training recipe's defaults, defined once (the LightningModule's --model.* flags take theirs from here).
 
     optimizer: "adamw" (AdamW everywhere, GPT-2's recipe) or "muon" (Muon for the 2-D weights inside the
         blocks, AdamW for the rest).
-    learning_rate, betas, eps, weight_decay: AdamW's; weight decay applies to matrices and embeddings only.
+    learning_rate, beta1, beta2, eps, weight_decay: AdamW's; weight decay applies to matrices and embeddings only.
     muon_lr, muon_momentum, muon_weight_decay: Muon's (Nesterov momentum; decoupled decay, lr * wd per step).
+    label_smoothing: of the training loss, a regulariser like weight decay (validation reports plain
+        cross-entropy).
     """
 
-    optimizer: str = "muon"
-    learning_rate: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.95)
+    optimizer: str = "adamw"
+    learning_rate: float = 6e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
     muon_weight_decay: float = 0.0
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("adamw", "muon"):
+        if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer {self.optimizer!r} is unknown; choose adamw or muon")
+        require(self.learning_rate, positive, "learning_rate", "a number > 0")
+        require(self.weight_decay, non_negative, "weight_decay", "a number >= 0")
+        for name in ("beta1", "beta2", "muon_momentum", "label_smoothing"):
+            require(getattr(self, name), in_unit_interval, name, "in [0, 1)")
+        require(self.eps, positive, "eps", "a number > 0")
+        require(self.muon_lr, positive, "muon_lr", "a number > 0")
+        require(self.muon_weight_decay, non_negative, "muon_weight_decay", "a number >= 0")
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        return self.beta1, self.beta2
+
+
+@dataclass
+class ScheduleSettings:
+    """The learning rate over the steps (`lr_at`): linear warmup to the peak, then down to min_lr.
+
+    lr_schedule: after warmup, decay to min_lr along a half cosine (cosine) or a straight line (linear), or keep
+        the peak rate (constant).
+    min_lr: AdamW's rate at the end of the decay; every group's rate (Muon's too) falls in the same proportion.
+    warmup_iters: optimizer steps of linear warmup.
+    lr_decay_iters: the step at which the decay reaches min_lr; None: the run's last step (trainer.max_steps).
+    """
+
+    lr_schedule: str = "cosine"
+    min_lr: float = 6e-5
+    warmup_iters: int = 100
+    lr_decay_iters: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r} is unknown; choose cosine, linear or constant")
+        require(self.min_lr, non_negative, "min_lr", "a number >= 0")
+        require(self.warmup_iters, lambda v: v >= 0, "warmup_iters", "a number of steps >= 0")
+        if self.lr_decay_iters is not None:
+            require(self.lr_decay_iters, lambda v: v >= 1, "lr_decay_iters",
+                    "a positive number of steps (or null: trainer.max_steps)")
+
+    def factor(self, step: int, learning_rate: float, max_steps: int) -> float:
+        """Every group's rate at `step` as a share of its peak (what LambdaLR multiplies by)."""
+        decay_iters = self.lr_decay_iters or max(1, max_steps)
+        return lr_at(step, 1.0, self.min_lr / learning_rate, self.warmup_iters, decay_iters, self.lr_schedule)
 
 
 def is_hidden_matrix(name: str, param: torch.Tensor) -> bool:

@@ -10,11 +10,9 @@ a text once and reuses it on every later run and on every rank of a distributed 
 given tokenizer, e.g. the checkpoint's own when a run resumes) the key holds that tokenizer's sha256 instead
 of the settings that train one.
 
-Format 2 (this version) ends documents with <|endoftext|> (`end_of_text`, corpus.py), so folders prepared by
-earlier versions (format 1) are not reused: their cache key differs and `load_prepared` refuses their meta.json;
-the text is prepared again, once. A checkpoint trained on format 1 data resumes and validates with its own
-tokenizer (`tokenizer_from`); char and word tokenizers of that time have no end-of-text, so their text is
-prepared as it was, without end-of-text.
+`FORMAT` is the version of this layout: a folder of another format is never reused (its cache key differs and
+`load_prepared` refuses its meta.json), so the text is prepared again, once. A checkpoint trained on older data
+resumes and validates with its own tokenizer (`tokenizer_from`). How the format changed: CHANGELOG.md.
 """
 
 from __future__ import annotations

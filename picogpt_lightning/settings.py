@@ -2,9 +2,10 @@
 
 `picogpt sample`, `chat` and `serve` and the Python API take their sampling options from `SamplingSettings`;
 `picogpt prepare` and the data module take the preparation options from `PrepareSettings`; `picogpt serve`
-takes the server's from `ServeSettings`. The model's own
-defaults live in `model.GPTConfig`, the training recipe's in the LightningModule's signature (module.py), and
-each config in configs/ sets what differs for its recipe. Nothing here imports torch, so a command can build its
+takes the server's from `ServeSettings`. The other groups have their home beside the code that uses them:
+the model's shape in `model.GPTConfig`, the optimizer's and the LR schedule's in `optim.OptimizerSettings` and
+`optim.ScheduleSettings`, the serving of blocks in `data.BlockSettings`; the LightningModule's and the data
+module's flags take their defaults from those, and each config in configs/ sets what differs for its recipe. Nothing here imports torch, so a command can build its
 `--help` from these classes in a fraction of a second.
 """
 

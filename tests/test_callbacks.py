@@ -92,8 +92,7 @@ def test_checkpointing_off_saves_nothing_and_says_so(tmp_path, text, capsys):
 
 def test_metrics_csv_is_written_whatever_loggers_are_installed_or_given(tmp_path, text, monkeypatch, capsys):
     """A user's logger is added to ours; an installed tensorboard no longer replaces metrics.csv (item 6)."""
-    from lightning.pytorch.trainer.connectors.logger_connector import logger_connector
-
+    from picogpt_lightning.cli import fit as fit_module
     from record_batches import ListLogger
 
     status, run = fit(tmp_path, text, "given", "--trainer.logger", "record_batches.ListLogger", log_every_n_steps=1)
@@ -107,8 +106,8 @@ def test_metrics_csv_is_written_whatever_loggers_are_installed_or_given(tmp_path
             super().__init__()
             made.append(save_dir)
 
-    monkeypatch.setattr(logger_connector, "_TENSORBOARD_AVAILABLE", True)
-    monkeypatch.setattr(logger_connector, "TensorBoardLogger", FakeTensorBoardLogger)
+    monkeypatch.setattr(fit_module, "tensorboard_installed", lambda: True)
+    monkeypatch.setattr(fit_module, "TensorBoardLogger", FakeTensorBoardLogger)
     status, run = fit(tmp_path, text, "tensorboard")
     assert status == 0 and made  # tensorboard "installed": its logger is used, as Lightning would...
     assert (run / "lightning_logs" / "version_0" / "metrics.csv").is_file()  # ...beside our CSV metrics

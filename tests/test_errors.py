@@ -51,7 +51,7 @@ ROWS = {
     "text shorter than a block": (["fit", "--data.text_path", "{root}/short.txt"], "fewer than block_size + 1", 1),
     "vocab_size too small": (["fit", "--data.mode", "token", "--data.vocab_size", "100"], "vocab_size", 2),
     "vocab_size too large": (["fit", "--data.mode", "token", "--data.vocab_size", "5000000"], "vocab_size", 2),
-    "n_embd not divisible by n_head": (["fit", "--model.n_head", "3"], "divisible by n_head", 1),
+    "n_embd not divisible by n_head": (["fit", "--model.n_head", "3"], "divisible by n_head", 2),
     "block_size larger than val split": (["fit", "--data.block_size", "4000"], "val split has", 1),
     "unknown config key": (["fit", "--config", "{root}/bad_key.yaml"], "n_layerz", 2),
     "wrong type in config": (["fit", "--config", "{root}/bad_type.yaml"], "n_layer", 2),

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from picogpt_lightning.errors import PicoGPTError
-from picogpt_lightning.module import GPTLightningModule, model_mismatch_message
+from picogpt_lightning.module import GPTLightningModule
+from picogpt_lightning.resume import model_mismatch_message
 from picogpt_lightning.optim import lr_at
 
 
@@ -126,7 +127,7 @@ def test_muon_refuses_flattened_shards_and_names_what_to_use():
 
 
 def test_resuming_with_another_optimizer_is_refused_in_one_line():
-    from picogpt_lightning.module import optimizer_mismatch_message
+    from picogpt_lightning.resume import optimizer_mismatch_message
 
     assert optimizer_mismatch_message({}, "adamw") is None  # checkpoints from before the choice
     message = optimizer_mismatch_message({"optimizer": "adamw"}, "muon")

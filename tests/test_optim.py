@@ -18,7 +18,7 @@ def tiny(tie_weights: bool = True, **options) -> GPT:
 
 def groups_by_role(model: GPT, **settings) -> dict[str, list[str]]:
     roles = {}
-    for group in param_groups(model.named_parameters(), OptimizerSettings(**settings)):
+    for group in param_groups(model.named_parameters(), OptimizerSettings(**{"optimizer": "muon", **settings})):
         role = "muon" if group["rule"] == "muon" else f"adamw decay {group['weight_decay'] > 0}"
         roles[role] = group["names"]
     return roles
@@ -72,7 +72,7 @@ def test_every_parameter_is_in_exactly_one_group():
 
 def test_weight_decay_shrinks_matrices_and_embeddings_but_not_gains_or_biases():
     model = tiny(tie_weights=False)
-    settings = OptimizerSettings(learning_rate=0.1, weight_decay=0.5, muon_lr=0.1, muon_weight_decay=0.2)
+    settings = OptimizerSettings(optimizer="muon", learning_rate=0.1, weight_decay=0.5, muon_lr=0.1, muon_weight_decay=0.2)
     optimizer = MuonAdamW(param_groups(model.named_parameters(), settings))
     before = {name: param.detach().clone() for name, param in model.named_parameters()}
     for param in model.parameters():  # a zero gradient leaves only the decay to move the weights
@@ -87,7 +87,7 @@ def test_weight_decay_shrinks_matrices_and_embeddings_but_not_gains_or_biases():
 
 def test_one_lambda_lr_schedules_every_group_from_its_own_rate():
     model = tiny()
-    optimizer = MuonAdamW(param_groups(model.named_parameters(), OptimizerSettings(learning_rate=1e-3, muon_lr=0.02)))
+    optimizer = MuonAdamW(param_groups(model.named_parameters(), OptimizerSettings(optimizer="muon", learning_rate=1e-3, muon_lr=0.02)))
     schedule = scheduled(optimizer)
     train(model, optimizer, schedule, steps=7)
     factor = lr_at(7, 1.0, 0.1, 3, 20, "cosine")
@@ -96,7 +96,7 @@ def test_one_lambda_lr_schedules_every_group_from_its_own_rate():
 
 def build(options: dict) -> tuple[GPT, MuonAdamW, torch.optim.lr_scheduler.LambdaLR]:
     model = tiny(tie_weights=False, **options)
-    optimizer = MuonAdamW(param_groups(model.named_parameters(), OptimizerSettings(weight_decay=0.1, muon_weight_decay=0.1)))
+    optimizer = MuonAdamW(param_groups(model.named_parameters(), OptimizerSettings(optimizer="muon", weight_decay=0.1, muon_weight_decay=0.1)))
     return model, optimizer, scheduled(optimizer)
 
 
@@ -185,7 +185,7 @@ def test_adamw_groups_are_bit_for_bit_torchs_adamw():
 
 def test_training_with_muon_lowers_the_loss_and_step_accepts_a_closure():
     model = tiny(tie_weights=False, **MODERN)
-    optimizer = MuonAdamW(param_groups(model.named_parameters(), OptimizerSettings(learning_rate=1e-2)))
+    optimizer = MuonAdamW(param_groups(model.named_parameters(), OptimizerSettings(optimizer="muon", learning_rate=1e-2)))
     idx = torch.randint(0, 30, (8, 9), generator=torch.Generator().manual_seed(0))
 
     def closure() -> torch.Tensor:

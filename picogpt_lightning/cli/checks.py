@@ -10,10 +10,10 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import WeightAveraging
 
 from ..callbacks import EMA, check_average
-from ..data import check_data_settings
+from ..data import BlockSettings
 from ..errors import SettingsError
 from ..memory import check_run_memory
-from ..module import check_training_settings
+from ..module import recipe_from_flags, settings_from_flags
 from ..settings import PrepareSettings
 
 MAX_SEED_EVERYTHING = 2**32 - 1  # Lightning's seed_everything (numpy's legacy seeding) takes 0 to 2**32 - 1
@@ -62,6 +62,20 @@ def _class(class_path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def check_model_settings(flags: dict, architecture: bool = True) -> None:
+    """The --model.* flags, checked by the settings dataclasses they build (model.GPTConfig,
+    optim.OptimizerSettings, optim.ScheduleSettings), before any data is prepared; the vocabulary is known only
+    then, so a placeholder stands in for it. Without `architecture` (finetune, which takes the base model's and
+    says which flags disagree with it) the recipe alone."""
+    try:
+        if architecture:
+            settings_from_flags({**flags, "vocab_size": flags.get("vocab_size") or 1})
+        else:
+            recipe_from_flags(flags)
+    except ValueError as error:
+        raise SettingsError(f"model.{' '.join(str(error).split())}") from None
+
+
 def check_settings(subcommand: str, config: Namespace) -> None:
     """Every setting that can be checked without data or a model, so that a bad one stops the command before
     any data is prepared or any folder made."""
@@ -74,11 +88,11 @@ def check_settings(subcommand: str, config: Namespace) -> None:
     if config.get("sample_tokens", 0) < 0:
         raise SettingsError(f"--sample_tokens must be >= 0 (0 turns the samples off), got {config.sample_tokens}")
     check_trainer_settings(subcommand, config.trainer)
-    check_training_settings(config.model.as_dict())
-    check_run_memory(config.model.as_dict(), config.data.as_dict(), config.trainer.as_dict())
     data = config.data
+    check_model_settings(config.model.as_dict(), architecture="text_path" in data)
+    check_run_memory(config.model.as_dict(), config.data.as_dict(), config.trainer.as_dict())
     if "text_path" not in data:
         return  # finetune's conversation data: checked by its module once the base model is known
-    check_data_settings(data.block_size, data.batch_size, data.eval_iters, data.num_workers, data.seed)
+    BlockSettings(data.block_size, data.batch_size, data.eval_iters, data.seed, data.num_workers)
     if data.prepared_dir is None:
         PrepareSettings(**{name: data[name] for name in PrepareSettings.__dataclass_fields__})

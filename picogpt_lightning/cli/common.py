@@ -8,6 +8,7 @@ jsonargparse and these signatures.
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 import types
 import typing
@@ -75,6 +76,17 @@ def run_function(name: str, function, args: list[str], settings: tuple[type, ...
     if name in THREAD_COMMANDS:
         start_threads(name, read_threads(values.pop("threads")), say=sys.stderr.isatty())
     function(**values)
+
+
+def class_refusal(message: str) -> str | None:
+    """The reason in jsonargparse's report that it could not build a class of the settings, with the class."""
+    if "class_path" not in message:
+        return None
+    lines = [line.strip() for line in message.splitlines()]
+    reasons = lines[lines.index("Errors:") + 1:] if "Errors:" in lines else lines
+    reason = next((line[2:] for line in reasons if line.startswith("- ")), lines[0])
+    classes = sorted(set(re.findall(r"class_path='([^']+)'", message)))
+    return f"{reason} ({', '.join(classes)})" if classes else reason
 
 
 def settings_error(command: str, error: Exception, known: set[str]) -> SettingsError:

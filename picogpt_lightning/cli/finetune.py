@@ -24,14 +24,14 @@ from ..chat_template import get_template, template_from_meta
 from ..errors import PicoGPTError
 from ..model import GPTConfig
 from ..module import GPTLightningModule
-from ..tokenizer import fingerprint, tokenizer_from_json
+from ..resume import ARCHITECTURE_KEYS, MAY_CHANGE, same_tokenizer
 from .fit import PicoGPTCLI, run_lightning_cli
 
 # Model settings that belong to the base model: its weights only make sense with them. (vocab_size follows the
-# tokenizer and block_size data.block_size, both the base's; dropout may differ.)
-BASE_MODEL_KEYS = ("n_layer", "n_head", "n_embd", "bias", "tie_weights", "position", "rope_theta", "norm",
-                   "qk_norm", "mlp", "zero_init", "mlp_width", "n_kv_head", "head_dim", "norm_eps", "attention_bias",
-                   "mlp_bias")
+# tokenizer and block_size data.block_size, both the base's; dropout may differ.) zero_init is taken too, so the
+# stored settings say how the base began.
+BASE_MODEL_KEYS = tuple(key for key in ARCHITECTURE_KEYS + MAY_CHANGE
+                        if key not in ("vocab_size", "block_size", "dropout"))
 
 
 def module_defaults() -> dict:
@@ -42,14 +42,13 @@ def module_defaults() -> dict:
 
 
 class FinetuneCLI(PicoGPTCLI):
-    def _add_subcommands(self, parser, **kwargs) -> None:
-        super()._add_subcommands(parser, **kwargs)
-        fit = self._subcommand_parsers["fit"]  # LightningCLI runs finetune as the Trainer's fit
+    def after_subcommands_added(self) -> None:
+        fit = self.subcommand_parser("fit")  # LightningCLI runs finetune as the Trainer's fit
         fit.prog = "picogpt finetune"
         fit.description = ("Fine-tune a base checkpoint (--model.init_from) on conversations (--data.path), with "
                            "the loss on the answers only; --ckpt_path last resumes.")
 
-    def _parse_ckpt_path(self) -> None:
+    def after_parse(self) -> None:
         config = self.config["fit"]
         resuming = self.checkpoint is not None
         source = str(self.checkpoint_path) if resuming else config.model.init_from
@@ -62,35 +61,36 @@ class FinetuneCLI(PicoGPTCLI):
             raise PicoGPTError(f"{source} holds no tokenizer, so its token ids cannot be known; fine-tune from a "
                                f"checkpoint written by `picogpt fit`")
         self._take_base_model(config, GPTConfig.from_dict(meta["model_config"]).to_dict(), source)
-        self._take_base_tokenizer(config, meta["tokenizer"], source)
+        self._take_base_tokenizer(config, meta, source)
         if resuming and config.data.chat_template is not None:
             stored, given = template_from_meta(meta), get_template(config.data.chat_template)
             if given.to_dict() != stored.to_dict():
                 raise PicoGPTError(f"{source} was fine-tuned with the chat template {stored.name!r}, not "
                                    f"{given.name!r}: resume with --data.chat_template {stored.name} (or drop it), "
                                    f"or start a new run from this checkpoint with --model.init_from")
-        super()._parse_ckpt_path()  # the run folder is claimed only once the base model and tokenizer are known
+        super().after_parse()  # the run folder is claimed only once the base model and tokenizer are known
 
     @staticmethod
     def _take_base_model(config, base: dict, source: str) -> None:
         """Set the model settings (and the context) to the base checkpoint's; refuse ones chosen otherwise."""
         defaults = module_defaults()
         model = config.model
-        differences = [f"{key} {model[key]} here vs {base[key]} in the base" for key in BASE_MODEL_KEYS
+        keys = [key for key in BASE_MODEL_KEYS if key in model]  # a GPTConfig field the module does not take
+        differences = [f"{key} {model[key]} here vs {base[key]} in the base" for key in keys
                        if model[key] != defaults[key] and model[key] != base[key]]
         if config.data.block_size is not None and config.data.block_size != base["block_size"]:
             differences.append(f"block_size {config.data.block_size} here vs {base['block_size']} in the base")
         if differences:
             raise PicoGPTError(f"fine-tuning keeps the architecture of {source} ({', '.join(differences)}); drop "
                                f"these model settings, or train a new base with `picogpt fit`")
-        for key in BASE_MODEL_KEYS:
+        for key in keys:
             model[key] = base[key]
         if model.dropout == defaults["dropout"]:
             model.dropout = base["dropout"]
         config.data.block_size = model.block_size = base["block_size"]
 
     @staticmethod
-    def _take_base_tokenizer(config, tokenizer_json: str, source: str) -> None:
+    def _take_base_tokenizer(config, meta: dict, source: str) -> None:
         """The base checkpoint's tokenizer encodes the conversations; another one given must be the same."""
         given = config.data.tokenizer_from
         if given is None or Path(given) == Path(source):
@@ -98,7 +98,7 @@ class FinetuneCLI(PicoGPTCLI):
             return
         from ..prepare import tokenizer_from_path
 
-        if fingerprint(tokenizer_from_path(given)) != fingerprint(tokenizer_from_json(tokenizer_json)):
+        if not same_tokenizer(meta, tokenizer_from_path(given)):
             raise PicoGPTError(f"--data.tokenizer_from {given} is not the tokenizer of {source}: the model's ids "
                                f"mean that one's tokens; drop --data.tokenizer_from")
 

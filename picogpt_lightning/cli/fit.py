@@ -6,7 +6,7 @@ Beyond what LightningCLI gives (YAML configs, `--print_config`, every Trainer fl
   logs, locked while a run writes into it (cli/run_folder.py); a new run refuses a folder that holds one unless
   `--overwrite true`;
 - `--ckpt_path last|best|FILE`: a resume starts from the run's own settings, stored in the checkpoint
-  (cli/resume.py), with the command line on top; `--additional_steps N`; checks that the data, tokenizer and
+  (resume.py), with the command line on top; `--additional_steps N`; checks that the data, tokenizer and
   model shape are the checkpoint's; validate takes the checkpoint's data and model settings;
 - every setting checked before any data is prepared or any folder is made (cli/checks.py; exit status 2);
 - our callbacks (callbacks.py) next to any the user brings, our CSV metrics next to any logger the user adds.
@@ -14,6 +14,7 @@ Beyond what LightningCLI gives (YAML configs, `--print_config`, every Trainer fl
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 import warnings
@@ -24,8 +25,7 @@ import yaml
 from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.trainer.connectors.logger_connector import logger_connector
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -33,13 +33,14 @@ from ..callbacks import (AtomicCheckpointIO, BestCheckpoint, FinalValidation, Gr
                          NonFiniteLossGuard, QuietFlopsSummary, StepProgressBar, ValidationSample)
 from ..checkpoint import find_checkpoint, read_checkpoint
 from ..data import GPTDataModule
-from ..errors import PicoGPTError, SettingsError, warn
-from ..module import GPTLightningModule, model_mismatch_message, optimizer_mismatch_message
+from ..errors import PicoGPTError, SettingsError
+from ..lightning_adapter import LightningCLIHooks
+from ..module import GPTLightningModule
 from ..prompt import read_escapes
-from . import resume
+from .. import resume
 from .budget import BudgetSetup, joined_budget
 from .checks import check_settings
-from .common import settings_error
+from .common import class_refusal, settings_error
 from .run_folder import (LOGS, RunFolder, clear_run, default_ckpt_dir, holds_run, is_rank_zero, next_version, peek,
                          summary_line)
 
@@ -64,7 +65,7 @@ QUIET_WARNINGS = (
 )
 
 
-class PicoGPTCLI(LightningCLI):
+class PicoGPTCLI(LightningCLIHooks, LightningCLI):
     def __init__(self, *args, command: str, run_folder: RunFolder, **kwargs):
         self.command = command  # the picogpt command: fit, finetune (the Trainer's fit) or validate
         self.run_folder = run_folder
@@ -127,7 +128,7 @@ class PicoGPTCLI(LightningCLI):
             sections = None if subcommand == "fit" else ("data", "model")
             stored = resume.stored_settings(self.checkpoint, sections)
             if stored:
-                defaults = self._parser(subcommand).get_defaults()
+                defaults = self.subcommand_defaults(subcommand)
                 self.stored = resume.known_only(stored, set(defaults.keys()), set(defaults.keys(branches=True)),
                                                 str(self.checkpoint_path))
                 plain = [subcommand, "--config", resume.as_config_text(self.stored), *plain[1:]]
@@ -157,8 +158,8 @@ class PicoGPTCLI(LightningCLI):
             )
         return path
 
-    def _parse_ckpt_path(self) -> None:
-        """Replaces LightningCLI's, which silently swaps the config's model settings for the checkpoint's
+    def after_parse(self) -> None:
+        """Replaces LightningCLI's own step here, which silently swaps the config's model settings for the checkpoint's
         hyperparameters: here parse_arguments starts from the run's whole stored config instead, and the run
         folder is settled before any data is prepared."""
         subcommand = self.config.get("subcommand")
@@ -184,7 +185,7 @@ class PicoGPTCLI(LightningCLI):
         if self.stored:
             current = yaml.safe_load(self.parser.dump(self.config))[subcommand]
             found = resume.changes(self.stored, current)
-            self._check_shape(found)
+            resume.check_shape_changes(found, self.checkpoint)
             resume.check_data_changes(found, self.checkpoint, self.checkpoint_path, config.allow_data_change)
             verb = "resuming" if subcommand == "fit" else "validating"
             changed = f", with {resume.describe_changes(found)}" if found else " with the run's own settings"
@@ -209,20 +210,6 @@ class PicoGPTCLI(LightningCLI):
         keeps its checkpoint's when that is either, so runs from before the padding go on unchanged."""
         saved = ((self.checkpoint or {}).get("picogpt", {}).get("model_config") or {}).get("vocab_size")
         return saved if saved in (tokenizer_vocab_size, padded_vocab_size) else padded_vocab_size
-
-    def _check_shape(self, found: dict) -> None:
-        """A changed model shape, refused now rather than after the data is prepared and the model built (the
-        vocabulary, known only then, is checked in after_instantiate_classes)."""
-        saved = self.checkpoint["picogpt"].get("model_config") or {}
-        current = dict(saved)
-        for key, (_, value) in found.items():
-            section, _, name = key.partition(".")
-            if name == "block_size" or (section == "model" and name in saved and name != "vocab_size"):
-                if not (name == "tie_weights" and value == "auto"):
-                    current[name] = value
-        message = model_mismatch_message(saved, current)
-        if message:
-            raise PicoGPTError(message)
 
     def _claim_run_folder(self, config) -> None:
         """Refuse a new run in a folder that holds one (unless --overwrite), then create and lock the folder."""
@@ -251,9 +238,12 @@ class PicoGPTCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         if self.checkpoint is not None:
             saved = self.checkpoint["picogpt"]["model_config"]
-            message = model_mismatch_message(saved, self.model.model.config.to_dict()) or (
+            # What the settings fix was checked before the data was prepared (resume.check_shape_changes), when the checkpoint
+            # stores them; the rest is known now.
+            keys = resume.SETTLED_BY_DATA if self.stored else resume.ARCHITECTURE_KEYS
+            message = resume.model_mismatch_message(saved, self.model.model.config.to_dict(), keys) or (
                 self.subcommand == "fit"
-                and optimizer_mismatch_message(self.checkpoint["hyper_parameters"], self.model.hparams.optimizer)
+                and resume.optimizer_mismatch_message(self.checkpoint["hyper_parameters"], self.model.hparams.optimizer)
             )
             if message:
                 raise PicoGPTError(message)
@@ -261,7 +251,8 @@ class PicoGPTCLI(LightningCLI):
             mismatch = resume.tokenizer_mismatch(self.checkpoint, self.checkpoint_path, self.datamodule.tokenizer_sha256)
             if mismatch and not config.allow_data_change:
                 raise PicoGPTError(mismatch)
-            self._check_text_unchanged(config.allow_data_change)
+            resume.check_text_unchanged(self.checkpoint, self.checkpoint_path, self.datamodule.describe(),
+                                        config.allow_data_change)
             self.checkpoint = None  # Lightning loads the weights again; free this copy
         elif self.subcommand == "fit" and self.model.hparams.init_from:
             # A new run: the warm start happens here, once; a resume continues from its own weights.
@@ -276,20 +267,6 @@ class PicoGPTCLI(LightningCLI):
         self.model.run_config = stored
         self.budget.report(self.datamodule.train_tokens if self.subcommand == "fit" else 0)
 
-    def _check_text_unchanged(self, allowed: bool) -> None:
-        """The same text_path may hold another text than the run trained on: refused unless allowed (it is
-        encoded with the checkpoint's tokenizer either way, so the ids keep their meaning)."""
-        saved = ((self.checkpoint["picogpt"].get("data") or {}).get("source") or {}).get("sha256")
-        now = ((self.datamodule.describe() or {}).get("source") or {}).get("sha256")
-        if not (saved and now and saved != now):
-            return
-        if not allowed:
-            raise PicoGPTError(f"the text differs from the one {self.checkpoint_path} was trained on: pass "
-                               f"{resume.ALLOW_FLAG} to go on with this text (encoded with the checkpoint's "
-                               f"tokenizer), or use the run's own text")
-        warn(f"the text differs from the one {self.checkpoint_path} was trained on: going on with it, encoded "
-             f"with the checkpoint's tokenizer ({resume.ALLOW_FLAG})")
-
     # ------------------------------------------------------------------------------------------ trainer
 
     def instantiate_classes(self) -> None:
@@ -298,14 +275,14 @@ class PicoGPTCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except ValueError as error:
-            reason = _class_refusal(str(error))
+            reason = class_refusal(str(error))
             if reason is None:
                 raise
             raise SettingsError(reason) from None
 
     def instantiate_trainer(self, **kwargs):
         config = self.config[self.subcommand] if self.subcommand else self.config
-        trainer_config = self._get(self.config_init, "trainer", default={})
+        trainer_config = self.config_init.get(self.subcommand, self.config_init).get("trainer", {})
         ckpt_dir = config.ckpt_dir or str(default_ckpt_dir(config.get("config")))
         dry_run = bool(trainer_config.get("fast_dev_run"))
         checkpointing = trainer_config.get("enable_checkpointing") is not False and not dry_run
@@ -359,8 +336,8 @@ class PicoGPTCLI(LightningCLI):
         overwriting = self.subcommand == "fit" and self.config["fit"].overwrite  # before_fit deletes the old logs
         version = 0 if overwriting else next_version(Path(ckpt_dir) / LOGS)
         ours = [CSVLogger(save_dir=ckpt_dir, name=LOGS, version=version)]
-        if given in (None, True) and (logger_connector._TENSORBOARD_AVAILABLE or logger_connector._TENSORBOARDX_AVAILABLE):
-            ours.append(logger_connector.TensorBoardLogger(save_dir=ckpt_dir, name=LOGS, version=version))
+        if given in (None, True) and tensorboard_installed():
+            ours.append(TensorBoardLogger(save_dir=ckpt_dir, name=LOGS, version=version))
         return ours + loggers
 
     def before_fit(self) -> None:
@@ -370,15 +347,10 @@ class PicoGPTCLI(LightningCLI):
             clear_run(Path(config.ckpt_dir))
 
 
-def _class_refusal(message: str) -> str | None:
-    """The reason in jsonargparse's report that it could not build a class of the settings, with the class."""
-    if "class_path" not in message:
-        return None
-    lines = [line.strip() for line in message.splitlines()]
-    reasons = lines[lines.index("Errors:") + 1:] if "Errors:" in lines else lines
-    reason = next((line[2:] for line in reasons if line.startswith("- ")), lines[0])
-    classes = sorted(set(re.findall(r"class_path='([^']+)'", message)))
-    return f"{reason} ({', '.join(classes)})" if classes else reason
+def tensorboard_installed() -> bool:
+    """Whether Lightning's TensorBoardLogger can write (it needs tensorboard or tensorboardX); found without
+    importing either."""
+    return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
 
 
 def _has(callbacks: list, kind: type) -> bool:

@@ -8,6 +8,7 @@ the chosen command's module is imported, and each imports torch (let alone Light
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 
@@ -92,12 +93,24 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except OSError as error:
-        # Disk full, permissions, a vanished folder: files are written to temporary names and renamed, so what
-        # was saved before is intact.
-        where = f" ({error.filename})" if error.filename else ""
-        print(f"picogpt {command}: error: could not write or read a file{where}: {error.strerror or error}; "
-              f"free some space or choose another output folder; earlier checkpoints are intact", file=sys.stderr)
+        print(f"picogpt {command}: error: {os_error_line(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"\npicogpt {command}: interrupted", file=sys.stderr)
         return 130
+
+
+def os_error_line(error: OSError) -> str:
+    """An operating-system error the command did not expect, in one line: which file and why when it names one
+    (disk full, permissions, a vanished folder), else what failed, never guessed to be a file problem."""
+    reason = error.strerror or str(error) or type(error).__name__
+    if not error.filename:
+        return reason if reason == type(error).__name__ else f"{reason} ({type(error).__name__})"
+    files = f"{error.filename} -> {error.filename2}" if error.filename2 else str(error.filename)
+    hint = {errno.ENOSPC: "free some space or choose another output folder",
+            errno.EDQUOT: "free some space or choose another output folder",
+            errno.EACCES: "check its permissions or choose another folder",
+            errno.EPERM: "check its permissions or choose another folder",
+            errno.EROFS: "choose a folder on a writable disk"}.get(error.errno, "check that path")
+    # Files are written to temporary names and renamed, so what was saved before is intact.
+    return f"could not use {files}: {reason}; {hint} (files saved earlier are intact)"

@@ -1,0 +1,89 @@
+"""Every use of Lightning's private API, in one place.
+
+Lightning has no public way to do these few things, so each one here names the private attribute, key or
+function it relies on, and tests/test_lightning_adapter.py checks each of them against the installed
+Lightning: an upgrade that renames one fails those tests loudly instead of quietly changing what a run does.
+The rest of the package uses only Lightning's public API and calls these functions instead.
+"""
+
+from __future__ import annotations
+
+
+class LightningChanged(RuntimeError):
+    """Lightning no longer has a private name this package relies on (after an upgrade): a bug to report, not a
+    user's mistake."""
+
+
+# Where a checkpoint keeps how many optimizer steps the logger has seen (Lightning 2.x's fit loop state).
+LOGGED_STEPS_KEYS = ("loops", "fit_loop", "epoch_loop.state_dict", "_batches_that_stepped")
+
+
+def count_one_more_logged_step(checkpoint: dict) -> None:
+    """Add one to the logging step counter a checkpoint stores, or raise LightningChanged when it has none.
+
+    A checkpoint written during an unscheduled validation holds that counter one behind, and a run resumed from
+    it would log every step one too low (callbacks.FinalValidation)."""
+    *path, last = LOGGED_STEPS_KEYS
+    state = checkpoint
+    for key in path:
+        state = state.get(key) if isinstance(state, dict) else None
+    if not isinstance(state, dict) or isinstance(state.get(last), bool) or not isinstance(state.get(last), int):
+        raise LightningChanged(f"this Lightning's checkpoints keep no {'/'.join(LOGGED_STEPS_KEYS)}")
+    state[last] += 1
+
+
+def attached_trainer(module):
+    """The Trainer a LightningModule is attached to, or None (`module.trainer` raises when there is none)."""
+    return module._trainer
+
+
+def set_max_steps(trainer, max_steps: int) -> None:
+    """Move the last step of a run in progress (`trainer.max_steps` is read-only; the fit loop's epoch loop
+    holds the value it stops at)."""
+    loop = trainer.fit_loop.epoch_loop
+    if not hasattr(loop, "max_steps"):
+        raise LightningChanged("this Lightning's fit loop keeps no epoch_loop.max_steps")
+    loop.max_steps = max_steps
+
+
+def average_model(callback):
+    """The averaged copy of the model a WeightAveraging callback keeps (None before its setup)."""
+    return callback._average_model
+
+
+def summary_table(*args, **kwargs) -> str:
+    """Lightning's model summary table (ModelSummary.summarize prints it; we print it without empty columns)."""
+    from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
+
+    return _format_summary_table(*args, **kwargs)
+
+
+class LightningCLIHooks:
+    """Mixed into a LightningCLI subclass (before LightningCLI): its private steps under public names.
+
+    - `after_parse()` replaces LightningCLI's `_parse_ckpt_path`, the step between parsing the arguments and
+      instantiating the classes (Lightning's would swap the config's model settings for a checkpoint's
+      hyperparameters);
+    - `subcommand_defaults(name)` is the defaults of one subcommand's parser (`_parser(name)`);
+    - `subcommand_parser(name)` is that parser itself (`_subcommand_parsers`), available in
+      `after_subcommands_added()`, which runs once LightningCLI has built them (`_add_subcommands`).
+    """
+
+    def after_parse(self) -> None:
+        """Between parsing the arguments and building the classes; the default does nothing."""
+
+    def after_subcommands_added(self) -> None:
+        """Once the subcommand parsers exist; the default does nothing."""
+
+    def subcommand_defaults(self, subcommand: str):
+        return self._parser(subcommand).get_defaults()
+
+    def subcommand_parser(self, subcommand: str):
+        return self._subcommand_parsers[subcommand]
+
+    def _parse_ckpt_path(self) -> None:
+        self.after_parse()
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        self.after_subcommands_added()
