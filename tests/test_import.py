@@ -378,6 +378,24 @@ def test_fit_warm_starts_from_an_imported_checkpoint_and_validate_reads_it(model
     assert f"warm start: loaded 29 tensors from {ckpt}" in capsys.readouterr().out
 
 
+def test_a_padded_embedding_validates_and_warm_starts_on_text_at_its_own_size(models, tmp_path, capsys):
+    _, built = models
+    model, _, ckpt, padded = built["llama"]
+    assert padded
+    (tmp_path / "text.txt").write_text(TEXT * 20)
+    data = ["--data.text_path", str(tmp_path / "text.txt"), "--data.cache_dir", str(tmp_path / "prepared")]
+    assert main(["validate", "--ckpt_path", str(ckpt), *data, "--trainer.accelerator", "cpu"]) == 0
+    assert "val_loss" in capsys.readouterr().out
+    stored = load_checkpoint(ckpt).config.to_dict()
+    flags = [f"--model.{key}={'null' if value is None else value}" for key, value in stored.items()
+             if key not in ("vocab_size", "block_size", "dropout")]
+    assert main(["fit", *data, "--data.tokenizer_from", str(ckpt), "--model.init_from", str(ckpt), *flags,
+                 "--data.block_size", "64", "--trainer.max_steps", "1", "--data.batch_size", "2",
+                 "--trainer.accelerator", "cpu", "--ckpt_dir", str(tmp_path / "run"), "--sample_tokens", "0",
+                 "--trainer.enable_progress_bar", "false"]) == 0
+    assert load_checkpoint(tmp_path / "run" / "last.ckpt").config.vocab_size == model.config.vocab_size
+
+
 def test_an_answer_after_a_templates_space_is_trained_from_its_first_token(models):
     from picogpt_lightning.jinja_template import JinjaChatTemplate
 

@@ -206,10 +206,18 @@ class PicoGPTCLI(LightningCLIHooks, LightningCLI):
             )
 
     def _model_vocab_size(self, tokenizer_vocab_size: int, padded_vocab_size: int) -> int:
-        """The data's model vocabulary (the tokenizer's, padded when read from a file); a resumed or validated run
-        keeps its checkpoint's when that is either, so runs from before the padding go on unchanged."""
+        """The data's model vocabulary: the tokenizer's, padded when read from a file. A model that goes on from
+        another's weights with its tokenizer (a resumed or validated run, a warm start with --data.tokenizer_from
+        the same checkpoint) keeps that model's size when its embedding holds every token: runs from before the
+        padding, and padded vocabularies such as Qwen3's, go on unchanged."""
+        config = self.config[self.subcommand]
         saved = ((self.checkpoint or {}).get("picogpt", {}).get("model_config") or {}).get("vocab_size")
-        return saved if saved in (tokenizer_vocab_size, padded_vocab_size) else padded_vocab_size
+        init_from = config.model.get("init_from") if self.checkpoint is None else None
+        if init_from and config.data.get("tokenizer_from") == init_from:
+            from ..checkpoint import read_checkpoint
+
+            saved = (read_checkpoint(init_from, verify=False)["picogpt"].get("model_config") or {}).get("vocab_size")
+        return saved if isinstance(saved, int) and saved >= tokenizer_vocab_size else padded_vocab_size
 
     def _claim_run_folder(self, config) -> None:
         """Refuse a new run in a folder that holds one (unless --overwrite), then create and lock the folder."""
