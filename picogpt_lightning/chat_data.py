@@ -39,7 +39,8 @@ from .corpus import source_sha256
 from .errors import PicoGPTError, warn
 from .prepare import tokenizer_from_path
 from .tokenizer_source import model_vocab_size
-from .tokenizer import Tokenizer, fingerprint, tokenizer_from_json
+from .tokenizer import Tokenizer, fingerprint
+from .tokenizer_files import tokenizer_from_json
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 DEFAULT_CONVERSATIONS = "data/philosophy-chat.jsonl"

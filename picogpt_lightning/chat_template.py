@@ -22,9 +22,9 @@ import json
 import string
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from .errors import PicoGPTError
+from .segments import Segment
 from .tokenizer import ENDOFTEXT
 
 ROLES = ("system", "user", "assistant")
@@ -66,12 +66,6 @@ def validate_messages(messages: object, for_generation: bool = False) -> list[di
 
 
 # ----------------------------------------------------------------------------------------------- templates
-
-
-class Segment(NamedTuple):
-    text: str
-    trained: bool  # the model learns to write it: an answer and its end
-    special: bool = False  # template markup that is the end-of-text token; any other text is encoded as text
 
 
 @dataclass

@@ -20,7 +20,6 @@ written, or that holds NaN or infinite weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import re
@@ -32,33 +31,18 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from .disk import save_torch
-from .checkpoint_format import CHECKPOINT_FORMAT, check_format, load_weights, stored_model_config
+from .checkpoint_format import (CHECKSUM_KEY, MODEL_PREFIX, check_format, checkpoint_payload, load_weights,
+                                stored_model_config, weights_sha256, write_payload)
 from .errors import PicoGPTError
-from .files import not_found, write_atomically
+from .files import not_found
 from .model import GPT, GPTConfig
-from .tokenizer import Tokenizer, fingerprint, tokenizer_from_json
+from .tokenizer import Tokenizer
+from .tokenizer_files import tokenizer_from_json
 
-CHECKSUM_KEY = "weights_sha256"
 RUN_FOLDER_CHECKPOINTS = ("best.ckpt", "last.ckpt")  # what a run folder passed as a checkpoint stands for
 
-MODEL_PREFIX = "model."
 EXPORT_WEIGHTS = "model.safetensors"  # `picogpt export` writes the weights under this name in both formats
 EXPORT_CONFIG = "picogpt.json"  # --format safetensors: our own config beside the weights
-
-
-def weights_sha256(state_dict: dict) -> str | None:
-    """sha256 over the names, dtypes, shapes and bytes of a state dict's tensors (1.7 GB/s: 0.3 s for GPT-2's
-    124M parameters, docs/benchmarks.md); None when it holds sharded tensors (FSDP), which have no plain bytes."""
-    digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        tensor = state_dict[name]
-        if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
-            return None
-        tensor = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}:{tensor.dtype}:{tuple(state_dict[name].shape)};".encode())
-        digest.update(tensor.view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 def non_finite_weights(state_dict: dict) -> list[str]:
@@ -245,26 +229,3 @@ def save_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer, **meta) 
     test scripts. The file is written to a temporary name and renamed, so a crash never leaves half a file.
     """
     write_payload(path, checkpoint_payload(model.config, model.state_dict(), tokenizer, **meta))
-
-
-def checkpoint_payload(model_config: GPTConfig, state: dict, tokenizer: Tokenizer, checksum: bool = True,
-                       **meta) -> dict:
-    """The contents of a weights-only checkpoint (the layout above) for a model's config and state dict;
-    `checksum` adds the weights' checksum, which every written file carries."""
-    payload = {
-        "state_dict": {MODEL_PREFIX + k: v.detach().cpu() for k, v in state.items()},
-        "hyper_parameters": model_config.to_dict(),
-        "global_step": int(meta.pop("global_step", 0)),
-        "picogpt": {"format": CHECKPOINT_FORMAT, "model_config": model_config.to_dict(), "tokenizer": tokenizer.to_json(),
-                    "tokenizer_sha256": fingerprint(tokenizer), **meta},
-    }
-    if checksum:
-        payload["picogpt"][CHECKSUM_KEY] = weights_sha256(payload["state_dict"])
-    return payload
-
-
-def write_payload(path: str | Path, payload: dict) -> None:
-    """Write a checkpoint's contents to a temporary name and rename it, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda temporary: save_torch(payload, temporary))

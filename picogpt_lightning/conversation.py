@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .chat_template import ChatTemplate, Segment, validate_messages
+from .chat_template import ChatTemplate, validate_messages
 from .errors import PicoGPTError
 from .files import not_found
 from .prompt import fit_to_vocabulary
+from .segments import Segment
 from .tokenizer import Tokenizer
 
 CONVERSATION_SUFFIX = ".jsonl"

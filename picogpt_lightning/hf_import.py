@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint_format import checkpoint_payload, write_payload
 from .errors import PicoGPTError, SettingsError
 from .model import GPT, GPTConfig, LAYER_NORM_EPS, RMS_NORM_EPS
 from .pretrained_tokenizer import load_pretrained_tokenizer, read_json
@@ -291,8 +292,6 @@ def import_folder(folder: str | Path, dtype: str = "float32", block_size: int | 
                   checksum: bool = False) -> dict:
     """The checkpoint of a Hugging Face folder, in memory, as `checkpoint.read_checkpoint` returns one; with
     `checksum`, with the weights' checksum a written file carries (not needed in memory)."""
-    from .checkpoint import checkpoint_payload
-
     folder = Path(folder)
     if dtype not in DTYPES:
         raise SettingsError(f"--dtype {dtype} is unknown; use float32 (the default), bfloat16 or float16")
@@ -333,8 +332,6 @@ def _lightning_version() -> str:
 def import_checkpoint(folder: str | Path, out: str | Path, dtype: str = "float32",
                       block_size: int | None = None) -> Path:
     """`picogpt import`: write the folder's model as an ordinary checkpoint at `out` (atomically)."""
-    from .checkpoint import write_payload
-
     out = Path(out)
     if out.is_dir():
         raise SettingsError(f"--out {out} is a folder: pass the checkpoint file to write (e.g. {out / 'model.ckpt'})")

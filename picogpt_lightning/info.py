@@ -16,7 +16,7 @@ import yaml
 
 from .checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS, find_checkpoint, model_state_dict, read_checkpoint
 from .errors import PicoGPTError
-from .tokenizer import tokenizer_from_json
+from .tokenizer_files import tokenizer_from_json
 
 UNKNOWN = "unknown"
 LIGHTNING_INTERNALS = ("_instantiator", "_class_path")

@@ -20,7 +20,7 @@ from datetime import datetime
 
 import numpy as np
 
-from .chat_template import Segment
+from .segments import Segment
 from .errors import PicoGPTError
 
 JINJA_NAME = "jinja"

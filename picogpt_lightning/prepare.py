@@ -36,8 +36,8 @@ from .files import (FolderInUse, FolderLock, commit, make_folders, remove_empty_
 from .prepared_checks import DamagedPreparation, add_missing_checksums, bin_checksums, check_bins, check_meta
 from .progress import Progress
 from .settings import PrepareSettings
-from .tokenizer import (BPE_FILE, ENDOFTEXT, VOCAB_FILE, BPETokenizer, CharTokenizer, Tokenizer, WordTokenizer,
-                        fingerprint, load_tokenizer)
+from .tokenizer import BPE_FILE, ENDOFTEXT, VOCAB_FILE, BPETokenizer, CharTokenizer, Tokenizer, WordTokenizer, fingerprint
+from .tokenizer_files import load_tokenizer
 from .tokenizer_source import note_given_tokenizer, tokenizer_from_path
 
 DEFAULT_CACHE_DIR = "data/prepared"

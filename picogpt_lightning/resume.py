@@ -28,7 +28,8 @@ from dataclasses import fields
 from .corpus import find_text_files, source_sha256
 from .errors import PicoGPTError, warn
 from .model import GPTConfig
-from .tokenizer import Tokenizer, fingerprint, tokenizer_from_json
+from .tokenizer import Tokenizer, fingerprint
+from .tokenizer_files import tokenizer_from_json
 
 # Options that describe this invocation rather than the run: never taken from the checkpoint.
 INVOCATION_KEYS = ("config", "ckpt_path", "ckpt_dir", "additional_steps", "overwrite", "allow_data_change",

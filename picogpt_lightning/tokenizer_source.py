@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 
 from .errors import PicoGPTError, warn
-from .tokenizer import (BPE_FILE, GPT2_ENCODER_FILE, GPT2_MERGES_FILE, VOCAB_FILE, Tokenizer, load_gpt2_files,
-                        load_tokenizer, tokenizer_from_json)
+from .tokenizer import BPE_FILE, VOCAB_FILE, Tokenizer
+from .tokenizer_files import GPT2_ENCODER_FILE, GPT2_MERGES_FILE, load_gpt2_files, load_tokenizer, tokenizer_from_json
 
 VOCAB_MULTIPLE = 64
 # A text cut where corpus.py cuts chunks (after a newline): tokenizers that encode the two pieces as the whole

@@ -17,7 +17,8 @@ from .checkpoint import model_state_dict, read_checkpoint
 from .errors import PicoGPTError
 from .model import GPT
 from .resume import same_tokenizer
-from .tokenizer import Tokenizer, tokenizer_from_json, vocabulary
+from .tokenizer import Tokenizer, vocabulary
+from .tokenizer_files import tokenizer_from_json
 
 TOKEN_INDEXED = ("wte.weight", "lm_head.weight", "lm_head.bias")  # one row per token id
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from picogpt_lightning.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from picogpt_lightning.checkpoint import load_checkpoint, save_checkpoint
 from picogpt_lightning.cli import main
 from picogpt_lightning.errors import PicoGPTError
 from picogpt_lightning.export import export

@@ -6,7 +6,6 @@ import errno
 import json
 
 import pytest
-import torch
 
 from picogpt_lightning import callbacks as callbacks_module
 from picogpt_lightning.callbacks import FinalValidation

@@ -21,7 +21,8 @@ from picogpt_lightning.checkpoint import load_checkpoint, read_checkpoint, save_
 from picogpt_lightning.cli import main  # noqa: E402
 from picogpt_lightning.conversation import encode_conversation  # noqa: E402
 from picogpt_lightning.model import GPT, GPTConfig  # noqa: E402
-from picogpt_lightning.tokenizer import fingerprint, load_tokenizer, tokenizer_from_json  # noqa: E402
+from picogpt_lightning.tokenizer import fingerprint
+from picogpt_lightning.tokenizer_files import load_tokenizer, tokenizer_from_json  # noqa: E402
 
 TEXT = "the quick brown fox jumps over the lazy dog. hello world, how are you? fine, thank you! " * 4
 # Qwen-like: a system turn, role markers as special tokens, a generation prompt, a loop variable.
@@ -394,6 +395,34 @@ def test_a_padded_embedding_validates_and_warm_starts_on_text_at_its_own_size(mo
                  "--trainer.accelerator", "cpu", "--ckpt_dir", str(tmp_path / "run"), "--sample_tokens", "0",
                  "--trainer.enable_progress_bar", "false"]) == 0
     assert load_checkpoint(tmp_path / "run" / "last.ckpt").config.vocab_size == model.config.vocab_size
+
+
+def test_the_terminal_chat_of_an_imported_model_prompts_with_its_own_template(models, monkeypatch):
+    import builtins
+    import io
+
+    from picogpt_lightning.chat import ChatSession
+    from picogpt_lightning.cli.chat import run_repl
+    from picogpt_lightning.settings import SamplingSettings
+
+    loaded = load_checkpoint(models[1]["qwen3"][2])
+    screen = io.StringIO()
+    session = ChatSession(loaded.model, loaded.tokenizer, template=_template(loaded),
+                          settings=SamplingSettings(temperature=0), max_new_tokens=12, output=screen, notes=screen)
+    typed = iter(["hello world"])
+
+    def fake_input(prompt):
+        try:
+            line = next(typed)
+        except StopIteration:
+            raise EOFError from None
+        screen.write(prompt + line + "\n")
+        return line
+
+    monkeypatch.setattr(builtins, "input", fake_input)
+    run_repl(session, None)
+    assert "\n> hello world\n" in screen.getvalue()  # the plain prompt: the Jinja template has no "Q: " to show
+    assert len(session.history) == 1 and session.history[0][0] == "hello world"
 
 
 def test_an_answer_after_a_templates_space_is_trained_from_its_first_token(models):

@@ -3,7 +3,6 @@ the rope_theta resume that was listed as a change but not refused."""
 
 from dataclasses import fields
 
-import pytest
 import torch
 
 from picogpt_lightning.checkpoint import save_checkpoint

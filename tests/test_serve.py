@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -16,20 +11,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from picogpt_lightning.api import load  # noqa: E402
-from picogpt_lightning.checkpoint import save_checkpoint  # noqa: E402
-from picogpt_lightning.chat_template import get_template  # noqa: E402
 from picogpt_lightning.errors import PicoGPTError  # noqa: E402
-from picogpt_lightning.model import GPT, GPTConfig  # noqa: E402
 from picogpt_lightning.serve_protocol import RequestError, RequestLimits, read_request  # noqa: E402
 from picogpt_lightning.settings import SamplingSettings, ServeSettings  # noqa: E402
 from picogpt_lightning.tokenizer import CharTokenizer  # noqa: E402
-from serving import free_port, random_chat_model, ready, start_server, stop_server  # noqa: E402
+from serving import random_chat_model, ready, start_server, stop_server  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEXT = "You are picoGPT.\n\nQ: What is truth?\nA: What remains.\n\nQ: And virtue?\nA: A habit.\n<|>fx_y"

@@ -4,16 +4,8 @@ import sys
 import pytest
 
 from picogpt_lightning.errors import PicoGPTError
-from picogpt_lightning.tokenizer import (
-    ENDOFTEXT,
-    BPETokenizer,
-    CharTokenizer,
-    WordTokenizer,
-    bpe_available,
-    fingerprint,
-    load_tokenizer,
-    tokenizer_from_json,
-)
+from picogpt_lightning.tokenizer import ENDOFTEXT, BPETokenizer, CharTokenizer, WordTokenizer, bpe_available, fingerprint
+from picogpt_lightning.tokenizer_files import load_tokenizer, tokenizer_from_json
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 20
 UNICODE = "naïve café — 日本語 😀👍🏽\r\n\ttabs  and  spaces\n\n\n<|endoftext|> trailing "

@@ -80,7 +80,9 @@ def run_repl(session, lines: Iterable[str] | None = None) -> None:
     except ImportError:
         pass
     session.note(COMMANDS_HELP)
-    user_prefix, assistant_prefix = (session.template.affixes[role][0] for role in ("user", "assistant"))
+    # A pretrained model's Jinja template has no affixes: its turns get the plain "> " prompt.
+    affixes = getattr(session.template, "affixes", {"user": ("",), "assistant": ("",)})
+    user_prefix, assistant_prefix = (affixes[role][0] for role in ("user", "assistant"))
     # A one-line prefix ("Q: ") reads well as the input prompt; a marker spread over lines would not.
     user_prompt = user_prefix if user_prefix.strip() and "\n" not in user_prefix else "> "
     # Written by the session before each answer, after any note about its prompt (on stderr, on its own line).

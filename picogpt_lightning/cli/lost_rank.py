@@ -30,7 +30,7 @@ def resume_hint(command: str, args: list[str]) -> str:
     if config is None:
         config = next((arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")), None)
     return (f"picogpt {command} --config {config} --ckpt_path last" if config
-            else f"the same command with --ckpt_path last")
+            else "the same command with --ckpt_path last")
 
 
 def lost_rank_error(error: BaseException, command: str, args: list[str]) -> PicoGPTError | None:

@@ -105,7 +105,7 @@ def check_tokenizer_options(
 
 
 def _check_same_tokenizer(tokenizer, flag: str, path: str) -> None:
-    from ..tokenizer import load_tokenizer
+    from ..tokenizer_files import load_tokenizer
 
     if not Path(path).exists() or is_special(path):
         raise PicoGPTError(f"{flag} {path} {not_found(path)}; leave it out, the checkpoint carries its tokenizer")
