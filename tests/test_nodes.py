@@ -1,7 +1,8 @@
-"""Two nodes on one machine (127.0.0.1), each a `picogpt fit` process with its own NODE_RANK: they train
-together like one process with two devices, only node 0 writes the run, a node with its own disk prepares its
-own copy of the data, a killed node ends the other in one line, and torchrun resumes the run from last.ckpt.
-Run as subprocesses (in-process DDP would re-launch pytest)."""
+"""Two nodes on one machine (127.0.0.1), each a `picogpt fit` process with its own NODE_RANK: only node 0
+writes the run, a node with its own disk prepares its own copy of the data, a killed node ends the other in
+one line, torchrun resumes the run from last.ckpt, and the weights are those of one process with two devices
+trained as long. One test, to keep to three two-process runs; as subprocesses (in-process DDP re-launches
+pytest)."""
 
 from __future__ import annotations
 
@@ -51,35 +52,26 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["state_dict"]
 
 
-def test_two_nodes_train_like_two_devices_and_only_node_0_writes(tmp_path):
+def torchrun_nodes(*args) -> list[subprocess.Popen]:
+    port = str(free_port())
+    return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                              "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port,
+                              "-m", "picogpt_lightning.cli", "fit", *args, *NODE_FLAGS],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+            for rank in (0, 1)]
+
+
+def test_two_nodes_killed_and_resumed_with_torchrun_end_with_the_weights_of_two_devices(tmp_path):
     text = make_text(tmp_path / "t.txt")
-    config = make_config(tmp_path, text, trainer={"max_steps": 6, "val_check_interval": 3, "strategy": "ddp"})
-    devices = start("fit", "--config", str(config), "--trainer.devices", "2", "--sample_tokens", "0",
-                    "--ckpt_dir", str(tmp_path / "two-devices"))
-    assert finish(devices)[0] == 0
+    # The LR schedule is fixed in steps (not by max_steps), so the interrupted run and the reference share it.
+    config = make_config(tmp_path, text, trainer={"max_steps": 100000, "val_check_interval": 2, "strategy": "ddp"},
+                         model={"lr_decay_iters": 1000})
+    run = tmp_path / "checkpoints" / "run"
     # Node 1 has a disk of its own: its data goes there, and it would put a run folder there if it wrote one.
     node_1_disk = tmp_path / "node-1-disk"
-    nodes = start_nodes(config, "--ckpt_dir", str(tmp_path / "two-nodes"),
-                        node_args=((), ("--data.cache_dir", str(node_1_disk / "prepared"),
-                                        "--ckpt_dir", str(node_1_disk / "run"))))
-    (code_0, out_0, err_0), (code_1, out_1, err_1) = [finish(node) for node in nodes]
-    assert (code_0, code_1) == (0, 0), err_0[-2000:] + err_1[-2000:]
-
-    expected, trained = weights(tmp_path / "two-devices" / "last.ckpt"), weights(tmp_path / "two-nodes" / "last.ckpt")
-    assert torch.load(tmp_path / "two-nodes" / "last.ckpt", weights_only=True)["global_step"] == 6
-    assert expected.keys() == trained.keys()
-    assert all(torch.equal(expected[name], trained[name]) for name in expected)
-    assert "best val_loss" in out_0 and "best val_loss" not in out_1  # one summary, by node 0
-    assert not (node_1_disk / "run").exists()
-    assert len(list((node_1_disk / "prepared").iterdir())) == 1  # its own copy, prepared on its own disk
-    assert len(list((tmp_path / "prepared").iterdir())) == 1
-
-
-def test_a_killed_node_ends_the_other_in_one_line_and_torchrun_resumes_the_run(tmp_path):
-    text = make_text(tmp_path / "t.txt")
-    config = make_config(tmp_path, text, trainer={"max_steps": 100000, "val_check_interval": 2, "strategy": "ddp"})
-    run = tmp_path / "checkpoints" / "run"
-    nodes = start_nodes(config)  # one disk for both: node 0 or node 1 prepares, the other waits for it
+    nodes = start_nodes(config, node_args=((), ("--data.cache_dir", str(node_1_disk / "prepared"),
+                                                "--ckpt_dir", str(node_1_disk / "run"))))
     try:
         deadline = time.monotonic() + 120
         while not (run / "last.ckpt").exists() and nodes[0].poll() is None and time.monotonic() < deadline:
@@ -98,17 +90,22 @@ def test_a_killed_node_ends_the_other_in_one_line_and_torchrun_resumes_the_run(t
     errors = [line for line in err.splitlines() if "error:" in line]
     assert len(errors) == 1 and "rank 0 of this distributed run stopped" in errors[0], err[-2000:]
     assert f"resume with: picogpt fit --config {config} --ckpt_path last" in errors[0]
-    assert len(list((tmp_path / "prepared").iterdir())) == 1
+    assert not (node_1_disk / "run").exists()  # only node 0 writes the run
+    assert len(list((node_1_disk / "prepared").iterdir())) == 1  # node 1 prepared its own copy on its own disk
 
+    # Resumed by torchrun, both nodes on one disk now: one of them prepares (with the checkpoint's tokenizer).
     step = torch.load(run / "last.ckpt", weights_only=True)["global_step"]
-    port = str(free_port())
-    agents = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
-         str(rank), "--master-addr", "127.0.0.1", "--master-port", port, "-m", "picogpt_lightning.cli", "fit",
-         "--config", str(config), *NODE_FLAGS, "--ckpt_path", "last", "--additional_steps", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        for rank in (0, 1)]
-    results = [finish(agent) for agent in agents]
-    assert [code for code, _, _ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
+    resumed = [finish(agent) for agent in torchrun_nodes("--config", str(config), "--ckpt_path", "last",
+                                                           "--additional_steps", "2")]
+    assert [code for code, _, _ in resumed] == [0, 0], resumed[0][2][-2000:] + resumed[1][2][-2000:]
+    assert f"resuming {run / 'last.ckpt'} (step {step})" in resumed[0][1]
+    assert "best val_loss" in resumed[0][1] and "best val_loss" not in resumed[1][1]  # one summary, by node 0
+    assert len(list((tmp_path / "prepared").iterdir())) == 2
+
+    devices = start("fit", "--config", str(config), "--trainer.devices", "2", "--sample_tokens", "0",
+                    "--trainer.max_steps", str(step + 2), "--ckpt_dir", str(tmp_path / "two-devices"))
+    assert finish(devices)[0] == 0
+    expected, trained = weights(tmp_path / "two-devices" / "last.ckpt"), weights(run / "last.ckpt")
     assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == step + 2
-    assert f"resuming {run / 'last.ckpt'} (step {step})" in results[0][1]
+    assert expected.keys() == trained.keys()
+    assert all(torch.equal(expected[name], trained[name]) for name in expected)
