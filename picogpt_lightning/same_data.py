@@ -14,13 +14,14 @@ import socket
 
 from .errors import PicoGPTError
 
-IDENTITY_KEYS = ("sha256", "tokenizer_sha256", "vocab_size", "train_tokens", "val_tokens", "checksums")
-SAID = {"sha256": "text sha256", "tokenizer_sha256": "tokenizer sha256", "checksums": "bin checksums"}
+IDENTITY_KEYS = ("text_sha256", "tokenizer_sha256", "vocab_size", "train_tokens", "val_tokens", "checksums")
+SAID = {"text_sha256": "text sha256", "tokenizer_sha256": "tokenizer sha256", "checksums": "bin checksums"}
 
 
 def identity(meta: dict) -> dict:
     """What makes two preparations the same data, from their meta.json."""
-    return {key: meta.get(key) for key in IDENTITY_KEYS}
+    source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+    return {"text_sha256": source.get("sha256"), **{key: meta.get(key) for key in IDENTITY_KEYS[1:]}}
 
 
 def check_same_data(meta: dict, folder: str) -> None:

@@ -14,7 +14,7 @@ from picogpt_lightning.cli import launch_checks
 from picogpt_lightning.cli.launch_checks import devices_per_node, master_answers
 from picogpt_lightning.errors import SettingsError
 from picogpt_lightning.launch import is_global_rank_zero, launcher, local_rank
-from picogpt_lightning.same_data import difference
+from picogpt_lightning.same_data import difference, identity
 
 from helpers import make_config, make_text
 
@@ -104,11 +104,14 @@ def test_the_rank_of_a_process_comes_from_the_launcher_lightning_detects():
 
 def test_ranks_that_prepared_different_data_are_named_with_what_differs():
     def rank(tokenizer: str, host: str) -> dict:
-        identity = {"sha256": "a" * 64, "tokenizer_sha256": tokenizer, "vocab_size": 50, "train_tokens": 900,
-                    "val_tokens": 100, "checksums": {"train": "c"}}
-        return {"identity": identity, "folder": f"/{host}/prepared/t-1", "host": host}
+        meta = {"source": {"sha256": "a" * 64}, "tokenizer_sha256": tokenizer, "vocab_size": 50, "train_tokens": 900,
+                "val_tokens": 100, "checksums": {"train": "c"}, "settings": {}}
+        return {"identity": identity(meta), "folder": f"/{host}/prepared/t-1", "host": host}
 
     assert difference([rank("t" * 64, "n0"), rank("t" * 64, "n1")]) is None
     message = difference([rank("t" * 64, "n0"), rank("t" * 64, "n1"), rank("u" * 64, "n2")])
+    other_text = {**rank("t" * 64, "n1"), "identity": identity({"source": {"sha256": "b" * 64}})}
+    assert "its text sha256 is bbbbbbbbbbbbbbbb..., rank 0's aaaaaaaaaaaaaaaa..." in difference([rank("t" * 64, "n0"),
+                                                                                             other_text])
     assert message.startswith("rank 2 (n2: /n2/prepared/t-1) prepared other data than rank 0 (n0: /n0/prepared/t-1): "
                               "its tokenizer sha256 is uuuuuuuuuuuuuuuu..., rank 0's tttttttttttttttt...")

@@ -117,11 +117,12 @@ def check_own_launcher(num_nodes: int, env: Mapping[str, str], wait_s: float) ->
     missing = [name for name, value in (("NODE_RANK", node_rank), ("MASTER_ADDR", env.get("MASTER_ADDR")),
                                         ("MASTER_PORT", env.get("MASTER_PORT"))) if value is None]
     if missing:
+        names = f"{', '.join(missing[:-1])} and {missing[-1]} are" if len(missing) > 1 else f"{missing[0]} is"
+        others = "1 on the other" if num_nodes == 2 else f"1 to {num_nodes - 1} on the others"
         raise SettingsError(
-            f"trainer.num_nodes is {num_nodes} but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
-            f"not set: on every node set NODE_RANK (0 on the node of MASTER_ADDR, then 1 to {num_nodes - 1}), "
-            f"MASTER_ADDR (node 0's address) and the same free MASTER_PORT, or launch with torchrun or SLURM "
-            f"(docs/training.md#several-machines)"
+            f"trainer.num_nodes is {num_nodes} but {names} not set: on every node set NODE_RANK (0 on the node of "
+            f"MASTER_ADDR, {others}), MASTER_ADDR (node 0's address) and the same free MASTER_PORT, or launch with "
+            f"torchrun or SLURM (docs/training.md#several-machines)"
         )
     rank = _whole(node_rank)
     if rank is None or rank >= num_nodes:
