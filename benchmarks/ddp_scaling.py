@@ -48,7 +48,7 @@ class StepTimes(Callback):
 def run(config: str, processes: int, steps: int, warmup: int, folder: Path) -> float:
     """Median seconds per step of one `picogpt fit` with `processes` processes."""
     out = folder / f"steps-{processes}.json"
-    callback = [{"class_path": f"{__name__}.StepTimes", "init_args": {"out": str(out)}}]
+    callback = [{"class_path": "benchmarks.ddp_scaling.StepTimes", "init_args": {"out": str(out)}}]
     strategy = ["--trainer.strategy", "ddp"] if processes > 1 else []
     command = [sys.executable, "-m", "picogpt_lightning.cli", "fit", "--config", config,
                "--trainer.accelerator", "cpu", "--trainer.devices", str(processes), *strategy,
