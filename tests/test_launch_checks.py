@@ -8,6 +8,7 @@ import socket
 import time
 
 import pytest
+import torch
 
 from picogpt_lightning.cli import main
 from picogpt_lightning.cli import launch_checks
@@ -90,7 +91,7 @@ def test_a_master_that_listens_or_whose_machine_refuses_is_reachable():
 
 def test_devices_per_node_counts_what_lightning_starts_on_each_node():
     assert [devices_per_node(value, "cpu") for value in (2, "2", [0, 1], "0,1", "auto", -1)] == [2, 2, 2, 2, 1, None]
-    assert devices_per_node("auto", "cuda") is None
+    assert devices_per_node("auto", "auto") == (torch.cuda.device_count() if torch.cuda.is_available() else 1)
 
 
 def test_the_rank_of_a_process_comes_from_the_launcher_lightning_detects():

@@ -60,13 +60,13 @@ def check_strategy_name(strategy) -> None:
 
 
 def devices_per_node(devices, accelerator) -> int | None:
-    """The processes Lightning runs on each node for `trainer.devices`, or None where only the hardware can say
-    (`auto` or -1 on an accelerator)."""
+    """The processes Lightning runs on each node for `trainer.devices`, or None where it cannot be told here
+    (-1, or `auto` with an accelerator that is not this machine's)."""
     if isinstance(devices, (list, tuple)):
         return len(devices)
     if isinstance(devices, str):
         if devices == "auto":
-            return 1 if accelerator == "cpu" else None
+            return _auto_devices(accelerator)
         devices = devices.strip().rstrip(",")
         if "," in devices:
             return len(devices.split(","))
@@ -74,6 +74,15 @@ def devices_per_node(devices, accelerator) -> int | None:
     if isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:
         return devices
     return None
+
+
+def _auto_devices(accelerator) -> int | None:
+    """What `devices: auto` is (Lightning: every CUDA device; one CPU or MPS device)."""
+    import torch
+
+    if accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return 1 if accelerator in ("auto", "cpu", "mps") else None
 
 
 def check_torchrun(num_nodes: int, devices: int | None, env: Mapping[str, str]) -> None:
