@@ -38,6 +38,8 @@ def clean_env(monkeypatch):
 
 @pytest.mark.parametrize("env, flags, expected", [
     ({}, ["--trainer.strategy", "dpp"], "trainer.strategy 'dpp' is not a strategy Lightning knows: did you mean ddp?"),
+    ({}, ["--trainer.strategy", "DDPStrategy"], "a strategy class goes in with its path, e.g. --trainer.strategy "
+                                                 "'{\"class_path\": \"lightning.pytorch.strategies.DDPStrategy\"}'"),
     (TORCHRUN_2x1, [], "torchrun started 2 node(s) x 1 process(es) (--nnodes 2 --nproc-per-node 1) but "
                        "trainer.num_nodes is 1"),
     (TORCHRUN_2x1, ["--trainer.num_nodes", "2", "--trainer.devices", "2"], "pass --trainer.num_nodes 2 "
@@ -50,7 +52,7 @@ def clean_env(monkeypatch):
     ({**OWN_NODE_1, "NODE_RANK": "2"}, ["--trainer.num_nodes", "2"], "NODE_RANK is 2 but trainer.num_nodes is 2"),
     ({**OWN_NODE_1, "MASTER_ADDR": "node0.invalid"}, ["--trainer.num_nodes", "2"],
      "MASTER_ADDR node0.invalid is not a host name or address this machine can resolve"),
-], ids=["unknown strategy", "torchrun nodes", "torchrun devices", "slurm nodes", "slurm tasks per node",
+], ids=["unknown strategy", "strategy class by name", "torchrun nodes", "torchrun devices", "slurm nodes", "slurm tasks per node",
         "node rank without nodes", "no master port", "node rank too large", "unresolvable master"])
 def test_a_launch_that_disagrees_with_the_settings_is_one_line_exit_2_and_writes_nothing(
         tmp_path, clean_env, capsys, env, flags, expected):

@@ -53,6 +53,11 @@ def check_strategy_name(strategy) -> None:
     known = ["auto", *StrategyRegistry.available_strategies()]
     if strategy in known:
         return
+    if "." in strategy or strategy.endswith("Strategy"):
+        raise SettingsError(f"trainer.strategy {strategy!r} is not a strategy name Lightning knows: a strategy class "
+                            f"goes in with its path, e.g. --trainer.strategy '{{\"class_path\": "
+                            f"\"lightning.pytorch.strategies.DDPStrategy\"}}' (or class_path: under strategy: in "
+                            f"the YAML)")
     close = difflib.get_close_matches(strategy, known, n=1)
     guess = f"did you mean {close[0]}? " if close else ""
     raise SettingsError(f"trainer.strategy {strategy!r} is not a strategy Lightning knows: {guess}the usual ones are "
