@@ -26,7 +26,8 @@ from .disk import no_space_message, save_torch
 from .errors import PicoGPTError, warn
 from .files import write_atomically
 from .generate import make_generator, stream_text
-from .lightning_adapter import LightningChanged, average_model, count_one_more_logged_step, summary_table
+from .lightning_adapter import (LightningChanged, average_model, count_one_more_logged_step, stop_at_next_step,
+                                summary_table)
 from .module import SHARDED_STRATEGIES, refuse_under_sharding
 from .progress import TimedRedraw
 from .prompt import encode_prompt
@@ -177,6 +178,7 @@ class GracefulInterrupt(Callback):
     SIGTERM also starts sigterm_clock, so that a step that never ends cannot make the run ignore it."""
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._signalled = False  # by a signal, under several processes (_stop_every_rank)
         if threading.current_thread() is not threading.main_thread():
             return
         self._previous = signal.getsignal(signal.SIGINT)
@@ -185,7 +187,9 @@ class GracefulInterrupt(Callback):
         def on_sigint(signum, frame):
             signal.signal(signal.SIGINT, signal.default_int_handler)
             print("\nStopping after this step (press Ctrl-C again to abort without saving)...", file=sys.stderr)
-            if callable(lightning_sigterm):
+            if trainer.world_size > 1:
+                self._stop_every_rank(trainer, signum)
+            elif callable(lightning_sigterm):
                 lightning_sigterm(signum, frame)
             else:
                 raise KeyboardInterrupt
@@ -196,12 +200,30 @@ class GracefulInterrupt(Callback):
         def on_sigterm(signum, frame):
             if getattr(self, "_deadline", None) is None:
                 self._deadline = sigterm_clock.start()
-            if callable(lightning_sigterm):
+            if trainer.world_size > 1:
+                self._stop_every_rank(trainer, signum)
+            elif callable(lightning_sigterm):
                 lightning_sigterm(signum, frame)
             else:
                 raise SystemExit(143)
 
         signal.signal(signal.SIGTERM, on_sigterm)
+
+    def _stop_every_rank(self, trainer: L.Trainer, signum: int) -> None:
+        """Several processes: pass the signal on to the ones this process started (as Lightning's handler
+        does) and note it; every rank then stops at the same step (on_train_batch_end). Lightning's own handler
+        broadcasts from inside the signal handler, and each rank stops when its own flag is set: with every
+        process signalled at once (SLURM's requeue, Ctrl-C) ranks stopped a step apart or hung."""
+        launcher = trainer.strategy.launcher
+        if launcher is not None and not self._signalled:
+            launcher.kill(signum)
+        self._signalled = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        # One small all-reduce a step, beside the broadcast Lightning already makes each step for the same purpose.
+        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(self._signalled, all=False):
+            stop_at_next_step(trainer)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         previous = getattr(self, "_previous", None)

@@ -8,7 +8,6 @@ of blocks (or the whole val split when it is small), so val losses at different 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -20,7 +19,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import PicoGPTError, SettingsError
+from .launch import local_rank
 from .prepare import DEFAULT_CACHE_DIR, PrepareSettings, cached_prepare, load_prepared
+from .same_data import check_same_data
 from .settings import check_seed
 from .tokenizer import Tokenizer, fingerprint
 from .tokenizer_source import model_vocab_size
@@ -125,11 +126,6 @@ def validation_starts(val_tokens: int, block_size: int, batch_size: int, eval_it
     return [rng.integers(0, val_tokens - block_size, size=batch_size) for _ in range(eval_iters)]
 
 
-def _local_rank() -> int:
-    # Before the Trainer exists only the launcher's environment tells the ranks apart.
-    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
-
-
 class GPTDataModule(L.LightningDataModule):
     """Text prepared once (prepare.py, cached) and served as random blocks for training, fixed ones for validation.
 
@@ -198,7 +194,7 @@ class GPTDataModule(L.LightningDataModule):
             folder = Path(hp.prepared_dir)
         else:
             settings = {name: hp[name] for name in PrepareSettings.__dataclass_fields__}
-            folder = cached_prepare(hp.text_path, hp.cache_dir, is_writer=_local_rank() == 0, **settings)
+            folder = cached_prepare(hp.text_path, hp.cache_dir, is_writer=local_rank() == 0, **settings)
         meta, tokenizer = load_prepared(folder)
         for split in ("train", "val"):
             tokens = meta[f"{split}_tokens"]
@@ -240,6 +236,11 @@ class GPTDataModule(L.LightningDataModule):
 
     def _bin(self, split: str) -> str:
         return str(self.prepared[0] / f"{split}.bin")
+
+    def setup(self, stage: str) -> None:
+        # Every rank is connected now: each machine prepared its own copy, and they must be the same data.
+        folder, meta, _ = self.prepared
+        check_same_data(meta, str(folder))
 
     def train_dataloader(self) -> DataLoader:
         hp, meta = self.hparams, self.prepared[1]

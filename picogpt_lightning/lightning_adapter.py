@@ -46,6 +46,17 @@ def set_max_steps(trainer, max_steps: int) -> None:
     loop.max_steps = max_steps
 
 
+def stop_at_next_step(trainer) -> None:
+    """Set the flag Lightning's SIGTERM handler sets and its loops read: training stops at the end of the
+    current step, with last.ckpt saved (callbacks.LastCheckpoint). Called on every rank at the same step when
+    several processes train (callbacks.GracefulInterrupt), instead of Lightning's handler, which broadcasts
+    from inside the signal handler and can meet another rank's gradient all-reduce there and hang."""
+    connector = trainer._signal_connector
+    if not isinstance(getattr(connector, "received_sigterm", None), bool):
+        raise LightningChanged("this Lightning's signal connector keeps no received_sigterm flag")
+    connector.received_sigterm = True
+
+
 def average_model(callback):
     """The averaged copy of the model a WeightAveraging callback keeps (None before its setup)."""
     return callback._average_model

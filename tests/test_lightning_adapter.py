@@ -12,7 +12,8 @@ from lightning.pytorch.utilities.model_summary import model_summary
 
 from picogpt_lightning import lightning_adapter
 from picogpt_lightning.lightning_adapter import (LightningCLIHooks, attached_trainer, average_model,
-                                                 count_one_more_logged_step, set_max_steps, summary_table)
+                                                 count_one_more_logged_step, set_max_steps, stop_at_next_step,
+                                                 summary_table)
 from picogpt_lightning.model import GPTConfig
 from picogpt_lightning.module import GPTLightningModule
 
@@ -120,3 +121,10 @@ def test_the_hooks_run_in_a_real_lightning_cli_between_parsing_and_building_the_
     with pytest.raises(Stop):
         CLI(GPTLightningModule, args=["fit", "--model.n_layer", "2"], parser_kwargs={"exit_on_error": False})
     assert calls == ["parsers", ("parsed", 2, GPTConfig.n_layer)]
+
+
+def test_a_trainer_still_reads_the_stop_flag_the_adapter_sets():
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    assert not trainer.received_sigterm
+    stop_at_next_step(trainer)
+    assert trainer.received_sigterm

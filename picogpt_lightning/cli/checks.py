@@ -15,6 +15,7 @@ from ..errors import SettingsError
 from ..memory import check_run_memory
 from ..module import recipe_from_flags, settings_from_flags
 from ..settings import PrepareSettings
+from .launch_checks import check_launch
 
 MAX_SEED_EVERYTHING = 2**32 - 1  # Lightning's seed_everything (numpy's legacy seeding) takes 0 to 2**32 - 1
 
@@ -88,6 +89,7 @@ def check_settings(subcommand: str, config: Namespace) -> None:
     if config.get("sample_tokens", 0) < 0:
         raise SettingsError(f"--sample_tokens must be >= 0 (0 turns the samples off), got {config.sample_tokens}")
     check_trainer_settings(subcommand, config.trainer)
+    check_launch(config.trainer)
     data = config.data
     check_model_settings(config.model.as_dict(), architecture="text_path" in data)
     check_run_memory(config.model.as_dict(), config.data.as_dict(), config.trainer.as_dict())

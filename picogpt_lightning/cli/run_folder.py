@@ -4,13 +4,13 @@ lock that keeps two runs out of one folder. Nothing here imports Lightning."""
 from __future__ import annotations
 
 import math
-import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
 from ..errors import PicoGPTError
+from ..launch import is_global_rank_zero
 from ..files import FolderInUse, FolderLock, make_folders, remove_empty_folders, remove_leftovers
 
 LOGS = "lightning_logs"
@@ -28,7 +28,7 @@ def default_ckpt_dir(config_files) -> Path:
 def is_rank_zero() -> bool:
     """Before the Trainer exists only the launcher's environment tells the processes of a job apart; rank 0
     alone checks, locks and cleans the run folder."""
-    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"))
+    return is_global_rank_zero()
 
 
 class RunFolder:
