@@ -10,12 +10,14 @@ import logging
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint, ModelSummary, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from tqdm import tqdm
@@ -28,6 +30,7 @@ from .files import write_atomically
 from .generate import make_generator, stream_text
 from .lightning_adapter import LightningChanged, average_model, count_one_more_logged_step, summary_table
 from .module import SHARDED_STRATEGIES, refuse_under_sharding
+from .sharding import load_whole_tensors, whole_tensors
 from .progress import TimedRedraw
 from .prompt import encode_prompt
 from .settings import SamplingSettings
@@ -402,11 +405,16 @@ class EMA(EMAWeightAveraging):
                          update_every_n_steps=update_every_n_steps, **kwargs)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":
+        # Under ModelParallelStrategy (fsdp here) the model is sharded before the average copies it (Lightning's
+        # setup calls configure_model first), so the average is sharded as the weights are.
+        if stage == "fit" and not isinstance(trainer.strategy, ModelParallelStrategy):
             refuse_under_sharding(trainer.strategy, "the EMA of the weights", "Lightning's average keeps a whole "
                                   "copy of the model, and this strategy holds a shard of it on each rank",
-                                  "--trainer.strategy ddp, or train without it (--trainer.callbacks '[]')")
-        super().setup(trainer, pl_module, stage)
+                                  "--trainer.strategy ddp or fsdp (FSDP2), or train without it "
+                                  "(--trainer.callbacks '[]')")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*WeightAveraging doesn't support sharding")
+            super().setup(trainer, pl_module, stage)
         start = self.update_starting_at_step
         if stage == "fit" and start is not None and 0 < trainer.max_steps <= start and trainer.is_global_zero:
             warn(f"the EMA starts averaging at step {start}, but this run ends at step {trainer.max_steps}: "
@@ -430,11 +438,28 @@ class EMA(EMAWeightAveraging):
         # first update, and until then it is the trained weights (_follow_until_first_update).
         if average_model(self) is not None and "averaging_state" not in checkpoint:
             return
+        if average_model(self) is not None and "state_dict" not in checkpoint:
+            self._load_sharded(pl_module, checkpoint)
+            return
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+    def _load_sharded(self, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """Under fsdp the strategy has already loaded the checkpoint's state_dict (the average) into the sharded
+        model and dropped it: the average takes its slices from the model, then the model its trained weights."""
+        average = average_model(self)
+        with torch.no_grad():
+            for kept, loaded in zip(average.module.parameters(), pl_module.parameters()):
+                kept.copy_(loaded)
+            for name, value in checkpoint["averaging_state"].items():
+                getattr(average, name).copy_(value)
+        load_whole_tensors(pl_module, checkpoint["current_model_state"])
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self._follow_until_first_update(pl_module)
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if average_model(self) is not None and isinstance(trainer.strategy, ModelParallelStrategy):
+            # The average's slices, gathered whole (every rank takes part; rank 0 writes them), as the weights are.
+            checkpoint["state_dict"] = whole_tensors(checkpoint["state_dict"])
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pass

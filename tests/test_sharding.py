@@ -1,0 +1,108 @@
+"""Sharded training (`--trainer.strategy fsdp`, FSDP2 through sharding.py) on two CPU processes against DDP, its
+checkpoints, and Muon's work shared out over ranks. Two-process runs are subprocesses (see test_ddp.py)."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from picogpt_lightning.cli import main
+from picogpt_lightning.muon_distributed import share
+
+from helpers import make_config, make_text
+from muon_ranks import muon_steps
+
+TESTS = Path(__file__).resolve().parent
+
+
+def picogpt(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-m", "picogpt_lightning.cli", *args], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def two_process_config(tmp_path: Path, strategy: str, steps: int, **model) -> Path:
+    """Two CPU ranks, a 2-layer model, the train loss logged at every step, gradients clipped (which would show
+    gradients summed instead of averaged), the first step's gradients recorded, the schedule fixed at `steps`."""
+    text = make_text(tmp_path / "t.txt")
+    return make_config(
+        tmp_path, text, name=strategy,
+        trainer={"max_steps": steps, "val_check_interval": steps // 2, "log_every_n_steps": 1, "strategy": strategy,
+                 "devices": 2, "gradient_clip_val": 0.5,
+                 "callbacks": [{"class_path": "record_grads.RecordGradients",
+                                "init_args": {"path": str(tmp_path / f"{strategy}.grads")}}]},
+        model={"n_layer": 2, "n_head": 2, "n_embd": 16, "dropout": 0.0, "learning_rate": 3e-3, "warmup_iters": 2,
+               "lr_decay_iters": steps, **model},
+    )
+
+
+def train_losses(run: Path) -> list[float]:
+    """Every logged train loss of the run folder's logs, in step order, across resumed versions."""
+    rows = [row for path in sorted(run.glob("lightning_logs/version_*/metrics.csv")) for row in csv.DictReader(path.open())]
+    by_step = {int(row["step"]): float(row["train_loss"]) for row in rows if row.get("train_loss")}
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def assert_close(first: dict, second: dict, tolerance: float) -> None:
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.allclose(first[name], second[name], atol=tolerance, rtol=0), name
+
+
+def test_fsdp_on_two_cpu_processes_trains_as_ddp_does_resumes_and_its_checkpoint_samples(tmp_path, capsys):
+    ddp = two_process_config(tmp_path, "ddp", 20)
+    fsdp = two_process_config(tmp_path, "fsdp", 20)
+    picogpt("fit", "--config", str(ddp))
+    picogpt("fit", "--config", str(fsdp), "--trainer.max_steps", "10")
+    fsdp_run, ddp_run = tmp_path / "checkpoints" / "fsdp", tmp_path / "checkpoints" / "ddp"
+    assert torch.load(fsdp_run / "last.ckpt", weights_only=True)["global_step"] == 10
+    picogpt("fit", "--config", str(fsdp), "--ckpt_path", "last", "--trainer.max_steps", "20")
+
+    # Gradients averaged over the ranks, as DDP's (not summed: PyTorch issue #162338 on gloo).
+    assert_close(torch.load(tmp_path / "fsdp.grads"), torch.load(tmp_path / "ddp.grads"), 1e-7)
+    fsdp_losses, ddp_losses = train_losses(fsdp_run), train_losses(ddp_run)
+    assert len(fsdp_losses) == len(ddp_losses) == 20
+    assert fsdp_losses == pytest.approx(ddp_losses, abs=1e-5)
+    # One consolidated file, with whole weights, that the commands read without Lightning.
+    assert_close(weights(fsdp_run / "last.ckpt"), weights(ddp_run / "last.ckpt"), 1e-5)
+    assert torch.load(fsdp_run / "last.ckpt", weights_only=True)["global_step"] == 20
+    assert main(["sample", "--ckpt", str(fsdp_run / "last.ckpt"), "--max_new_tokens", "8", "--seed", "0"]) == 0
+    assert main(["info", "--ckpt", str(fsdp_run / "last.ckpt")]) == 0
+    assert "step 20" in capsys.readouterr().out
+    assert main(["export", "--ckpt", str(fsdp_run / "last.ckpt"), "--out_dir", str(tmp_path / "hf")]) == 0
+
+
+def test_muon_under_fsdp_trains_as_under_ddp_and_resumes(tmp_path):
+    ddp = two_process_config(tmp_path, "ddp", 10, optimizer="muon")
+    fsdp = two_process_config(tmp_path, "fsdp", 10, optimizer="muon")
+    picogpt("fit", "--config", str(ddp))
+    picogpt("fit", "--config", str(fsdp), "--trainer.max_steps", "5")
+    picogpt("fit", "--config", str(fsdp), "--ckpt_path", "last", "--trainer.max_steps", "10")
+    fsdp_run, ddp_run = tmp_path / "checkpoints" / "fsdp", tmp_path / "checkpoints" / "ddp"
+    assert train_losses(fsdp_run) == pytest.approx(train_losses(ddp_run), abs=1e-5)
+    # Newton-Schulz magnifies the last bits in which FSDP's reduce-scatter and DDP's all-reduce differ.
+    assert_close(weights(fsdp_run / "last.ckpt"), weights(ddp_run / "last.ckpt"), 1e-4)
+
+
+def test_muon_shared_out_over_two_ranks_equals_one_process(tmp_path):
+    out = tmp_path / "two_ranks.pt"
+    subprocess.run([sys.executable, str(TESTS / "muon_ranks.py"), str(out)], check=True, timeout=120,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert_close(torch.load(out, weights_only=True), muon_steps(), 1e-6)
+
+
+def test_each_rank_orthogonalises_a_contiguous_share_and_every_matrix_is_someones():
+    assert [list(share(3, rank, 2)) for rank in range(2)] == [[0, 1], [2]]
+    assert [list(share(12, rank, 8)) for rank in range(8)] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11], [], []]
+    assert [list(share(2, rank, 4)) for rank in range(4)] == [[0], [1], [], []]
