@@ -20,6 +20,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn
 from tqdm import tqdm
 
 from . import sigterm_clock
@@ -28,9 +29,10 @@ from .disk import no_space_message, save_torch
 from .errors import PicoGPTError, warn
 from .files import write_atomically
 from .generate import make_generator, stream_text
-from .lightning_adapter import LightningChanged, average_model, count_one_more_logged_step, summary_table
+from .lightning_adapter import (LightningChanged, average_model, count_one_more_logged_step, set_average_model,
+                                summary_table)
 from .module import SHARDED_STRATEGIES, refuse_under_sharding
-from .sharding import load_whole_tensors, whole_tensors
+from .sharding import load_whole_tensors, reshard, shard_model, whole_tensors
 from .progress import TimedRedraw
 from .prompt import encode_prompt
 from .settings import SamplingSettings
@@ -401,6 +403,7 @@ class EMA(EMAWeightAveraging):
     def __init__(self, decay: float = 0.99, update_starting_at_step: int | None = None, use_buffers: bool = False,
                  update_every_n_steps: int = 1, **kwargs):
         check_average(decay, update_every_n_steps, update_starting_at_step)
+        self.average_args = dict(use_buffers=use_buffers, avg_fn=get_ema_avg_fn(decay), **kwargs)
         super().__init__(decay=decay, update_starting_at_step=update_starting_at_step, use_buffers=use_buffers,
                          update_every_n_steps=update_every_n_steps, **kwargs)
 
@@ -412,13 +415,24 @@ class EMA(EMAWeightAveraging):
                                   "copy of the model, and this strategy holds a shard of it on each rank",
                                   "--trainer.strategy ddp or fsdp (FSDP2), or train without it "
                                   "(--trainer.callbacks '[]')")
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*WeightAveraging doesn't support sharding")
-            super().setup(trainer, pl_module, stage)
+        if stage == "fit" and isinstance(trainer.strategy, ModelParallelStrategy):
+            self._setup_sharded(pl_module, trainer.strategy.root_device)
+        else:
+            with warnings.catch_warnings():  # said of any module with configure_model; ours shards only under fsdp
+                warnings.filterwarnings("ignore", message=".*WeightAveraging doesn't support sharding")
+                super().setup(trainer, pl_module, stage)
         start = self.update_starting_at_step
         if stage == "fit" and start is not None and 0 < trainer.max_steps <= start and trainer.is_global_zero:
             warn(f"the EMA starts averaging at step {start}, but this run ends at step {trainer.max_steps}: "
                  "validation and the checkpoints use the trained weights")
+
+    def _setup_sharded(self, pl_module: L.LightningModule, device: torch.device) -> None:
+        """Lightning's setup shards the model (configure_model) and then copies it, which FSDP2 refuses: here the
+        model is copied before it is sharded, and the copy sharded as the model is about to be, so each rank
+        keeps its slice of the average beside its slice of the weights."""
+        average = AveragedModel(pl_module, **self.average_args)
+        shard_model(average.module.model, device)
+        set_average_model(self, average)
 
     def _follow_until_first_update(self, pl_module: L.LightningModule) -> None:
         """Before its first update the average holds the weights of the start: make it the trained weights."""
@@ -432,6 +446,10 @@ class EMA(EMAWeightAveraging):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._follow_until_first_update(pl_module)
         super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        reshard(pl_module)  # under fsdp, so that the weights swapped back are slices, as the average's are
+        super().on_validation_epoch_end(trainer, pl_module)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         # A run that had no average (the resume line lists the callback added): the average begins at its

@@ -108,3 +108,11 @@ def load_whole_tensors(module: torch.nn.Module, state: dict) -> None:
     """Load whole tensors (a consolidated checkpoint's, read by every rank) into a sharded module: each rank
     keeps its own slice, with no communication."""
     set_model_state_dict(module, dict(state), options=StateDictOptions(full_state_dict=True))
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Put every sharded unit back to its slices. FSDP2 leaves the root unit's weights whole after a forward
+    without a backward (validation), where code that pairs them with other slices would meet whole tensors."""
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()

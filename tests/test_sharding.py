@@ -83,16 +83,26 @@ def test_fsdp_on_two_cpu_processes_trains_as_ddp_does_resumes_and_its_checkpoint
     assert main(["export", "--ckpt", str(fsdp_run / "last.ckpt"), "--out_dir", str(tmp_path / "hf")]) == 0
 
 
-def test_muon_under_fsdp_trains_as_under_ddp_and_resumes(tmp_path):
-    ddp = two_process_config(tmp_path, "ddp", 10, optimizer="muon")
-    fsdp = two_process_config(tmp_path, "fsdp", 10, optimizer="muon")
-    picogpt("fit", "--config", str(ddp))
-    picogpt("fit", "--config", str(fsdp), "--trainer.max_steps", "5")
-    picogpt("fit", "--config", str(fsdp), "--ckpt_path", "last", "--trainer.max_steps", "10")
+def test_the_modern_recipe_muon_and_the_ema_under_fsdp_trains_as_under_ddp_and_resumes(tmp_path):
+    """gpt2-124m.yaml's recipe in miniature: Muon, the EMA of the weights, rotary, RMSNorm, QK-norm, SwiGLU,
+    zero-init, no biases, tied embeddings."""
+    recipe = dict(optimizer="muon", position="rotary", norm="rms", qk_norm=True, mlp="swiglu", zero_init=True,
+                  bias=False, tie_weights=True)
+    ema = ["--trainer.callbacks", '[{"class_path": "picogpt_lightning.callbacks.EMA", "init_args": {"decay": 0.8}}]']
+    ddp, fsdp = (two_process_config(tmp_path, strategy, 10, **recipe) for strategy in ("ddp", "fsdp"))
+    picogpt("fit", "--config", str(ddp), *ema)
+    picogpt("fit", "--config", str(fsdp), *ema, "--trainer.max_steps", "5")
+    picogpt("fit", "--config", str(fsdp), *ema, "--ckpt_path", "last", "--trainer.max_steps", "10")
     fsdp_run, ddp_run = tmp_path / "checkpoints" / "fsdp", tmp_path / "checkpoints" / "ddp"
     assert train_losses(fsdp_run) == pytest.approx(train_losses(ddp_run), abs=1e-5)
-    # Newton-Schulz magnifies the last bits in which FSDP's reduce-scatter and DDP's all-reduce differ.
-    assert_close(weights(fsdp_run / "last.ckpt"), weights(ddp_run / "last.ckpt"), 1e-4)
+    fsdp_last, ddp_last = (torch.load(run / "last.ckpt", weights_only=True) for run in (fsdp_run, ddp_run))
+    # The average (state_dict) and the trained weights, whole. The zero-initialised projections' first updates
+    # are nearly rank-deficient, and Newton-Schulz lifts the last bits in which FSDP's reduce-scatter and DDP's
+    # all-reduce differ to about 1e-4 in Muon's matrices (measured; the losses agree within 1e-5).
+    assert_close(fsdp_last["state_dict"], ddp_last["state_dict"], 1e-3)
+    assert_close(fsdp_last["current_model_state"], ddp_last["current_model_state"], 1e-3)
+    assert fsdp_last["averaging_state"]["n_averaged"] == ddp_last["averaging_state"]["n_averaged"] == 10
+    assert fsdp_last["picogpt"]["best_val_loss"] == pytest.approx(ddp_last["picogpt"]["best_val_loss"], abs=1e-5)
 
 
 def test_muon_shared_out_over_two_ranks_equals_one_process(tmp_path):
