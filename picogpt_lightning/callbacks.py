@@ -20,7 +20,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn
+from torch.optim.swa_utils import get_ema_avg_fn
 from tqdm import tqdm
 
 from . import sigterm_clock
@@ -32,7 +32,7 @@ from .generate import make_generator, stream_text
 from .lightning_adapter import (LightningChanged, average_model, count_one_more_logged_step, set_average_model,
                                 summary_table)
 from .module import SHARDED_STRATEGIES, refuse_under_sharding
-from .sharding import load_whole_tensors, reshard, shard_model, whole_tensors
+from .sharding import reshard, restore_sharded_average, sharded_average, whole_tensors
 from .progress import TimedRedraw
 from .prompt import encode_prompt
 from .settings import SamplingSettings
@@ -416,7 +416,7 @@ class EMA(EMAWeightAveraging):
                                   "--trainer.strategy ddp or fsdp (FSDP2), or train without it "
                                   "(--trainer.callbacks '[]')")
         if stage == "fit" and isinstance(trainer.strategy, ModelParallelStrategy):
-            self._setup_sharded(pl_module, trainer.strategy.root_device)
+            set_average_model(self, sharded_average(pl_module, trainer.strategy.root_device, **self.average_args))
         else:
             with warnings.catch_warnings():  # said of any module with configure_model; ours shards only under fsdp
                 warnings.filterwarnings("ignore", message=".*WeightAveraging doesn't support sharding")
@@ -425,14 +425,6 @@ class EMA(EMAWeightAveraging):
         if stage == "fit" and start is not None and 0 < trainer.max_steps <= start and trainer.is_global_zero:
             warn(f"the EMA starts averaging at step {start}, but this run ends at step {trainer.max_steps}: "
                  "validation and the checkpoints use the trained weights")
-
-    def _setup_sharded(self, pl_module: L.LightningModule, device: torch.device) -> None:
-        """Lightning's setup shards the model (configure_model) and then copies it, which FSDP2 refuses: here the
-        model is copied before it is sharded, and the copy sharded as the model is about to be, so each rank
-        keeps its slice of the average beside its slice of the weights."""
-        average = AveragedModel(pl_module, **self.average_args)
-        shard_model(average.module.model, device)
-        set_average_model(self, average)
 
     def _follow_until_first_update(self, pl_module: L.LightningModule) -> None:
         """Before its first update the average holds the weights of the start: make it the trained weights."""
@@ -457,20 +449,9 @@ class EMA(EMAWeightAveraging):
         if average_model(self) is not None and "averaging_state" not in checkpoint:
             return
         if average_model(self) is not None and "state_dict" not in checkpoint:
-            self._load_sharded(pl_module, checkpoint)
+            restore_sharded_average(average_model(self), pl_module, checkpoint)  # sharding.py
             return
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
-
-    def _load_sharded(self, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        """Under fsdp the strategy has already loaded the checkpoint's state_dict (the average) into the sharded
-        model and dropped it: the average takes its slices from the model, then the model its trained weights."""
-        average = average_model(self)
-        with torch.no_grad():
-            for kept, loaded in zip(average.module.parameters(), pl_module.parameters()):
-                kept.copy_(loaded)
-            for name, value in checkpoint["averaging_state"].items():
-                getattr(average, name).copy_(value)
-        load_whole_tensors(pl_module, checkpoint["current_model_state"])
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self._follow_until_first_update(pl_module)

@@ -11,9 +11,10 @@ orthogonalises it and keeps its rows (muon_sharded.py), and the EMA's average is
 Checkpoints are consolidated on rank 0 when saved: one file, like DDP's, that sample, export and info read
 and that resumes under this strategy.
 
-The fix for PyTorch issue #162338: FSDP2 asks gloo for an AVG reduction that gloo performs as a SUM, so on CPU
-the gradients came out world-size times too large (AdamW hardly notices; gradient clipping and the learning
-rate's meaning do). Forcing SUM reductions makes FSDP2 divide by the world size itself.
+PyTorch issue #162338 reports FSDP2's AVG reduction summing on gloo, which would make CPU gradients world-size
+times too large (AdamW hardly notices; gradient clipping does). With torch 2.13 the gradients equal DDP's either
+way (tests/test_sharding.py compares them); on gloo we still ask FSDP2 for SUM reductions, after which it
+divides by the world size itself, so no version's AVG is relied on.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -29,9 +31,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, OptimStateKeyType, fully_shard
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.tensor import DTensor
+from torch.optim.swa_utils import AveragedModel
 
-# What `--trainer.strategy` may say to mean this strategy.
-NAMES = ("fsdp", "fsdp2")
+# What `--trainer.strategy` says to mean this strategy (Lightning's name for its FSDPStrategy, which it replaces).
+NAMES = ("fsdp",)
 
 
 class ShardedDataParallel(ModelParallelStrategy):
@@ -41,15 +44,17 @@ class ShardedDataParallel(ModelParallelStrategy):
 
     def __init__(self, **kwargs):
         kwargs.setdefault("save_distributed_checkpoint", False)
+        self.consolidated = not kwargs["save_distributed_checkpoint"]
         super().__init__(**kwargs)
 
     def optimizer_state(self, optimizer) -> dict:
         """The whole optimizer state (on rank 0), keyed as a plain optimizer keys it: by position in its param
         groups, so this strategy's checkpoints and DDP's (or one device's) are laid out alike and each resumes
         under the other. Lightning's own keys follow model.parameters(), which is not our optimizer's order."""
-        if self._save_distributed_checkpoint:
+        if not self.consolidated:
             return super().optimizer_state(optimizer)
-        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's own
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer.optimizer
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_optimizer_state_dict(self.model, optimizer, options=options)
         if self.global_rank != 0:
@@ -116,3 +121,26 @@ def reshard(model: torch.nn.Module) -> None:
     for unit in model.modules():
         if isinstance(unit, FSDPModule):
             unit.reshard()
+
+
+def sharded_average(module: torch.nn.Module, device: torch.device, **average_args) -> AveragedModel:
+    """An AveragedModel of our LightningModule whose copy is sharded as the model is about to be (in
+    configure_model), so each rank keeps its slice of the average beside its slice of the weights.
+
+    Lightning's WeightAveraging shards the model first and then copies it, which FSDP2 modules refuse; here the
+    model is copied before it is sharded."""
+    average = AveragedModel(module, **average_args)
+    shard_model(average.module.model, device)
+    return average
+
+
+def restore_sharded_average(average: AveragedModel, module: torch.nn.Module, checkpoint: dict) -> None:
+    """Resume an average under fsdp. The strategy has already loaded the checkpoint's state_dict, the average,
+    into the sharded model (and dropped it): the average takes its slices from the model, then the model is
+    given its trained weights back (`current_model_state`)."""
+    with torch.no_grad():
+        for kept, loaded in zip(average.module.parameters(), module.parameters()):
+            kept.copy_(loaded)
+        for name, value in checkpoint["averaging_state"].items():
+            getattr(average, name).copy_(value)
+    load_whole_tensors(module, checkpoint["current_model_state"])
