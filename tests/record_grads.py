@@ -1,4 +1,5 @@
-"""A callback for the sharded-training tests: the first step's whole gradients, saved by rank 0 (test use only)."""
+"""A callback for the sharded-training tests: the first step's whole gradients, and how many weights rank 0
+holds itself, saved by rank 0 (test use only)."""
 
 from pathlib import Path
 
@@ -17,4 +18,6 @@ class RecordGradients(L.Callback):
         grads = {name: param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad
                  for name, param in pl_module.model.named_parameters()}  # full_tensor: a collective, every rank
         if trainer.global_rank == 0:
-            torch.save({name: grad.detach().clone() for name, grad in grads.items()}, self.path)
+            held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in pl_module.parameters())
+            torch.save({"grads": {name: grad.detach().clone() for name, grad in grads.items()},
+                        "held": held, "total": sum(p.numel() for p in pl_module.parameters())}, self.path)

@@ -69,8 +69,12 @@ def test_fsdp_on_two_cpu_processes_trains_as_ddp_does_and_its_checkpoint_samples
     picogpt("fit", "--config", str(fsdp))
     fsdp_run, ddp_run = tmp_path / "checkpoints" / "fsdp", tmp_path / "checkpoints" / "ddp"
 
+    fsdp_step, ddp_step = (torch.load(tmp_path / f"{strategy}.grads") for strategy in ("fsdp", "ddp"))
+    # Sharded: rank 0 holds about half the weights (each matrix's rows), where DDP's holds them all.
+    assert ddp_step["held"] == ddp_step["total"] == fsdp_step["total"]
+    assert fsdp_step["held"] < 0.6 * fsdp_step["total"]
     # Gradients averaged over the ranks, as DDP's (not summed: PyTorch issue #162338 on gloo).
-    assert_close(torch.load(tmp_path / "fsdp.grads"), torch.load(tmp_path / "ddp.grads"), 1e-7)
+    assert_close(fsdp_step["grads"], ddp_step["grads"], 1e-7)
     fsdp_losses, ddp_losses = train_losses(fsdp_run), train_losses(ddp_run)
     assert len(fsdp_losses) == len(ddp_losses) == 20
     assert fsdp_losses == pytest.approx(ddp_losses, abs=1e-5)
