@@ -7,7 +7,7 @@ Why not Lightning's FSDPStrategy (FSDP1): it refuses a CPU accelerator when name
 parameters into 1-D shards of concatenated matrices (so Muon cannot tell one matrix from another), and in 2.6.6
 its full-checkpoint save is reported to crash on CPU. Lightning's ModelParallelStrategy with `fully_shard`
 applied here keeps each parameter a DTensor with its real shape, split by rows: Muon gathers a matrix,
-orthogonalises it and keeps its rows (muon_sharded.py), and the EMA's average is sharded the same way.
+orthogonalises it and keeps its rows (muon_distributed.py), and the EMA's average is sharded the same way.
 Checkpoints are consolidated on rank 0 when saved: one file, like DDP's, that sample, export and info read
 and that resumes under this strategy.
 
