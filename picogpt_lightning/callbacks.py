@@ -10,14 +10,17 @@ import logging
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint, ModelSummary, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from torch.optim.swa_utils import get_ema_avg_fn
 from tqdm import tqdm
 
 from . import sigterm_clock
@@ -26,12 +29,13 @@ from .disk import no_space_message, save_torch
 from .errors import PicoGPTError, warn
 from .files import write_atomically
 from .generate import make_generator, stream_text
-from .lightning_adapter import (LightningChanged, average_model, count_one_more_logged_step, stop_at_next_step,
-                                summary_table)
+from .lightning_adapter import (LightningChanged, average_model, count_one_more_logged_step, set_average_model,
+                                stop_at_next_step, summary_table)
 from .module import SHARDED_STRATEGIES, refuse_under_sharding
 from .progress import TimedRedraw
 from .prompt import encode_prompt
 from .settings import SamplingSettings
+from .sharding import reshard, restore_sharded_average, sharded_average, whole_tensors
 
 
 log = logging.getLogger("lightning.pytorch.callbacks.model_summary")
@@ -420,15 +424,24 @@ class EMA(EMAWeightAveraging):
     def __init__(self, decay: float = 0.99, update_starting_at_step: int | None = None, use_buffers: bool = False,
                  update_every_n_steps: int = 1, **kwargs):
         check_average(decay, update_every_n_steps, update_starting_at_step)
+        self.average_args = dict(use_buffers=use_buffers, avg_fn=get_ema_avg_fn(decay), **kwargs)
         super().__init__(decay=decay, update_starting_at_step=update_starting_at_step, use_buffers=use_buffers,
                          update_every_n_steps=update_every_n_steps, **kwargs)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":
+        # Under ModelParallelStrategy (fsdp here) the model is sharded before the average copies it (Lightning's
+        # setup calls configure_model first), so the average is sharded as the weights are.
+        if stage == "fit" and not isinstance(trainer.strategy, ModelParallelStrategy):
             refuse_under_sharding(trainer.strategy, "the EMA of the weights", "Lightning's average keeps a whole "
                                   "copy of the model, and this strategy holds a shard of it on each rank",
-                                  "--trainer.strategy ddp, or train without it (--trainer.callbacks '[]')")
-        super().setup(trainer, pl_module, stage)
+                                  "--trainer.strategy ddp or fsdp (FSDP2), or train without it "
+                                  "(--trainer.callbacks '[]')")
+        if stage == "fit" and isinstance(trainer.strategy, ModelParallelStrategy):
+            set_average_model(self, sharded_average(pl_module, trainer.strategy.root_device, **self.average_args))
+        else:
+            with warnings.catch_warnings():  # said of any module with configure_model; ours shards only under fsdp
+                warnings.filterwarnings("ignore", message=".*WeightAveraging doesn't support sharding")
+                super().setup(trainer, pl_module, stage)
         start = self.update_starting_at_step
         if stage == "fit" and start is not None and 0 < trainer.max_steps <= start and trainer.is_global_zero:
             warn(f"the EMA starts averaging at step {start}, but this run ends at step {trainer.max_steps}: "
@@ -447,16 +460,26 @@ class EMA(EMAWeightAveraging):
         self._follow_until_first_update(pl_module)
         super().on_validation_epoch_start(trainer, pl_module)
 
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        reshard(pl_module)  # under fsdp, so that the weights swapped back are slices, as the average's are
+        super().on_validation_epoch_end(trainer, pl_module)
+
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         # A run that had no average (the resume line lists the callback added): the average begins at its
         # first update, and until then it is the trained weights (_follow_until_first_update).
         if average_model(self) is not None and "averaging_state" not in checkpoint:
+            return
+        if average_model(self) is not None and "state_dict" not in checkpoint:
+            restore_sharded_average(average_model(self), pl_module, checkpoint)  # sharding.py
             return
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self._follow_until_first_update(pl_module)
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if average_model(self) is not None and isinstance(trainer.strategy, ModelParallelStrategy):
+            # The average's slices, gathered whole (every rank takes part; rank 0 writes them), as the weights are.
+            checkpoint["state_dict"] = whole_tensors(checkpoint["state_dict"])
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pass

@@ -62,6 +62,13 @@ def average_model(callback):
     return callback._average_model
 
 
+def set_average_model(callback, average) -> None:
+    """Give a WeightAveraging callback the averaged copy it keeps (its setup makes one, unless we do)."""
+    if not hasattr(callback, "_average_model"):
+        raise LightningChanged("this Lightning's WeightAveraging keeps no _average_model")
+    callback._average_model = average
+
+
 def summary_table(*args, **kwargs) -> str:
     """Lightning's model summary table (ModelSummary.summarize prints it; we print it without empty columns)."""
     from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table

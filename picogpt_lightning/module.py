@@ -28,6 +28,7 @@ from .errors import PicoGPTError
 from .lightning_adapter import attached_trainer
 from .model import GPT, GPTConfig, next_token_loss
 from .optim import MuonAdamW, OptimizerSettings, ScheduleSettings, param_groups
+from .sharding import is_sharded, load_whole_tensors, shard_model
 from .warm_start import warm_start_weights
 
 AUTO_TIE_MAX_TOKENS = 1_000_000
@@ -186,15 +187,24 @@ class GPTLightningModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         strategy = self.trainer.strategy
-        if stage == "fit" and self.optimizer_settings.optimizer == "muon":
+        # Under ModelParallelStrategy (fsdp here) each matrix stays one DTensor that Muon gathers whole.
+        if (stage == "fit" and self.optimizer_settings.optimizer == "muon"
+                and not isinstance(strategy, ModelParallelStrategy)):
             refuse_under_sharding(strategy, "--model.optimizer muon", "Muon orthogonalises whole matrices, and "
                                   "this strategy hands the optimizer flattened shards of them",
-                                  "--trainer.strategy ddp (the model is replicated), or --model.optimizer adamw")
+                                  "--trainer.strategy ddp, or fsdp (FSDP2), or --model.optimizer adamw")
         if strategy.root_device.type == "cuda":
             # TF32 tensor cores for the matmuls that stay in float32 (all of them with 32-true precision).
             torch.set_float32_matmul_precision("high")
-        if self.hparams.compile and stage == "fit":
-            self.model.compile()
+        if self.hparams.compile and stage == "fit" and not isinstance(strategy, ModelParallelStrategy):
+            self.model.compile()  # under sharding, after the model is sharded (configure_model)
+
+    def configure_model(self) -> None:
+        """Under ModelParallelStrategy (`--trainer.strategy fsdp`, sharding.py) shard the GPT over the ranks."""
+        if isinstance(self.trainer.strategy, ModelParallelStrategy) and not is_sharded(self.model):
+            shard_model(self.model, self.trainer.strategy.root_device)
+            if self.hparams.compile and self.trainer.state.fn == "fit":
+                self.model.compile()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)[0]
@@ -278,6 +288,8 @@ class GPTLightningModule(L.LightningModule):
         if (trained is not None and attached_trainer(self) is not None and self.trainer.state.fn == "fit"
                 and not any(isinstance(callback, WeightAveraging) for callback in self.trainer.callbacks)):
             checkpoint["state_dict"] = trained
+            if is_sharded(self.model):  # the strategy (fsdp) has loaded the file's state_dict already
+                load_whole_tensors(self, trained)
 
     def on_train_start(self) -> None:
         state = getattr(self, "_rng_state_to_restore", None)

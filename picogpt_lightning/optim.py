@@ -26,6 +26,8 @@ from typing import Iterable
 import torch
 from torch.optim.adamw import adamw as adamw_update
 
+from .muon_distributed import orthogonalized
+
 # The quintic of Keller Jordan's Muon: chosen to push small singular values up fast (steep slope at zero) rather
 # than to converge. After 5 steps every singular value that started above 1% of the matrix's Frobenius norm lies
 # in [0.68, 1.14] instead of at exactly 1, which trains as well as an exact orthogonalisation at a fraction of
@@ -287,11 +289,13 @@ class MuonAdamW(torch.optim.Optimizer):
             buffers = [self._state(p, "momentum_buffer") for p in same_shape]
             torch._foreach_lerp_(buffers, grads, 1 - group["momentum"])
             updates = torch._foreach_lerp(grads, buffers, group["momentum"]) if group["nesterov"] else buffers
-            orthogonal = orthogonalize(torch.stack(updates), group["ns_steps"])
-            steps = orthogonal.to(same_shape[0].dtype).mul_(muon_lr_scale(shape))
+            # Shared out over the ranks under DDP, on whole matrices under FSDP (muon_distributed.py).
+            orthogonal = orthogonalized(updates, lambda stack: orthogonalize(stack, group["ns_steps"]))
+            steps = [step.to(same_shape[0].dtype) for step in orthogonal]
+            torch._foreach_mul_(steps, muon_lr_scale(shape))
             if group["weight_decay"]:
                 torch._foreach_mul_(same_shape, 1 - group["lr"] * group["weight_decay"])
-            torch._foreach_add_(same_shape, list(steps.unbind(0)), alpha=-group["lr"])
+            torch._foreach_add_(same_shape, steps, alpha=-group["lr"])
 
     def _adamw_step(self, group: dict) -> None:
         params = [p for p in group["params"] if p.grad is not None]

@@ -12,8 +12,8 @@ from lightning.pytorch.utilities.model_summary import model_summary
 
 from picogpt_lightning import lightning_adapter
 from picogpt_lightning.lightning_adapter import (LightningCLIHooks, attached_trainer, average_model,
-                                                 count_one_more_logged_step, set_max_steps, stop_at_next_step,
-                                                 summary_table)
+                                                 count_one_more_logged_step, set_average_model, set_max_steps,
+                                                 stop_at_next_step, summary_table)
 from picogpt_lightning.model import GPTConfig
 from picogpt_lightning.module import GPTLightningModule
 
@@ -66,6 +66,9 @@ def test_weight_averaging_still_keeps_its_average_where_the_adapter_reads_it(tra
     kept = average_model(average)
     assert isinstance(kept, torch.optim.swa_utils.AveragedModel) and kept.n_averaged.item() == 3
     assert average_model(EMAWeightAveraging()) is None
+    fresh = EMAWeightAveraging()
+    set_average_model(fresh, kept)  # what the EMA does under fsdp (callbacks.EMA._setup_sharded)
+    assert average_model(fresh) is kept
 
 
 def test_a_run_in_progress_still_stops_at_the_last_step_the_adapter_moves(tmp_path):

@@ -37,6 +37,7 @@ from ..errors import PicoGPTError, SettingsError
 from ..lightning_adapter import LightningCLIHooks
 from ..module import GPTLightningModule
 from ..prompt import read_escapes
+from ..sharding import strategy_for
 from .. import resume
 from .budget import BudgetSetup, joined_budget
 from .checks import check_settings
@@ -321,6 +322,8 @@ class PicoGPTCLI(LightningCLIHooks, LightningCLI):
         if not any(hasattr(plugin, "save_checkpoint") for plugin in plugins):  # the user's CheckpointIO wins
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO(f"picogpt {self.command} --ckpt_path "
                                                               f"{Path(ckpt_dir) / 'last.ckpt'}")]
+        if "strategy" not in kwargs and trainer_config.get("strategy") is not None:
+            kwargs["strategy"] = strategy_for(trainer_config["strategy"])  # fsdp: ours, on CPU too (sharding.py)
         try:
             return super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as error:
