@@ -201,9 +201,10 @@ class GPTLightningModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Under ModelParallelStrategy (`--trainer.strategy fsdp`, sharding.py) shard the GPT over the ranks."""
-        if isinstance(self.trainer.strategy, ModelParallelStrategy) and not is_sharded(self.model):
-            shard_model(self.model, self.trainer.strategy.root_device)
-            if self.hparams.compile and self.trainer.state.fn == "fit":
+        trainer = attached_trainer(self)  # none when Lightning loads a checkpoint outside a run
+        if trainer is not None and isinstance(trainer.strategy, ModelParallelStrategy) and not is_sharded(self.model):
+            shard_model(self.model, trainer.strategy.root_device)
+            if self.hparams.compile and trainer.state.fn == "fit":
                 self.model.compile()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

@@ -40,5 +40,7 @@ def _rank(rank: int, world_size: int, out: str) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", sys.argv[2] if len(sys.argv) > 2 else "29531")
+    if len(sys.argv) > 2:  # the caller's free port wins over one a parent process left in the environment
+        os.environ["MASTER_PORT"] = sys.argv[2]
+    os.environ.setdefault("MASTER_PORT", "29531")
     mp.spawn(_rank, args=(2, sys.argv[1]), nprocs=2)

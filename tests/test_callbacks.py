@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 from lightning.pytorch.strategies import FSDPStrategy
 
-from picogpt_lightning.callbacks import ValidationSample
+from picogpt_lightning.run_display import ValidationSample
 
 
 class Untouchable:

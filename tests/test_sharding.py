@@ -122,8 +122,10 @@ def test_the_fsdp_strategy_name_means_ours_on_every_accelerator_and_other_names_
 
 def test_muon_shared_out_over_two_ranks_equals_one_process(tmp_path):
     out = tmp_path / "two_ranks.pt"
-    subprocess.run([sys.executable, str(TESTS / "muon_ranks.py"), str(out)], check=True, timeout=120,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    from serving import free_port  # a fixed port collides with another run still on it
+
+    subprocess.run([sys.executable, str(TESTS / "muon_ranks.py"), str(out), str(free_port())], check=True,
+                   timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert_close(torch.load(out, weights_only=True), muon_steps(), 1e-6)
 
 

@@ -30,13 +30,14 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from ..callbacks import (AtomicCheckpointIO, BestCheckpoint, FinalValidation, GracefulInterrupt, LastCheckpoint,
-                         NonFiniteLossGuard, QuietFlopsSummary, StepProgressBar, ValidationSample)
+                         NonFiniteLossGuard, QuietFlopsSummary)
 from ..checkpoint import find_checkpoint, read_checkpoint
 from ..data import GPTDataModule
 from ..errors import PicoGPTError, SettingsError
 from ..lightning_adapter import LightningCLIHooks
 from ..module import GPTLightningModule
 from ..prompt import read_escapes
+from ..run_display import StepProgressBar, ValidationSample
 from ..sharding import strategy_for
 from .. import resume
 from .budget import BudgetSetup, joined_budget
