@@ -205,7 +205,7 @@ def test_missing_path_empty_text_and_folder_without_txt_are_explained(tmp_path):
     ("setting", "message"),
     [({"val_fraction": 0.0}, r"\(0, 0.5\]"), ({"val_fraction": 0.6}, r"\(0, 0.5\]"),
      ({"mode": "bytes"}, "'char' or 'token'"), ({"backend": "sentencepiece"}, "'bpe' or 'word'"),
-     ({"vocab_size": 100}, "258 to 1,000,000")],
+     ({"vocab_size": 100}, "258 to 1,000,000"), ({"num_proc": 0}, "num_proc must be a whole number >= 1")],
 )  # fmt: skip
 def test_bad_settings_are_refused_before_any_work(tmp_path, setting, message):
     path = write(tmp_path, "input.txt", sample_text())
