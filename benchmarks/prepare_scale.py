@@ -91,7 +91,7 @@ def generate_corpus(folder: Path, size_bytes: int, files: int = FILES, seed: int
         size = 0
         with open(path, "w", encoding="utf-8", newline="\n") as out:
             while size < per_file:
-                text = _paragraph_text(file_rng, lexicon, ranks, cumulative, 150_000)
+                text = _paragraph_text(file_rng, lexicon, ranks, cumulative, 20_000)
                 if file_rng.random() < 0.3:
                     text += _question_answer(file_rng, lexicon)
                 out.write(text)

@@ -2,8 +2,9 @@
 
 Everything streams (corpus.py reads the text in chunks), so a text far larger than memory prepares in a few
 hundred MB: pass 1 reads the text and trains the tokenizer; pass 2 reads it again, splits it into train and
-val, encodes it piece by piece and appends the ids to the bins. Files are written under temporary names and
-renamed into place, and meta.json is written last: a folder with meta.json is a finished preparation.
+val, encodes it batch by batch (in worker processes on every core: encoding.py) and appends the ids to the
+bins in the order of the text. Files are written under temporary names and renamed into place, and meta.json
+is written last: a folder with meta.json is a finished preparation.
 
 `cached_prepare` keeps one folder per (text, settings), named by their hash, so `picogpt fit` prepares
 a text once and reuses it on every later run and on every rank of a distributed job. With `tokenizer_from` (a
