@@ -393,6 +393,7 @@ def test_a_long_preparation_says_what_it_is_doing_in_a_log(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert f"training the BPE tokenizer on {path}: " in err and "(100%)" in err
     assert f"encoding {path} into train.bin and val.bin: " in err
+    assert re.search(r"chars/s, \d+ s left", err)  # the rate and the time left
 
 
 def test_a_folder_lock_names_its_holder_and_is_free_once_the_holder_is_gone(tmp_path, monkeypatch):
