@@ -147,6 +147,8 @@ class GPTDataModule(L.LightningDataModule):
         glob: for a folder text_path, the files to read, matched at any depth (e.g. '*.jsonl.gz');
             default: every .txt, .md, .jsonl and .parquet file, plain or gzipped.
         text_field: the JSON lines field or Parquet column that holds each document's text.
+        num_proc: processes that encode the text when it is prepared (same ids whatever the number); default
+            (null): the cores this process may use.
         block_size: context length in tokens (also the model's; linked by the CLI).
         batch_size: blocks per batch on each device.
         eval_iters: validation batches per evaluation (the whole val split when it is smaller).
@@ -171,6 +173,7 @@ class GPTDataModule(L.LightningDataModule):
         tokenizer_from: str | None = PREPARE.tokenizer_from,
         glob: str | None = PREPARE.glob,
         text_field: str = PREPARE.text_field,
+        num_proc: int | None = PREPARE.num_proc,
         block_size: int = BlockSettings.block_size,
         batch_size: int = BlockSettings.batch_size,
         eval_iters: int = BlockSettings.eval_iters,

@@ -2,8 +2,9 @@
 
 Everything streams (corpus.py reads the text in chunks), so a text far larger than memory prepares in a few
 hundred MB: pass 1 reads the text and trains the tokenizer; pass 2 reads it again, splits it into train and
-val, encodes it piece by piece and appends the ids to the bins. Files are written under temporary names and
-renamed into place, and meta.json is written last: a folder with meta.json is a finished preparation.
+val, encodes it batch by batch (in worker processes on every core: encoding.py) and appends the ids to the
+bins in the order of the text. Files are written under temporary names and renamed into place, and meta.json
+is written last: a folder with meta.json is a finished preparation.
 
 `cached_prepare` keeps one folder per (text, settings), named by their hash, so `picogpt fit` prepares
 a text once and reuses it on every later run and on every rank of a distributed job. With `tokenizer_from` (a
@@ -17,7 +18,6 @@ resumes and validates with its own tokenizer (`tokenizer_from`). How the format 
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
@@ -30,23 +30,24 @@ import numpy as np
 
 from .corpus import TextStats, chunks, find_text_files, source_sha256, split_parts
 from .corpus_formats import reading_key, relative_names, sizes_are_text_sizes
+from .encoding import check_not_starting_worker, encoded_batches
 from .errors import PicoGPTError, warn
 from .files import (FolderInUse, FolderLock, commit, make_folders, remove_empty_folders, remove_leftovers,
                     temporary_path, write_json_atomically)
 from .prepared_checks import DamagedPreparation, add_missing_checksums, bin_checksums, check_bins, check_meta
 from .progress import Progress
 from .settings import PrepareSettings
-from .tokenizer import BPE_FILE, ENDOFTEXT, VOCAB_FILE, BPETokenizer, CharTokenizer, Tokenizer, WordTokenizer, fingerprint
+from .tokenizer import BPE_FILE, VOCAB_FILE, BPETokenizer, CharTokenizer, Tokenizer, WordTokenizer, fingerprint
 from .tokenizer_files import load_tokenizer
 from .tokenizer_source import note_given_tokenizer, tokenizer_from_path
 
 DEFAULT_CACHE_DIR = "data/prepared"
 FORMAT = 2  # bump when the layout of a prepared folder changes; old caches are then prepared again (2: end-of-text)
-ENCODE_BATCH_CHARS = 4 << 20  # chunks are encoded about 1,000 at a time: enough for every core
 TOKENIZER_FILES = (BPE_FILE, VOCAB_FILE)
 PREPARED_FILES = ("meta.json", "train.bin", "val.bin", *TOKENIZER_FILES)
 FIRST_PASS = {"char": "reading the characters of", "bpe": "training the BPE tokenizer on",
               "word": "counting the words of"}
+NOT_IN_META = ("mode", "backend", "num_proc")  # num_proc: the ids are the same whatever the number of processes
 CACHE_FOLDER = re.compile(r".+-[0-9a-f]{12}")  # NAME-<cache key>, as cached_prepare names its folders
 
 
@@ -76,67 +77,27 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def _batches(parts: Iterable[tuple[str, bool]]) -> Iterator[list[tuple[str, bool]]]:
-    """Parts grouped into lists of about ENCODE_BATCH_CHARS characters, for encode_batch."""
-    batch, size = [], 0
-    for text, is_val in parts:
-        batch.append((text, is_val))
-        size += len(text)
-        if size >= ENCODE_BATCH_CHARS:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
-def _encode(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> np.ndarray:
-    """The ids of texts, concatenated. Characters go through CharTokenizer.encode_array: a Python int per
-    character would cap char preparation near 18 MB/s (benchmarks/prepare_speed.py)."""
-    if isinstance(tokenizer, CharTokenizer):
-        arrays = [tokenizer.encode_array(text) for text in texts]
-        return np.concatenate(arrays).astype(dtype) if arrays else np.empty(0, dtype=dtype)
-    if isinstance(tokenizer, BPETokenizer):
-        return np.fromiter(itertools.chain.from_iterable(_bpe_ids(tokenizer, texts)), dtype=dtype)
-    return np.fromiter(itertools.chain.from_iterable(tokenizer.encode_batch(texts)), dtype=dtype)
-
-
-def _bpe_ids(tokenizer: BPETokenizer, texts: list[str]) -> Iterator[list[int]]:
-    """The ids of each text, without the tokens a tokenizer's post-processor adds to every text it encodes (a
-    Hugging Face tokenizer may put its begin-of-text before each 4 KB chunk). A document's end, written
-    <|endoftext|> in the text, becomes the tokenizer's own end-of-text id, whatever that token is called."""
-    library, eot_id = tokenizer.tokenizer, tokenizer.eot_id
-    split = eot_id is not None and library.token_to_id(ENDOFTEXT) != eot_id  # else the literal encodes to it
-    pieces = [text.split(ENDOFTEXT) if split else [text] for text in texts]
-    encoded = iter(library.encode_batch_fast([piece for parts in pieces for piece in parts], add_special_tokens=False))
-    for parts in pieces:
-        ids = next(encoded).ids
-        for _ in parts[1:]:
-            ids += [eot_id] + next(encoded).ids
-        yield ids
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Writing
 
 
-def _write_bins(
-    folder: Path, tokenizer: Tokenizer, parts: Iterable[tuple[str, bool]], dtype: np.dtype
-) -> tuple[dict[str, Path], dict[str, int], int]:
-    """Encode the parts into temporary train and val files; returns their paths, token counts and the largest
-    id written (recorded in meta.json, so that loading can check it against the vocabulary for free)."""
+def _write_bins(folder: Path, tokenizer: Tokenizer, parts: Iterable[tuple[str, bool]], dtype: np.dtype,
+                num_proc: int, progress: Progress) -> tuple[dict[str, Path], dict[str, int], int]:
+    """Encode the parts into temporary train and val files (in num_proc processes, written in the order of the
+    text); returns their paths, token counts and the largest id written (recorded in meta.json, so that
+    loading can check it against the vocabulary for free)."""
     temps = {split: temporary_path(folder / f"{split}.bin") for split in ("train", "val")}
     counts = {"train": 0, "val": 0}
     max_id = -1
     try:
         with open(temps["train"], "xb") as train_file, open(temps["val"], "xb") as val_file:
-            for batch in _batches(parts):
-                for split, file in (("train", train_file), ("val", val_file)):
-                    texts = [text for text, is_val in batch if is_val == (split == "val") and text]
-                    tokens = _encode(tokenizer, texts, dtype)
+            for chars, *ids in encoded_batches(tokenizer, parts, dtype, num_proc, progress.total):
+                for split, file, tokens in (("train", train_file, ids[0]), ("val", val_file, ids[1])):
                     tokens.tofile(file)
                     counts[split] += len(tokens)
                     if len(tokens):
                         max_id = max(max_id, int(tokens.max()))
+                progress.update(chars)
     except BaseException:
         for path in temps.values():
             path.unlink(missing_ok=True)
@@ -193,6 +154,7 @@ def _prepare(text_path: str, folder: Path, settings: PrepareSettings, kind: str,
     is complete, and a failure leaves no temporary file (and no folder it created) behind. A folder another
     process is preparing is refused, or with `wait_if_busy` reported by raising FolderInUse. With `given`, the
     text is encoded with that tokenizer instead of one trained on it."""
+    check_not_starting_worker()
     files = find_text_files(text_path, settings.glob)
     created = _make_writable_folder(folder)
     try:
@@ -263,13 +225,12 @@ def _prepare_locked(text_path: str, files: list[Path], folder: Path, settings: P
     stats.check(text_path, settings.random_split)
     dtype = token_dtype(tokenizer.vocab_size)
     encoding = Progress(f"encoding {text_path} into train.bin and val.bin", stats.chars, unit="chars")
-    parts = encoding.track(split_parts(files, stats, settings.val_fraction, settings.random_split,
-                                       settings.split_seed, end_of_text, settings.text_field),
-                           lambda part: len(part[0]))
+    parts = split_parts(files, stats, settings.val_fraction, settings.random_split, settings.split_seed,
+                        end_of_text, settings.text_field)
     temps: dict[str, Path] = {}
     staging = temporary_path(folder / "tokenizer")  # a folder: the tokenizer saves itself by name into it
     try:
-        temps, counts, max_id = _write_bins(folder, tokenizer, parts, dtype)
+        temps, counts, max_id = _write_bins(folder, tokenizer, parts, dtype, settings.processes(), encoding)
         staging.mkdir()
         staged = tokenizer.save(staging)
         meta = {
@@ -285,7 +246,7 @@ def _prepare_locked(text_path: str, files: list[Path], folder: Path, settings: P
             "tokenizer_sha256": fingerprint(tokenizer),
             "checksums": {split: bin_checksums(temp) for split, temp in temps.items()},
             "source": _source_meta(text_path, files, stats),
-            "settings": {key: value for key, value in asdict(settings).items() if key not in ("mode", "backend")},
+            "settings": {key: value for key, value in asdict(settings).items() if key not in NOT_IN_META},
         }
         # Complete: now the old preparation (if any) is replaced. Without meta.json the folder reads as
         # unfinished, so a crash between these renames is never taken for a finished preparation.

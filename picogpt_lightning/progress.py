@@ -2,7 +2,8 @@
 
 On a terminal it is a tqdm bar on stderr that disappears when the work is done. Elsewhere (a log file, a
 pipe, a batch job) a bar would be garbage, so one plain line is written every `every` seconds instead, and
-none for work that ends sooner: short runs stay quiet.
+none for work that ends sooner: short runs stay quiet. Both say the rate and, when the total is known, the
+time left.
 """
 
 from __future__ import annotations
@@ -23,6 +24,16 @@ def _amount(value: float, unit: str) -> str:
                 return f"{value / scale:.1f} {name}"
         return f"{value:.0f} B"
     return f"{value:,.0f} {unit}"
+
+
+def _duration(seconds: float) -> str:
+    """About how long: "45 s", "12 min", "3.5 h"."""
+    seconds = max(seconds, 0.0)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 class Progress:
@@ -53,7 +64,8 @@ class Progress:
             self.last_line = now
             share = f" of {_amount(self.total, self.unit)} ({100 * self.done / self.total:.0f}%)" if self.total else ""
             rate = self.done / max(now - self.start, 1e-9)
-            print(f"{self.description}: {_amount(self.done, self.unit)}{share}, {_amount(rate, self.unit)}/s",
+            left = f", {_duration((self.total - self.done) / rate)} left" if self.total and rate > 0 else ""
+            print(f"{self.description}: {_amount(self.done, self.unit)}{share}, {_amount(rate, self.unit)}/s{left}",
                   file=self.stream, flush=True)
 
     @property

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .errors import SettingsError, warn
+from .threads import usable_cores
 from .tokenizer import BPETokenizer, WordTokenizer, bpe_available
 
 
@@ -82,6 +83,8 @@ class PrepareSettings:
         glob: For a folder text_path: the files to read, matched at any depth (e.g. '*.jsonl.gz'); default
             (null): every .txt, .md, .jsonl and .parquet file, plain or gzipped.
         text_field: The field of each JSON lines record, or the Parquet column, that holds a document's text.
+        num_proc: Processes that encode the text (the ids are the same whatever the number); null: the cores
+            this process may use. BPE training uses every core through the tokenizers library.
     """
 
     mode: Literal["char", "token"] = "token"
@@ -94,6 +97,7 @@ class PrepareSettings:
     tokenizer_from: str | None = None
     glob: str | None = None
     text_field: str = "text"
+    num_proc: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("char", "token"):
@@ -111,6 +115,14 @@ class PrepareSettings:
             raise SettingsError("glob is empty: give a pattern such as '*.jsonl' (or null for every supported file)")
         if not self.text_field:
             raise SettingsError("text_field is empty: name the JSON field or Parquet column that holds the text")
+        if self.num_proc is not None and (isinstance(self.num_proc, bool) or not isinstance(self.num_proc, int)
+                                          or self.num_proc < 1):
+            raise SettingsError(f"num_proc must be a whole number >= 1 (or null for every usable core), got "
+                                f"{self.num_proc!r}")
+
+    def processes(self) -> int:
+        """How many processes encode the text: num_proc, else the cores this process may use."""
+        return self.num_proc if self.num_proc is not None else usable_cores()
 
     def tokenizer_kind(self, quiet: bool = False) -> str:
         """The tokenizer that will be built: BPE falls back to words when `tokenizers` cannot be imported."""

@@ -205,7 +205,7 @@ def test_missing_path_empty_text_and_folder_without_txt_are_explained(tmp_path):
     ("setting", "message"),
     [({"val_fraction": 0.0}, r"\(0, 0.5\]"), ({"val_fraction": 0.6}, r"\(0, 0.5\]"),
      ({"mode": "bytes"}, "'char' or 'token'"), ({"backend": "sentencepiece"}, "'bpe' or 'word'"),
-     ({"vocab_size": 100}, "258 to 1,000,000")],
+     ({"vocab_size": 100}, "258 to 1,000,000"), ({"num_proc": 0}, "num_proc must be a whole number >= 1")],
 )  # fmt: skip
 def test_bad_settings_are_refused_before_any_work(tmp_path, setting, message):
     path = write(tmp_path, "input.txt", sample_text())
@@ -393,6 +393,7 @@ def test_a_long_preparation_says_what_it_is_doing_in_a_log(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert f"training the BPE tokenizer on {path}: " in err and "(100%)" in err
     assert f"encoding {path} into train.bin and val.bin: " in err
+    assert re.search(r"chars/s, \d+ s left", err)  # the rate and the time left
 
 
 def test_a_folder_lock_names_its_holder_and_is_free_once_the_holder_is_gone(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from picogpt_lightning import prepare as prepare_module
+from picogpt_lightning import encoding as encoding_module
 from picogpt_lightning import tokenizer_source
 from picogpt_lightning.cli import main
 from picogpt_lightning.data import GPTDataModule
@@ -174,7 +174,7 @@ def test_document_ends_are_the_tokenizers_own_end_of_text_and_no_token_is_added_
         ("<s>", library.token_to_id("<s>"))])  # like Llama 3: a begin-of-text before every text encoded
     tokenizer = BPETokenizer(library)
     tokenizer.eot_id = library.token_to_id("</s>")  # its end-of-text, as tokenizer_config.json's eos_token says
-    ids = list(prepare_module._bpe_ids(tokenizer, ["the mind<|endoftext|>\n\nwise", "is good"]))
+    ids = list(encoding_module._bpe_ids(tokenizer, ["the mind<|endoftext|>\n\nwise", "is good"]))
     plain = [library.encode(piece, add_special_tokens=False).ids for piece in ("the mind", "\n\nwise", "is good")]
     assert ids == [plain[0] + [tokenizer.eot_id] + plain[1], plain[2]]
 
