@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,9 +28,18 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def launch(command: list[str], env: dict | None = None) -> subprocess.Popen:
+    """Output goes to files, not pipes: a pipe nobody reads while the nodes train fills, blocks its rank, and the
+    other rank then waits for it in a collective for ever."""
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    process = subprocess.Popen(command, stdout=out, stderr=err, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    process.output_files = (out, err)
+    return process
+
+
 def start(*args, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "picogpt_lightning.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return launch([sys.executable, "-m", "picogpt_lightning.cli", *args], env)
 
 
 def start_nodes(config: Path, *args, node_args: tuple = ((), ())) -> list[subprocess.Popen]:
@@ -41,11 +51,17 @@ def start_nodes(config: Path, *args, node_args: tuple = ((), ())) -> list[subpro
 
 def finish(process: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]:
     try:
-        out, err = process.communicate(timeout=timeout)
+        process.wait(timeout=timeout)
     finally:
         if process.poll() is None:
             process.kill()
-    return process.returncode, out, err
+            process.wait()
+    texts = []
+    for file in process.output_files:
+        file.seek(0)
+        texts.append(file.read())
+        file.close()
+    return process.returncode, *texts
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -54,11 +70,9 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 def torchrun_nodes(*args) -> list[subprocess.Popen]:
     port = str(free_port())
-    return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                              "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port,
-                              "-m", "picogpt_lightning.cli", "fit", *args, *NODE_FLAGS],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return [launch([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                    "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port,
+                    "-m", "picogpt_lightning.cli", "fit", *args, *NODE_FLAGS])
             for rank in (0, 1)]
 
 

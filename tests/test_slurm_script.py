@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -72,18 +73,26 @@ def test_the_sbatch_script_trains_on_two_nodes_requeues_on_usr1_saving_last_ckpt
     text = make_text(tmp_path / "t.txt")
     config = make_config(tmp_path, text, trainer={"max_steps": 100000, "val_check_interval": 2})
     env = fake_slurm(tmp_path)
-    job = subprocess.Popen(["bash", str(SCRIPT), str(config), "--sample_tokens", "0"], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env=env)
+    # Output to files: a pipe left unread while the tasks train could fill and block a rank (and so both).
+    out_file, err_file = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    job = subprocess.Popen(["bash", str(SCRIPT), str(config), "--sample_tokens", "0"], stdout=out_file,
+                           stderr=err_file, text=True, env=env)
+
+    def output() -> tuple[str, str]:
+        out_file.seek(0), err_file.seek(0)
+        return out_file.read(), err_file.read()
+
     try:
         deadline = time.monotonic() + 120
         while not (tmp_path / "run" / "last.ckpt").exists() and job.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert job.poll() is None, job.communicate()[1][-3000:]
+        assert job.poll() is None, output()[1][-3000:]
         job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@90 sends 90 s before the time limit
-        out, err = job.communicate(timeout=90)
+        job.wait(timeout=90)
     finally:
         if job.poll() is None:
             job.kill()
+    out, err = output()
     assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
     assert "slurm_fit: the time limit is near: requeueing job 4242" in out
     saved = re.search(r"Interrupted at step (\d+); saved (\S+)\.", err)
