@@ -141,6 +141,25 @@ def read_checkpoint(path: str | Path, verify: bool = True) -> dict:
     return checkpoint
 
 
+def stored_vocab_size(path: str | Path) -> int | None:
+    """The vocabulary size of the model a checkpoint or Hugging Face folder holds, read without its weights (a
+    checkpoint memory-mapped, a folder's config.json), for sizing a model before the weights are loaded."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        from .hf_import import gpt_config, read_hf_config
+
+        hf, family = read_hf_config(path)
+        return gpt_config(path, hf, family, None).vocab_size
+    if path.is_dir():
+        path = find_checkpoint(path)
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a readable checkpoint: read_checkpoint says why, in one line
+        stored = read_checkpoint(path, verify=False)
+    vocab = ((stored.get("picogpt") or {}).get("model_config") or {}).get("vocab_size")
+    return vocab if isinstance(vocab, int) else None
+
+
 def model_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
     """The GPT's own weights, without the LightningModule's prefix."""
     return {key.removeprefix(MODEL_PREFIX): value for key, value in checkpoint["state_dict"].items()

@@ -41,3 +41,20 @@ def make_config(tmp_path: Path, text: Path, name: str = "run", **overrides) -> P
     path.write_text(yaml.safe_dump(config))
     return path
 
+
+def typed_input(monkeypatch, lines: list[str], screen) -> None:
+    """`input()` answers with `lines`, one per call, then end of input (EOFError, as Ctrl-D), echoing each prompt
+    and line to `screen` as a terminal shows them."""
+    import builtins
+
+    typed = iter(lines)
+
+    def fake_input(prompt):
+        try:
+            line = next(typed)
+        except StopIteration:
+            raise EOFError from None
+        screen.write(prompt + line + "\n")
+        return line
+
+    monkeypatch.setattr(builtins, "input", fake_input)

@@ -78,14 +78,6 @@ def ready(base: str) -> bool:
         return False
 
 
-def ready(base: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 def scripted_chat_model(path: Path, tokenizer, messages: list[dict], reply: str, template: str = "qa") -> Path:
     """A model that answers `messages` with exactly `reply` (then end-of-text), greedy, by position alone.
 

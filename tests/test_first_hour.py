@@ -15,7 +15,7 @@ import pytest
 from picogpt_lightning.cli import main
 from picogpt_lightning.cli.early import checkpoint_step, use_ckpt_alias
 
-from helpers import make_config, make_text
+from helpers import make_config, make_text, typed_input
 
 EARLY_SCRIPT = """
 import json, sys
@@ -139,7 +139,6 @@ def test_prepare_in_char_mode_reports_the_texts_own_characters(tmp_path, capsys)
 
 
 def test_chat_notes_come_on_their_own_line_before_the_answer(trained, monkeypatch):
-    import builtins
     import io
 
     from picogpt_lightning.chat import ChatSession
@@ -152,17 +151,8 @@ def test_chat_notes_come_on_their_own_line_before_the_answer(trained, monkeypatc
     screen = io.StringIO()  # the terminal: answers and notes interleaved as a user sees them
     session = ChatSession(loaded.model, loaded.tokenizer, settings=SamplingSettings(temperature=0),
                           max_new_tokens=2, output=screen, notes=screen)
-    typed = iter(["Why is the mind?", "Why is the mind?"])  # the second turn drops the first (context 16)
-
-    def fake_input(prompt):
-        try:
-            line = next(typed)
-        except StopIteration:
-            raise EOFError from None
-        screen.write(prompt + line + "\n")
-        return line
-
-    monkeypatch.setattr(builtins, "input", fake_input)
+    # The second turn drops the first (context 16).
+    typed_input(monkeypatch, ["Why is the mind?", "Why is the mind?"], screen)
     run_repl(session, None)
     lines = screen.getvalue().splitlines()
     note = next(index for index, line in enumerate(lines) if "no longer fit" in line)

@@ -398,8 +398,9 @@ def test_a_padded_embedding_validates_and_warm_starts_on_text_at_its_own_size(mo
 
 
 def test_the_terminal_chat_of_an_imported_model_prompts_with_its_own_template(models, monkeypatch):
-    import builtins
     import io
+
+    from helpers import typed_input
 
     from picogpt_lightning.chat import ChatSession
     from picogpt_lightning.cli.chat import run_repl
@@ -409,17 +410,7 @@ def test_the_terminal_chat_of_an_imported_model_prompts_with_its_own_template(mo
     screen = io.StringIO()
     session = ChatSession(loaded.model, loaded.tokenizer, template=_template(loaded),
                           settings=SamplingSettings(temperature=0), max_new_tokens=12, output=screen, notes=screen)
-    typed = iter(["hello world"])
-
-    def fake_input(prompt):
-        try:
-            line = next(typed)
-        except StopIteration:
-            raise EOFError from None
-        screen.write(prompt + line + "\n")
-        return line
-
-    monkeypatch.setattr(builtins, "input", fake_input)
+    typed_input(monkeypatch, ["hello world"], screen)
     run_repl(session, None)
     assert "\n> hello world\n" in screen.getvalue()  # the plain prompt: the Jinja template has no "Q: " to show
     assert len(session.history) == 1 and session.history[0][0] == "hello world"

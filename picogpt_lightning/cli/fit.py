@@ -216,9 +216,9 @@ class PicoGPTCLI(LightningCLIHooks, LightningCLI):
         saved = ((self.checkpoint or {}).get("picogpt", {}).get("model_config") or {}).get("vocab_size")
         init_from = config.model.get("init_from") if self.checkpoint is None else None
         if init_from and config.data.get("tokenizer_from") == init_from:
-            from ..checkpoint import read_checkpoint
+            from ..checkpoint import stored_vocab_size
 
-            saved = (read_checkpoint(init_from, verify=False)["picogpt"].get("model_config") or {}).get("vocab_size")
+            saved = stored_vocab_size(init_from)  # its settings only: the warm start reads the weights once
         return saved if isinstance(saved, int) and saved >= tokenizer_vocab_size else padded_vocab_size
 
     def _claim_run_folder(self, config) -> None:
