@@ -20,11 +20,12 @@ import queue
 import threading
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
-from .generate import is_greedy, last_logits, sample_next_token, sampling_probabilities, slide_keep
+from .generate import (draw_tokens, is_greedy, last_logits, sample_next_token, sampling_probabilities, slide_keep,
+                       uniform_draws)
 from .prompt import StreamingDecoder
 from .settings import SamplingSettings
 
@@ -120,7 +121,7 @@ class GenerationRequest:
 class _Slot:
     request: GenerationRequest
     decoder: StreamingDecoder
-    window: torch.Tensor  # (1, steps): the tokens the model sees, its last one not yet in the cache
+    window: list[int]  # the tokens the model sees, its last one not yet in the cache
     tokens: int = 0
     finish: str | None = field(default=None)
 
@@ -148,24 +149,24 @@ class BatchGenerator:
         if not self.free:
             raise RuntimeError("no free slot: check `free` before adding")
         block_size = self.model.config.block_size
-        window = torch.tensor([list(request.prompt_ids)], dtype=torch.long, device=self.cache.device)
-        slot = _Slot(request, StreamingDecoder(self.tokenizer, request.stop), window[:, -block_size:])
+        slot = _Slot(request, StreamingDecoder(self.tokenizer, request.stop), list(request.prompt_ids)[-block_size:])
         if request.max_new_tokens < 1:
             return self._end(slot, "length")
         self.slots.append(slot)
         cache = self.model.new_cache(1)
-        logits = last_logits(self.model, slot.window, cache, self.tokenizer.vocab_size)
+        window = self._tensor([slot.window])
+        logits = last_logits(self.model, window, cache, self.tokenizer.vocab_size)
         self.cache.load(len(self.slots) - 1, cache)
-        self._take(len(self.slots) - 1, slot, sample_next_token(logits, slot.window, request.settings,
-                                                                request.generator))
+        self._take(len(self.slots) - 1, slot, int(sample_next_token(logits, window, request.settings,
+                                                                    request.generator)))
         self._drop_finished()
 
     def _encode_window(self, row: int) -> None:
         """All of the row's window but its last token into its cache row (the next step feeds the last one)."""
         window = self.slots[row].window
         cache = self.model.new_cache(1)
-        if window.size(1) > 1:
-            last_logits(self.model, window[:, :-1], cache)
+        if len(window) > 1:
+            last_logits(self.model, self._tensor([window[:-1]]), cache)
         self.cache.load(row, cache)
 
     def step(self) -> None:
@@ -176,49 +177,53 @@ class BatchGenerator:
         if not self.slots:
             return
         self.cache.prepare(len(self.slots))
-        last_tokens = torch.cat([slot.window[:, -1:] for slot in self.slots])
+        last_tokens = self._tensor([slot.window[-1:] for slot in self.slots])
         logits = last_logits(self.model, last_tokens, self.cache, self.tokenizer.vocab_size)
         for row, token in enumerate(self._sample(logits)):
             self._take(row, self.slots[row], token)
         self._drop_finished()
 
-    def _sample(self, logits: torch.Tensor) -> list[torch.Tensor]:
+    def _tensor(self, rows: list[list[int]]) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.long, device=self.cache.device)
+
+    def _sample(self, logits: torch.Tensor) -> list[int]:
         """A token per row, as sample_next_token would draw it for that row alone. Rows with the same settings
-        (and no repetition penalty, which reads each row's own window) are filtered together; each row then
-        draws from its own generator."""
-        tokens: list[torch.Tensor | None] = [None] * len(self.slots)
+        (and no repetition penalty, which reads each row's own window) are filtered and drawn together, each
+        row with one uniform from its own generator."""
+        tokens: list[int] = [0] * len(self.slots)
         groups: dict[tuple, list[int]] = {}
         for row, slot in enumerate(self.slots):
             settings = slot.request.settings
             if settings.repetition_penalty != 1.0:
-                tokens[row] = sample_next_token(logits[row : row + 1], slot.window, settings, slot.request.generator)
+                tokens[row] = int(sample_next_token(logits[row : row + 1], self._tensor([slot.window]), settings,
+                                                    slot.request.generator))
             else:
-                groups.setdefault(astuple(settings), []).append(row)
+                groups.setdefault((settings.temperature, settings.top_k, settings.top_p), []).append(row)
         for rows in groups.values():
             settings = self.slots[rows[0]].request.settings
             group_logits = logits[rows].float()
             if is_greedy(settings):
-                for row, token in zip(rows, group_logits.argmax(dim=-1)):
-                    tokens[row] = token[None]
-                continue
-            probs = sampling_probabilities(group_logits, settings)
-            for index, row in enumerate(rows):
-                tokens[row] = torch.multinomial(probs[index : index + 1], num_samples=1,
-                                                generator=self.slots[row].request.generator).squeeze(1)
+                drawn = group_logits.argmax(dim=-1)
+            else:
+                uniforms = torch.cat([uniform_draws(1, self.slots[row].request.generator, logits.device)
+                                      for row in rows])
+                drawn = draw_tokens(sampling_probabilities(group_logits, settings), uniforms)
+            for row, token in zip(rows, drawn.tolist()):
+                tokens[row] = token
         return tokens
 
-    def _take(self, row: int, slot: _Slot, token: torch.Tensor) -> None:
+    def _take(self, row: int, slot: _Slot, token: int) -> None:
         slot.tokens += 1
-        piece = slot.decoder.push(int(token))
+        piece = slot.decoder.push(token)
         if piece:
             slot.request.emit(piece)
         if slot.decoder.stopped or slot.tokens == slot.request.max_new_tokens:
             slot.finish = "stop" if slot.decoder.stopped else "length"
             return
         block_size = self.model.config.block_size
-        slot.window = torch.cat([slot.window, token[:, None]], dim=1)
-        if slot.window.size(1) > block_size:  # slide as generate_batch does: re-encode the kept half
-            slot.window = slot.window[:, -slide_keep(block_size) :]
+        slot.window.append(token)
+        if len(slot.window) > block_size:  # slide as generate_batch does: re-encode the kept half
+            slot.window = slot.window[-slide_keep(block_size) :]
             self._encode_window(row)
 
     def _drop_finished(self) -> None:

@@ -68,7 +68,7 @@ def penalize_repetition(logits: torch.Tensor, context: torch.Tensor, penalty: fl
 
 def keep_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     """The k likeliest tokens keep their logits, the others get -inf: exactly k, also when logits tie."""
-    best, where = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
+    best, where = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1, sorted=False)  # order unneeded
     return torch.full_like(logits, float("-inf")).scatter(-1, where, best)
 
 
@@ -96,7 +96,28 @@ def sample_next_token(
     if is_greedy(settings):
         return logits.argmax(dim=-1)
     probs = sampling_probabilities(logits, settings)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    return draw_tokens(probs, uniform_draws(probs.size(0), generator, probs.device))
+
+
+def uniform_draws(count: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """`count` draws in [0, 1) for draw_tokens, in float64 where the device has it (MPS has not)."""
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    return torch.rand(count, generator=generator, device=device, dtype=dtype)
+
+
+def draw_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row of `probs` (batch, vocab) from one uniform draw in [0, 1) per row, by the inverse of
+    the row's cumulative distribution: the first token whose cumulative probability exceeds the draw.
+
+    The same distribution as torch.multinomial, but one draw per row rather than one call: a batch whose rows
+    each have their own generator (batching.py) then samples in one call, and a row draws the same token
+    batched as alone. Tokens of probability 0 are never drawn; the draw is scaled to the row's total so that
+    rounding in the sum can never run past the last token.
+    """
+    cdf = probs.to(uniforms.dtype).cumsum(dim=-1)
+    total = cdf[:, -1:]
+    point = torch.minimum(uniforms[:, None] * total, total.nextafter(torch.zeros_like(total)))
+    return torch.searchsorted(cdf, point, right=True).squeeze(1)
 
 
 def is_greedy(settings: SamplingSettings) -> bool:

@@ -13,6 +13,7 @@ from picogpt_lightning.checkpoint import save_checkpoint
 from picogpt_lightning.errors import PicoGPTError
 from picogpt_lightning.cli.sample import check_tokenizer_options, sample_command
 from picogpt_lightning.generate import (
+    draw_tokens,
     generate,
     generate_batch,
     keep_top_k,
@@ -297,3 +298,14 @@ def test_top_k_keeps_exactly_k_tokens_when_logits_tie():
     kept = torch.isfinite(keep_top_k(logits, 2))
     assert kept.sum(dim=-1).tolist() == [2, 2]
     assert not kept[0, [0, 4]].any()  # only the tied best ones, never a worse one
+
+
+def test_drawn_tokens_follow_the_probabilities_and_never_take_a_zero_one():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]])
+    draws = torch.rand(40_000, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    tokens = draw_tokens(probs.expand(len(draws), -1), draws)
+    counts = torch.bincount(tokens, minlength=6) / len(draws)
+    assert counts[[0, 2, 5]].tolist() == [0.0, 0.0, 0.0]
+    assert torch.allclose(counts, probs[0], atol=0.01)
+    edges = torch.tensor([0.0, 0.5, 0.8, 1 - 1e-17], dtype=torch.float64)  # the last rounds to 1.0 in the sum
+    assert draw_tokens(probs.expand(4, -1), edges).tolist() == [1, 3, 4, 4]
