@@ -1,16 +1,16 @@
 """The ids of a text's parts, batch by batch and in order: in this process, or in worker processes on every core.
 
-prepare.py streams a text as (text, is_val) parts; this module groups them into batches of about
-ENCODE_BATCH_CHARS characters and gives back each batch's train and val ids, in the order of the text. With
-`num_proc` above 1 the batches are encoded by that many worker processes (a process pool, each worker with its
-own copy of the tokenizer), at most IN_FLIGHT_PER_WORKER batches per worker ahead of the writer, so memory stays
-flat whatever the size of the text; the results are taken in submission order, so the ids are exactly those of
-one process (tests/test_prepare_parallel.py). The word tokenizer's training counts its words the same way,
-batch by batch in the workers (`word_counts`), summed in order-free counts. Processes rather than threads because the char and word
-tokenizers run Python code that holds the GIL, and because turning each batch's ids into an array is Python
-work too; a BPE worker encodes with one thread, so the workers share the cores instead of fighting for them
-(measured against the library's own threaded `encode_batch`: docs/benchmarks.md, "Issue 22: preparation at
-scale").
+prepare.py streams a text as (text, is_val) parts; this module groups them into batches of about ENCODE_BATCH_CHARS
+characters and gives back each batch's train and val ids, in the order of the text. With `num_proc` above 1 the
+batches are encoded by that many worker processes (a process pool, each worker with its own copy of the tokenizer),
+at most IN_FLIGHT_PER_WORKER batches per worker ahead of the writer, so memory stays flat whatever the size of the
+text; the results are taken in submission order, so the ids are exactly those of one process
+(tests/test_prepare_parallel.py). The word tokenizer's training counts its words the same way, batch by batch in the
+workers (`word_counts`), and the counts are summed here (their order does not matter). Processes rather than threads
+because the char and word tokenizers run Python code that holds the GIL, and because turning each batch's ids into
+an array is Python work too; a BPE worker encodes with one thread, so the workers share the cores instead of
+fighting for them (measured against the library's own threaded `encode_batch`: docs/benchmarks.md, "Issue 22:
+preparation at scale").
 
 Workers are started with "spawn": safe whatever threads the calling process runs (Lightning, torch, the
 tokenizers library). Like every spawned worker (a DataLoader's too), one runs the top of the script that
@@ -123,7 +123,7 @@ def _encode(state: tuple[Tokenizer, np.dtype], batch: list[Part]) -> Encoded:
     return encode_batch(tokenizer, batch, dtype)
 
 
-def _count_words(_, batch: list[Part]) -> Counter:
+def _count_words(state: None, batch: list[Part]) -> Counter:
     return WordTokenizer.count(text for text, _ in batch)
 
 
