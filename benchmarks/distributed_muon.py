@@ -1,5 +1,7 @@
 """Muon's Newton-Schulz with the work shared out over ranks (muon_distributed.shared_out) against every rank doing
-all of it, at 2 gloo ranks on this machine, and projected to 8 ranks from the per-matrix times.
+all of it, at 2 gloo ranks on this machine, and projected to 8 ranks from the per-matrix times; then the same
+under FSDP (sharded updates: gathered whole, orthogonalised, each rank keeping its rows), shared out against
+every rank orthogonalising every matrix (the way before the work was shared, kept here as the reference).
 
     python -m benchmarks.distributed_muon                          # a 6 x 384 GPT (SwiGLU)
     python -m benchmarks.distributed_muon --n_layer 12 --n_embd 768 --rounds 3   # GPT-2 small (slow on CPU)
@@ -24,7 +26,7 @@ import torch.multiprocessing as mp
 
 from benchmarks.common import machine_line, median, run_cli
 from picogpt_lightning.model import GPT, GPTConfig
-from picogpt_lightning.muon_distributed import shared_out
+from picogpt_lightning.muon_distributed import orthogonalized, shared_out
 from picogpt_lightning.optim import is_hidden_matrix, orthogonalize
 
 WORLD_SIZE = 2
@@ -67,10 +69,41 @@ def _rank(rank: int, n_layer: int, n_embd: int, rounds: int) -> None:
         alone.append(sum(times[-1] * len(by_shape[shape]) for shape, times in per_matrix.items()))
         dist.barrier()
         shared_times.append(timed(shared))
+    fsdp_alone, fsdp_shared = fsdp_times(by_shape, rounds)
     if rank == 0:
         seconds = {shape: median(times) for shape, times in per_matrix.items()}
         report(by_shape, median(alone), median(shared_times), seconds, n_layer, n_embd)
+        print(f"under FSDP (each rank holds half the rows of every update; the gathers are timed too):")
+        print(f"  every rank orthogonalises all: {fsdp_alone * 1e3:8.1f} ms  (one all-gather per matrix)")
+        print(f"  shared out:                    {fsdp_shared * 1e3:8.1f} ms  ({fsdp_alone / fsdp_shared:.2f}x faster; "
+              f"plus one all-gather of the results per shape)")
     dist.destroy_process_group()
+
+
+def fsdp_times(by_shape: dict, rounds: int) -> tuple[float, float]:
+    """Medians of Muon's orthogonalisation of row-sharded updates (FSDP2's DTensors): every rank doing all of
+    it against muon_distributed.orthogonalized (shared out), alternated round by round."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    sharded = [[distribute_tensor(matrix, mesh, [Shard(0)], src_data_rank=None) for matrix in stack]
+               for stack in by_shape.values()]
+    alone = lambda: [every_rank_all(updates) for updates in sharded]
+    shared = lambda: [orthogonalized(updates, orthogonalize) for updates in sharded]
+    shared()  # warm-up
+    times = [(timed(alone), timed(shared)) for _ in range(rounds)]
+    return median([a for a, _ in times]), median([s for _, s in times])
+
+
+def every_rank_all(updates: list) -> list:
+    """The FSDP way before the work was shared out: every update gathered, every one orthogonalised on every
+    rank, each rank keeping its rows."""
+    from torch.distributed.tensor import distribute_tensor
+
+    results = orthogonalize(torch.stack([update.full_tensor() for update in updates])).unbind(0)
+    return [distribute_tensor(result, update.device_mesh, update.placements, src_data_rank=None)
+            for result, update in zip(results, updates)]
 
 
 def report(by_shape: dict, alone: float, shared: float, per_matrix: dict, n_layer: int, n_embd: int) -> None:

@@ -3,6 +3,7 @@
 
     python -m benchmarks.prepare_scale                          # 100 MB and 1 GB (1 GB: long on 2 cores)
     python -m benchmarks.prepare_scale --sizes_mb '[100]'
+    python -m benchmarks.prepare_scale --sizes_mb '[20]' --word true   # the word tokenizer's training too
 
 The corpus is generated here, nothing is downloaded: FILES files in nested folders, each a document of its own
 "topic" (the Zipf ranks of a shared 50,000-word lexicon reshuffled per file, so word frequencies differ from
@@ -104,7 +105,7 @@ def generate_corpus(folder: Path, size_bytes: int, files: int = FILES, seed: int
 # What is timed, each in a fresh process
 
 
-def ours(corpus: str, out_dir: str, vocab_size: int, num_proc: int) -> dict:
+def ours(corpus: str, out_dir: str, vocab_size: int, num_proc: int, backend: str = "bpe") -> dict:
     """`picogpt prepare`, as a user runs it; the tokenizer training (the first pass) timed on its own."""
     from picogpt_lightning import prepare as prepare_module
     from picogpt_lightning.cli import main as picogpt
@@ -120,7 +121,7 @@ def ours(corpus: str, out_dir: str, vocab_size: int, num_proc: int) -> dict:
 
     prepare_module._train_tokenizer = timed_train
     code = picogpt(["prepare", "--text_path", corpus, "--out_dir", out_dir, "--vocab_size", str(vocab_size),
-                    "--num_proc", str(num_proc)])
+                    "--num_proc", str(num_proc), "--backend", backend])
     if code:
         raise RuntimeError(f"picogpt prepare exited with {code}")
     return timing
@@ -203,7 +204,8 @@ def run_in_process(function_name: str, *args) -> tuple[float, int, int, dict]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def measure(size_mb: float, folder: Path, vocab_size: int, cores: int, files: int, processes: list[int]) -> None:
+def measure(size_mb: float, folder: Path, vocab_size: int, cores: int, files: int, processes: list[int],
+            word: bool = False) -> None:
     corpus, out = folder / f"corpus-{size_mb:g}MB", folder / "out"
     corpus.mkdir()
     start = time.perf_counter()
@@ -229,12 +231,17 @@ def measure(size_mb: float, folder: Path, vocab_size: int, cores: int, files: in
     for num_proc, (seconds, ours_train_s) in ours_runs.items():
         print(f"ratio --num_proc {num_proc}: encoding {encode_s / (seconds - ours_train_s):.2f}x the library's "
               f"encode_batch_fast; training {train_s / ours_train_s:.2f}x the library's trainer", flush=True)
+    for num_proc in processes if word else []:
+        shutil.rmtree(out, ignore_errors=True)
+        seconds, _, _, timing = run_in_process("ours", str(corpus), str(out), vocab_size, num_proc, "word")
+        print(f"word tokenizer (--backend word) --num_proc {num_proc}: training {timing['train_s']:.1f} s "
+              f"({mb / timing['train_s']:.2f} MB/s), {seconds:.1f} s in all", flush=True)
     shutil.rmtree(corpus)
     shutil.rmtree(out, ignore_errors=True)
 
 
 def main(sizes_mb: list[float] | None = None, vocab_size: int = 8000, files: int = FILES,
-         num_proc: list[int] | None = None, work_dir: str | None = None) -> None:
+         num_proc: list[int] | None = None, work_dir: str | None = None, word: bool = False) -> None:
     """Preparation of generated many-file corpora, against the tokenizers library in the same run.
 
     Args:
@@ -243,6 +250,7 @@ def main(sizes_mb: list[float] | None = None, vocab_size: int = 8000, files: int
         files: how many files each corpus has.
         num_proc: the --num_proc values to time ours with; default 1 and the usable cores.
         work_dir: where the corpus and outputs go (default: a temporary folder); deleted at the end.
+        word: also prepare with the word tokenizer at each num_proc, timing its training (counted in workers).
     """
     import datetime
 
@@ -261,7 +269,7 @@ def main(sizes_mb: list[float] | None = None, vocab_size: int = 8000, files: int
     folder = Path(tempfile.mkdtemp(prefix="picogpt-prepare-scale-", dir=root))
     try:
         for size_mb in sizes_mb or [100, 1000]:
-            measure(size_mb, folder, vocab_size, cores, files, processes)
+            measure(size_mb, folder, vocab_size, cores, files, processes, word)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -29,7 +29,7 @@ from .disk import no_space_message, save_torch
 from .errors import PicoGPTError, warn
 from .files import write_atomically
 from .lightning_adapter import (LightningChanged, average_model, count_one_more_logged_step, set_average_model,
-                                stop_at_next_step, summary_table)
+                                replace_sigterm_notifier, stop_at_next_step, summary_table)
 from .module import refuse_under_sharding
 from .sharding import reshard, restore_sharded_average, sharded_average, whole_tensors
 
@@ -177,8 +177,22 @@ class GracefulInterrupt(Callback):
 
     SIGTERM also starts sigterm_clock, so that a step that never ends cannot make the run ignore it."""
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._signalled = False  # by a signal, under several processes (_stop_every_rank)
+        if stage == "fit":
+            # Lightning installs its SIGTERM handler before on_train_start: from then on, SIGTERM is ours too
+            # (a signal between the two used to reach Lightning's broadcasting notifier).
+            replace_sigterm_notifier(trainer, lambda signum, frame: self._on_sigterm(trainer, signum))
+
+    def _on_sigterm(self, trainer: L.Trainer, signum: int) -> None:
+        if getattr(self, "_deadline", None) is None:
+            self._deadline = sigterm_clock.start()
+        if trainer.world_size > 1:
+            self._stop_every_rank(trainer, signum)
+        else:
+            stop_at_next_step(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
         self._previous = signal.getsignal(signal.SIGINT)
@@ -198,12 +212,10 @@ class GracefulInterrupt(Callback):
         self._previous_sigterm = lightning_sigterm
 
         def on_sigterm(signum, frame):
-            if getattr(self, "_deadline", None) is None:
-                self._deadline = sigterm_clock.start()
             if trainer.world_size > 1:
-                self._stop_every_rank(trainer, signum)
+                self._on_sigterm(trainer, signum)
             elif callable(lightning_sigterm):
-                lightning_sigterm(signum, frame)
+                lightning_sigterm(signum, frame)  # Lightning's, which calls _on_sigterm (setup) among its own
             else:
                 raise SystemExit(143)
 

@@ -36,6 +36,7 @@ from .conversation import (
     split_conversations,
 )
 from .corpus import source_sha256
+from .data import ignored_targets, rank_share
 from .errors import PicoGPTError, warn
 from .prepare import tokenizer_from_path
 from .tokenizer_source import model_vocab_size
@@ -91,13 +92,17 @@ class ShuffledBlocks(IterableDataset):
 
 
 class HeldOutBlocks(IterableDataset):
-    """The validation batches: this rank's share (every world_size-th batch) of the val blocks, in order."""
+    """The validation batches: this rank's share (every world_size-th batch) of the val blocks, in order, padded
+    to the busiest rank's count (data.rank_share)."""
 
     def __init__(self, inputs: np.ndarray, targets: np.ndarray, batch_size: int, max_batches: int | None = None,
                  rank: int = 0, world_size: int = 1):
         starts = list(range(0, len(inputs), batch_size))[:max_batches]
+        share, padding = rank_share(starts, rank, world_size)
         self.batches = [(torch.from_numpy(inputs[s : s + batch_size]), torch.from_numpy(targets[s : s + batch_size]))
-                        for s in starts[rank::world_size]]
+                        for s in share + starts[:1] * padding]
+        if padding:
+            self.batches[-padding:] = [ignored_targets(batch) for batch in self.batches[-padding:]]
 
     def __len__(self) -> int:
         return len(self.batches)

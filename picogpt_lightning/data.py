@@ -99,21 +99,41 @@ class RandomBlocks(IterableDataset):
             index += stride
 
 
+def rank_share(items: list, rank: int, world_size: int) -> tuple[list, int]:
+    """This rank's share of the validation batches `items` (every world_size-th one), and how many batches it
+    must add so that every rank runs as many as the busiest one.
+
+    Under fsdp each forward is a collective (a block's weights are gathered from every rank): a rank with one
+    batch fewer would leave the others waiting in their last forward forever. The added batches are copies of
+    a real one with every target ignored (`ignored_targets`), which count for nothing in the val loss."""
+    share = items[rank::world_size]
+    return share, -(-len(items) // world_size) - len(share)
+
+
+def ignored_targets(batch: Batch) -> Batch:
+    inputs, targets = batch
+    return inputs, torch.full_like(targets, -1)
+
+
 class FixedBlocks(IterableDataset):
-    """The validation batches: this rank's share (every world_size-th batch) of a fixed list of block starts."""
+    """The validation batches: this rank's share (every world_size-th batch) of a fixed list of block starts,
+    padded to the busiest rank's count (`rank_share`)."""
 
     def __init__(self, path: str, dtype: str, block_size: int, starts: list[np.ndarray], rank: int, world_size: int,
                  vocab_size: int = 1 << 32):
         self.path, self.dtype, self.block_size, self.vocab_size = path, dtype, block_size, vocab_size
-        self.starts = starts[rank::world_size]
+        self.starts, self.padding = rank_share(starts, rank, world_size)
+        self.padding_starts = starts[0] if starts else None
 
     def __len__(self) -> int:
-        return len(self.starts)
+        return len(self.starts) + self.padding
 
     def __iter__(self) -> Iterator[Batch]:
         data = np.memmap(self.path, dtype=self.dtype, mode="r")
         for starts in self.starts:
             yield _blocks(data, starts, self.block_size, self.vocab_size)
+        for _ in range(self.padding):
+            yield ignored_targets(_blocks(data, self.padding_starts, self.block_size, self.vocab_size))
 
 
 def validation_starts(val_tokens: int, block_size: int, batch_size: int, eval_iters: int, seed: int) -> list[np.ndarray]:

@@ -1,15 +1,16 @@
 """The ids of a text's parts, batch by batch and in order: in this process, or in worker processes on every core.
 
-prepare.py streams a text as (text, is_val) parts; this module groups them into batches of about
-ENCODE_BATCH_CHARS characters and gives back each batch's train and val ids, in the order of the text. With
-`num_proc` above 1 the batches are encoded by that many worker processes (a process pool, each worker with its
-own copy of the tokenizer), at most IN_FLIGHT_PER_WORKER batches per worker ahead of the writer, so memory stays
-flat whatever the size of the text; the results are taken in submission order, so the ids are exactly those of
-one process (tests/test_prepare_parallel.py). Processes rather than threads because the char and word
-tokenizers run Python code that holds the GIL, and because turning each batch's ids into an array is Python
-work too; a BPE worker encodes with one thread, so the workers share the cores instead of fighting for them
-(measured against the library's own threaded `encode_batch`: docs/benchmarks.md, "Issue 22: preparation at
-scale").
+prepare.py streams a text as (text, is_val) parts; this module groups them into batches of about ENCODE_BATCH_CHARS
+characters and gives back each batch's train and val ids, in the order of the text. With `num_proc` above 1 the
+batches are encoded by that many worker processes (a process pool, each worker with its own copy of the tokenizer),
+at most IN_FLIGHT_PER_WORKER batches per worker ahead of the writer, so memory stays flat whatever the size of the
+text; the results are taken in submission order, so the ids are exactly those of one process
+(tests/test_prepare_parallel.py). The word tokenizer's training counts its words the same way, batch by batch in the
+workers (`word_counts`), and the counts are summed here (their order does not matter). Processes rather than threads
+because the char and word tokenizers run Python code that holds the GIL, and because turning each batch's ids into
+an array is Python work too; a BPE worker encodes with one thread, so the workers share the cores instead of
+fighting for them (measured against the library's own threaded `encode_batch`: docs/benchmarks.md, "Issue 22:
+preparation at scale").
 
 Workers are started with "spawn": safe whatever threads the calling process runs (Lightning, torch, the
 tokenizers library). Like every spawned worker (a DataLoader's too), one runs the top of the script that
@@ -25,7 +26,7 @@ import multiprocessing
 import os
 import pickle
 import tempfile
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -33,7 +34,7 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 
 from .errors import PicoGPTError, warn
-from .tokenizer import ENDOFTEXT, BPETokenizer, CharTokenizer, Tokenizer
+from .tokenizer import ENDOFTEXT, BPETokenizer, CharTokenizer, Tokenizer, WordTokenizer
 
 ENCODE_BATCH_CHARS = 4 << 20  # one batch: ~1,000 chunks, enough for every thread of encode_batch or a worker
 IN_FLIGHT_PER_WORKER = 2  # batches queued per worker: one encoding, one waiting, so no worker ever idles
@@ -95,12 +96,35 @@ def encoded_batches(tokenizer: Tokenizer, parts: Iterable[Part], dtype: np.dtype
                     total_chars: int | None = None) -> Iterator[Encoded]:
     """Each batch of parts encoded, in the order of the parts: in `num_proc` worker processes when that is above
     1 and the text (`total_chars`, when known) is large enough to pay for starting them."""
-    grouped = batches(parts)
+    yield from _batch_by_batch(_encode, (tokenizer, dtype), batches(parts), num_proc, total_chars)
+
+
+def word_counts(chunks: Iterable[str], num_proc: int = 1, total_chars: int | None = None) -> Counter:
+    """How often each word-level token (WordTokenizer.count) occurs in the chunks, counted batch by batch in
+    `num_proc` worker processes as the encoding is, and summed here: the same counts as one process's."""
+    counts: Counter[str] = Counter()
+    for batch_counts in _batch_by_batch(_count_words, None, batches((chunk, False) for chunk in chunks), num_proc,
+                                        total_chars):
+        counts.update(batch_counts)
+    return counts
+
+
+def _batch_by_batch(work, state, grouped: Iterator[list[Part]], num_proc: int, total_chars: int | None) -> Iterator:
+    """work(state, batch) for each batch, in order: in worker processes or in this one (see encoded_batches)."""
     if num_proc > 1 and (total_chars is None or total_chars >= POOL_MIN_CHARS):
-        yield from _in_workers(tokenizer, grouped, dtype, num_proc)
+        yield from _in_workers(work, state, grouped, num_proc)
     else:
         for batch in grouped:
-            yield encode_batch(tokenizer, batch, dtype)
+            yield work(state, batch)
+
+
+def _encode(state: tuple[Tokenizer, np.dtype], batch: list[Part]) -> Encoded:
+    tokenizer, dtype = state
+    return encode_batch(tokenizer, batch, dtype)
+
+
+def _count_words(state: None, batch: list[Part]) -> Counter:
+    return WordTokenizer.count(text for text, _ in batch)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -113,36 +137,35 @@ def check_not_starting_worker() -> None:
         raise PicoGPTError("a worker process started to encode a text is running the script that started it: "
                            "put the script's work under `if __name__ == \"__main__\":`")
 
-_worker: tuple[Tokenizer, np.dtype] | None = None  # the tokenizer and dtype of this worker process
+_worker_state = None  # what the work of this worker process needs (encoding: the tokenizer and dtype)
 
 
 def _start_worker(path: str) -> None:
-    global _worker
+    global _worker_state
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers share out the cores
     with open(path, "rb") as file:
-        _worker = pickle.load(file)
+        _worker_state = pickle.load(file)
 
 
-def _encode_in_worker(batch: list[Part]) -> Encoded:
-    tokenizer, dtype = _worker
-    return encode_batch(tokenizer, batch, dtype)
+def _work_in_worker(work, batch: list[Part]):
+    return work(_worker_state, batch)
 
 
-def _in_workers(tokenizer: Tokenizer, grouped: Iterator[list[Part]], dtype: np.dtype,
-                num_proc: int) -> Iterator[Encoded]:
-    """Batches submitted to a pool of num_proc workers, at most IN_FLIGHT_PER_WORKER each ahead, and their
-    results taken in submission order. A pool that breaks at start-up falls back to this process."""
-    # The tokenizer reaches the workers through a file, not the start-up pipe: a worker that dies while starting
+def _in_workers(work, state, grouped: Iterator[list[Part]], num_proc: int) -> Iterator:
+    """work(state, batch) for each batch, submitted to a pool of num_proc workers, at most IN_FLIGHT_PER_WORKER
+    each ahead, and the results taken in submission order. A pool that breaks at start-up falls back to this
+    process."""
+    # The state reaches the workers through a file, not the start-up pipe: a worker that dies while starting
     # would leave a large start-up message half read and this process blocked writing it.
     with tempfile.NamedTemporaryFile(prefix="picogpt-tokenizer-", suffix=".pickle", delete=False) as file:
-        pickle.dump((tokenizer, dtype), file)
+        pickle.dump(state, file)
     pool = ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_start_worker, initargs=(file.name,))
     pending: deque = deque()
     done = 0
     try:
         for batch in grouped:
-            pending.append((batch, pool.submit(_encode_in_worker, batch)))
+            pending.append((batch, pool.submit(_work_in_worker, work, batch)))
             while len(pending) >= IN_FLIGHT_PER_WORKER * num_proc:
                 yield pending[0][1].result()
                 pending.popleft()
@@ -158,9 +181,9 @@ def _in_workers(tokenizer: Tokenizer, grouped: Iterator[list[Part]], dtype: np.d
         warn(f"could not start {num_proc} worker processes to encode ({error}): encoding in this process "
              f"(a script that prepares data needs `if __name__ == \"__main__\":` around its work)")
         for batch, _ in pending:
-            yield encode_batch(tokenizer, batch, dtype)
+            yield work(state, batch)
         for batch in grouped:
-            yield encode_batch(tokenizer, batch, dtype)
+            yield work(state, batch)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         os.unlink(file.name)

@@ -57,6 +57,18 @@ def stop_at_next_step(trainer) -> None:
     connector.received_sigterm = True
 
 
+def replace_sigterm_notifier(trainer, handler) -> None:
+    """Have the SIGTERM handler that Lightning installs when a run starts (after the setup hooks, before the
+    first step) call `handler(signum, frame)` in place of its notifier, which passes the signal on to the
+    processes Lightning started and then broadcasts from inside the signal handler: a broadcast that can meet
+    another rank's collective and hang. Call it before Lightning installs the handler (a callback's `setup`),
+    so that no moment of the run has the broadcasting one."""
+    connector = trainer._signal_connector
+    if not callable(getattr(connector, "_sigterm_notifier_fn", None)):
+        raise LightningChanged("this Lightning's signal connector has no _sigterm_notifier_fn")
+    connector._sigterm_notifier_fn = handler
+
+
 def average_model(callback):
     """The averaged copy of the model a WeightAveraging callback keeps (None before its setup)."""
     return callback._average_model

@@ -222,7 +222,10 @@ class GPTLightningModule(L.LightningModule):
         # Weighted by the tokens that carry loss (all of them in text; the answers in conversations) and
         # synchronised across ranks by torchmetrics, so the val loss of a distributed run equals a
         # single-process evaluation of the same batches.
-        self.val_loss.update(loss, weight=(targets >= 0).sum())
+        # A rank's padding batch (every target ignored: data.rank_share) weighs nothing, and its loss (0/0) is
+        # not NaN; a real batch's NaN stays NaN.
+        weight = (targets >= 0).sum()
+        self.val_loss.update(torch.where(weight > 0, loss, 0.0), weight=weight)
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()

@@ -30,7 +30,7 @@ import numpy as np
 
 from .corpus import TextStats, chunks, find_text_files, source_sha256, split_parts
 from .corpus_formats import reading_key, relative_names, sizes_are_text_sizes
-from .encoding import check_not_starting_worker, encoded_batches
+from .encoding import check_not_starting_worker, encoded_batches, word_counts
 from .errors import PicoGPTError, warn
 from .files import (FolderInUse, FolderLock, commit, make_folders, remove_empty_folders, remove_leftovers,
                     temporary_path, write_json_atomically)
@@ -55,12 +55,15 @@ CACHE_FOLDER = re.compile(r".+-[0-9a-f]{12}")  # NAME-<cache key>, as cached_pre
 # Tokenizer and ids
 
 
-def _train_tokenizer(kind: str, vocab_size: int, text_chunks: Iterable[str]) -> Tokenizer:
+def _train_tokenizer(kind: str, vocab_size: int, text_chunks: Iterable[str], num_proc: int = 1,
+                     size: int | None = None) -> Tokenizer:
+    """BPE trains on the library's own threads; words are counted in `num_proc` processes (encoding.py)."""
     if kind == "char":
         return CharTokenizer.train(text_chunks)
     if kind == "bpe":
         return BPETokenizer.train(text_chunks, vocab_size)
-    return WordTokenizer.train(text_chunks, vocab_size)
+    WordTokenizer.check_vocab_size(vocab_size)
+    return WordTokenizer.from_counts(word_counts(text_chunks, num_proc, size), vocab_size)
 
 
 def _check_characters(tokenizer: CharTokenizer, text_chunks: Iterable[str], source: str) -> None:
@@ -214,7 +217,7 @@ def _prepare_locked(text_path: str, files: list[Path], folder: Path, settings: P
                 progress.update(stats.bytes - progress.done)
 
         if given is None:
-            tokenizer = _train_tokenizer(kind, settings.vocab_size, observed())
+            tokenizer = _train_tokenizer(kind, settings.vocab_size, observed(), settings.processes(), size)
         elif isinstance(given, CharTokenizer):
             _check_characters(given, observed(), settings.tokenizer_from)
             tokenizer = given

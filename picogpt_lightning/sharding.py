@@ -19,12 +19,13 @@ divides by the world size itself, so no version's AVG is relied on.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
@@ -32,6 +33,8 @@ from torch.distributed.fsdp import FSDPModule, OptimStateKeyType, fully_shard
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.tensor import DTensor
 from torch.optim.swa_utils import AveragedModel
+
+from .errors import SettingsError
 
 # What `--trainer.strategy` says to mean this strategy (Lightning's name for its FSDPStrategy, which it replaces).
 NAMES = ("fsdp",)
@@ -144,3 +147,59 @@ def restore_sharded_average(average: AveragedModel, module: torch.nn.Module, che
         for name, value in checkpoint["averaging_state"].items():
             getattr(average, name).copy_(value)
     load_whole_tensors(module, checkpoint["current_model_state"])
+
+
+# The precisions ModelParallelStrategy takes (Lightning's accelerator connector refuses the others), all tried
+# under fsdp on 2 CPU ranks: 32-true, bf16-mixed and bf16-true train; 16-true trains to NaN on CPU, as it does
+# under every strategy there (float16 matmuls without loss scaling), so it is offered for GPUs only.
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-true")
+PRECISION_ALIASES = {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true", "64": "64-true"}
+
+
+def check_sharding(strategy, precision, accelerator: str | None, devices: int | None, num_nodes: int) -> None:
+    """SettingsError (one line, before anything is prepared or written) for sharding settings that Lightning
+    would refuse only once the data is prepared, with its own wording or a traceback: a precision FSDP2 does not
+    take, a data/tensor-parallel split that is not the run's ranks, tensor parallelism (our model is sharded
+    FSDP-style over every rank), and Lightning's FSDPStrategy on a CPU. `strategy` is the setting: a name or a
+    class_path (with init_args)."""
+    strategy_class, init_args = _strategy_class(strategy)
+    on_cpu = accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available())
+    if strategy_class is not None and issubclass(strategy_class, FSDPStrategy) and on_cpu:
+        raise SettingsError(f"Lightning's {strategy_class.__name__} needs a GPU (accelerator cuda): pass "
+                            f"--trainer.strategy fsdp, which shards on CPU as well (FSDP2, sharding.py)")
+    if not (isinstance(strategy, str) and strategy.lower() in NAMES) and not (
+            strategy_class is not None and issubclass(strategy_class, ModelParallelStrategy)):
+        return
+    name = str(PRECISION_ALIASES.get(str(precision), precision or "32-true"))
+    works = [p for p in PRECISIONS if not (on_cpu and p == "16-true")]
+    if name not in works:
+        where = "on CPU " if on_cpu and name == "16-true" else ""
+        raise SettingsError(f"trainer.precision {name} does not work with the fsdp strategy {where}(FSDP2): pass "
+                            f"--trainer.precision with one of {', '.join(works)} (bf16-mixed for mixed precision)")
+    tensor_parallel = init_args.get("tensor_parallel_size", "auto")
+    if tensor_parallel not in ("auto", 1):
+        raise SettingsError(f"tensor_parallel_size {tensor_parallel}: picogpt shards the model FSDP-style over every "
+                            f"rank and has no tensor parallelism; leave tensor_parallel_size and data_parallel_size "
+                            f"out (or --trainer.strategy fsdp)")
+    # Lightning's split: data_parallel_size (auto: the nodes) x tensor_parallel_size (auto: devices per node).
+    data_parallel = init_args.get("data_parallel_size", "auto")
+    if devices is None:
+        return  # -1 or auto on another machine's accelerator: the ranks are not known here
+    split = (num_nodes if data_parallel == "auto" else data_parallel) * (devices if tensor_parallel == "auto" else 1)
+    ranks = devices * num_nodes
+    if split != ranks:
+        raise SettingsError(f"data_parallel_size {data_parallel} x tensor_parallel_size {tensor_parallel} is not the "
+                            f"run's {ranks} rank(s) (trainer.devices {devices} x trainer.num_nodes {num_nodes}): "
+                            f"leave both out (fsdp shards over every rank)")
+
+
+def _strategy_class(strategy) -> tuple[type | None, dict]:
+    """The class and init_args of a strategy given by class_path (a Namespace or dict); None, {} for a name."""
+    class_path = strategy.get("class_path") if hasattr(strategy, "get") else None
+    if not isinstance(class_path, str) or "." not in class_path:
+        return None, {}
+    module, name = class_path.rsplit(".", 1)
+    found = getattr(importlib.import_module(module), name, None)
+    init_args = strategy.get("init_args") or {}
+    init_args = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args)
+    return (found if isinstance(found, type) else None), init_args

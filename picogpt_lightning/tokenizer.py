@@ -326,12 +326,25 @@ class WordTokenizer:
 
     @classmethod
     def train(cls, chunks: Iterable[str], vocab_size: int) -> WordTokenizer:
-        """Keep the vocab_size - 2 most frequent tokens; equal counts are ordered by the token itself."""
+        """Keep the vocab_size - 2 most frequent tokens (counted in this process; prepare.py counts them on
+        every core with encoding.word_counts and calls `from_counts`)."""
         cls.check_vocab_size(vocab_size)
+        return cls.from_counts(cls.count(chunks), vocab_size)
+
+    @classmethod
+    def count(cls, chunks: Iterable[str]) -> Counter:
+        """How often each token occurs in the chunks (a literal <|endoftext|> is not a word)."""
         counts: Counter[str] = Counter()
         for chunk in chunks:
             for piece in chunk.split(ENDOFTEXT):
                 counts.update(cls.pattern.findall(piece))
+        return counts
+
+    @classmethod
+    def from_counts(cls, counts: Counter, vocab_size: int) -> WordTokenizer:
+        """The vocab_size - 2 most frequent tokens; equal counts are ordered by the token itself, so the
+        vocabulary does not depend on the order in which the counts were added up."""
+        cls.check_vocab_size(vocab_size)
         frequent = heapq.nsmallest(vocab_size - 2, counts.items(), key=lambda item: (-item[1], item[0]))
         return cls([UNKNOWN, ENDOFTEXT] + [token for token, _ in frequent])
 

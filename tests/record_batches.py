@@ -70,3 +70,18 @@ class RecordCallbackOrder(L.Callback):
 
     def on_fit_start(self, trainer, pl_module):
         RecordCallbackOrder.order = [type(callback).__name__ for callback in trainer.callbacks]
+
+
+class SigtermBeforeFirstStep(L.Callback):
+    """Rank `rank` sends itself SIGTERM in on_train_start, before the run's own callbacks' on_train_start (the
+    user's callbacks come first): after Lightning has installed its SIGTERM handler, before the first step."""
+
+    def __init__(self, rank: int = 1):
+        self.rank = rank
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.global_rank == self.rank:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)

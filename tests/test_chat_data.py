@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from picogpt_lightning.chat_data import ConversationDataModule, ShuffledBlocks
+from picogpt_lightning.chat_data import ConversationDataModule, HeldOutBlocks, ShuffledBlocks
 from picogpt_lightning.checkpoint import save_checkpoint
 from picogpt_lightning.chat_template import get_template
 from picogpt_lightning.model import GPT, GPTConfig, next_token_loss
@@ -102,6 +102,14 @@ def test_training_batches_are_a_pure_function_of_seed_rank_and_step():
     assert not set(first_epoch[0]) & set(first_epoch[1])
     assert list(ShuffledBlocks(inputs, inputs, batch_size=3, seed=6).indices(0)) != list(batches[0])
 
+
+
+def test_held_out_batches_are_as_many_on_every_rank_and_the_padding_carries_no_loss():
+    inputs = np.arange(30, dtype=np.int64).reshape(6, 5)  # 3 batches of 2 over 2 ranks: 2 + 1, and 1 of padding
+    ranks = [list(HeldOutBlocks(inputs, inputs, batch_size=2, rank=rank, world_size=2)) for rank in (0, 1)]
+    assert [len(batches) for batches in ranks] == [2, 2]
+    assert [bool((targets >= 0).any()) for _, targets in ranks[1]] == [True, False]
+    assert torch.equal(ranks[1][0][1], torch.from_numpy(inputs[2:4]))
 
 def test_unseen_characters_and_skipped_conversations_are_one_line_each(tmp_path, capsys):
     long_answer = "Because. " * 10

@@ -60,7 +60,7 @@ def test_small_val_split_is_evaluated_whole_and_large_one_by_fixed_sample():
 def test_val_batches_are_split_between_ranks_without_overlap(bin_file):
     starts = validation_starts(val_tokens=1000, block_size=8, batch_size=4, eval_iters=100, seed=0)
     shares = [FixedBlocks(bin_file, "uint16", 8, starts, rank, 2) for rank in (0, 1)]
-    assert len(shares[0]) + len(shares[1]) == len(starts)
+    assert len(shares[0].starts) + len(shares[1].starts) == len(starts)  # the real ones; padding aside
     seen = sorted(int(s) for share in shares for batch in share.starts for s in batch)
     assert seen == sorted(int(s) for batch in starts for s in batch)
 
@@ -79,3 +79,12 @@ def test_block_size_larger_than_the_val_split_is_a_clear_error(tmp_path):
     data = GPTDataModule(str(text), mode="char", block_size=512, cache_dir=str(tmp_path / "c"))
     with pytest.raises(PicoGPTError, match="val split has .* tokens, fewer than block_size"):
         data.tokenizer_vocab_size
+
+
+def test_ranks_get_as_many_val_batches_each_and_the_padding_carries_no_loss(bin_file):
+    """Under fsdp every forward is a collective: a rank with one batch fewer would leave the other waiting."""
+    starts = validation_starts(val_tokens=1000, block_size=8, batch_size=4, eval_iters=5, seed=0)
+    shares = [list(FixedBlocks(bin_file, "uint16", 8, starts, rank, 2)) for rank in (0, 1)]
+    assert [len(share) for share in shares] == [3, 3]
+    assert [bool((targets >= 0).any()) for _, targets in shares[1]] == [True, True, False]
+    assert sum(int((targets >= 0).sum()) for share in shares for _, targets in share) == 5 * 4 * 8

@@ -16,6 +16,7 @@ from picogpt_lightning.cli.launch_checks import devices_per_node, master_answers
 from picogpt_lightning.errors import SettingsError
 from picogpt_lightning.launch import is_global_rank_zero, launcher, local_rank
 from picogpt_lightning.same_data import difference, identity
+from picogpt_lightning.sharding import check_sharding
 
 from helpers import make_config, make_text
 
@@ -118,3 +119,40 @@ def test_ranks_that_prepared_different_data_are_named_with_what_differs():
                                                                                              other_text])
     assert message.startswith("rank 2 (n2: /n2/prepared/t-1) prepared other data than rank 0 (n0: /n0/prepared/t-1): "
                               "its tokenizer sha256 is uuuuuuuuuuuuuuuu..., rank 0's tttttttttttttttt...")
+
+
+FSDP = ["--trainer.strategy", "fsdp", "--trainer.devices", "2"]
+LIGHTNING_FSDP = '{"class_path": "lightning.pytorch.strategies.FSDPStrategy"}'
+MODEL_PARALLEL = ('{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy", "init_args": '
+                  '{"data_parallel_size": 3}}')
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([*FSDP, "--trainer.precision", "16-mixed"], "trainer.precision 16-mixed does not work with the fsdp strategy "
+                                                 "(FSDP2): pass --trainer.precision with one of 32-true, bf16-mixed, "
+                                                 "bf16-true"),
+    ([*FSDP, "--trainer.precision", "64-true"], "trainer.precision 64-true does not work with the fsdp strategy"),
+    ([*FSDP, "--trainer.precision", "16-true"], "trainer.precision 16-true does not work with the fsdp strategy on "
+                                                "CPU"),
+    (["--trainer.strategy", LIGHTNING_FSDP, "--trainer.devices", "2"],
+     "Lightning's FSDPStrategy needs a GPU (accelerator cuda): pass --trainer.strategy fsdp"),
+    (["--trainer.strategy", MODEL_PARALLEL, "--trainer.devices", "2"],
+     "data_parallel_size 3 x tensor_parallel_size auto is not the run's 2 rank(s)"),
+    (["--trainer.strategy", MODEL_PARALLEL.replace('"data_parallel_size": 3', '"tensor_parallel_size": 2'),
+      "--trainer.devices", "2"], "tensor_parallel_size 2: picogpt shards the model FSDP-style over every rank"),
+], ids=["16-mixed", "64-true", "16-true on cpu", "lightning's fsdp on cpu", "split not the ranks",
+        "tensor parallel"])
+def test_fsdp_settings_it_cannot_shard_with_are_one_line_exit_2_and_write_nothing(tmp_path, clean_env, capsys,
+                                                                                   flags, expected):
+    config = make_config(tmp_path, make_text(tmp_path / "t.txt"))
+    assert main(["fit", "--config", str(config), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("picogpt fit: error: ") and expected in err[0], err
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "prepared").exists()
+
+
+def test_the_precisions_fsdp_trains_with_pass_the_check():
+    for precision in ("32-true", "32", 32, None, "bf16-mixed", "bf16", "bf16-true"):
+        check_sharding("fsdp", precision, "cpu", 2, 1)
+    check_sharding("fsdp", "16-true", "cuda", 2, 1)  # float16 without loss scaling: on GPUs only
+    check_sharding("ddp", "16-mixed", "cpu", 2, 1)  # other strategies: Lightning's to judge

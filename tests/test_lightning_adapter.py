@@ -2,6 +2,7 @@
 these fail loudly after a Lightning upgrade that changes one, instead of a run quietly doing something else."""
 
 import inspect
+import signal
 
 import lightning.pytorch as L
 import pytest
@@ -12,8 +13,8 @@ from lightning.pytorch.utilities.model_summary import model_summary
 
 from picogpt_lightning import lightning_adapter
 from picogpt_lightning.lightning_adapter import (LightningCLIHooks, attached_trainer, average_model,
-                                                 count_one_more_logged_step, set_average_model, set_max_steps,
-                                                 stop_at_next_step, summary_table)
+                                                 count_one_more_logged_step, replace_sigterm_notifier,
+                                                 set_average_model, set_max_steps, stop_at_next_step, summary_table)
 from picogpt_lightning.model import GPTConfig
 from picogpt_lightning.module import GPTLightningModule
 
@@ -131,3 +132,17 @@ def test_a_trainer_still_reads_the_stop_flag_the_adapter_sets():
     assert not trainer.received_sigterm
     stop_at_next_step(trainer)
     assert trainer.received_sigterm
+
+
+def test_lightnings_sigterm_handler_calls_the_notifier_the_adapter_puts_in_its_place():
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    calls = []
+    replace_sigterm_notifier(trainer, lambda signum, frame: calls.append(signum))
+    before = signal.getsignal(signal.SIGTERM)
+    trainer._signal_connector.register_signal_handlers()  # what Trainer._run does before the first step
+    try:
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+    finally:
+        trainer._signal_connector.teardown()
+        signal.signal(signal.SIGTERM, before)
+    assert calls == [signal.SIGTERM] and not trainer.received_sigterm  # Lightning's own notifier did not run

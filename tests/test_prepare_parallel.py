@@ -1,5 +1,5 @@
-"""Preparation on several processes: a multi-file corpus encoded by a pool of workers gives exactly the ids,
-meta.json and tokenizer of one process (issue 22)."""
+"""Preparation on several processes: a multi-file corpus encoded by a pool of workers (the word tokenizer also
+trained by them) gives exactly the ids, meta.json and tokenizer of one process (issue 22)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,9 @@ def test_a_multi_file_corpus_prepared_by_two_worker_processes_has_the_ids_of_one
     write_corpus(corpus)
     one = prepare(str(corpus), str(tmp_path / "one"), num_proc=1, **settings)
     two = prepare(str(corpus), str(tmp_path / "two"), num_proc=2, **settings)
-    assert pools == [2] and "could not start" not in capsys.readouterr().err  # the workers did the encoding
+    # The workers did the encoding, and the word tokenizer's counting before it.
+    assert pools == [2] * (2 if settings.get("backend") == "word" else 1)
+    assert "could not start" not in capsys.readouterr().err
     assert one == two and one["train_tokens"] > 1000 and one["val_tokens"] > 100
     for name in ("train.bin", "val.bin", one["tokenizer_file"], "meta.json"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name

@@ -120,13 +120,19 @@ def test_the_fsdp_strategy_name_means_ours_on_every_accelerator_and_other_names_
     assert strategy_for("ddp") == "ddp" and strategy_for(None) is None
 
 
-def test_muon_shared_out_over_two_ranks_equals_one_process(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_muon_shared_out_over_two_ranks_equals_one_process_with_each_matrix_orthogonalised_once(tmp_path,
+                                                                                               strategy):
+    """Replicated weights (ddp) or sharded ones (fsdp): a matrix skipped or applied twice would show in the
+    weights, and the ranks' counts add up to the matrices of one process (3 layers x 4 matrices x 3 steps)."""
     out = tmp_path / "two_ranks.pt"
     from serving import free_port  # a fixed port collides with another run still on it
 
-    subprocess.run([sys.executable, str(TESTS / "muon_ranks.py"), str(out), str(free_port())], check=True,
-                   timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert_close(torch.load(out, weights_only=True), muon_steps(), 1e-6)
+    subprocess.run([sys.executable, str(TESTS / "muon_ranks.py"), str(out), str(free_port()), strategy],
+                   check=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    two_ranks = torch.load(out, weights_only=True)
+    assert_close(two_ranks["weights"], muon_steps(), 1e-6)
+    assert two_ranks["orthogonalised"] == [24, 12]  # each shape's 3 matrices: 2 on rank 0, 1 on rank 1
 
 
 def test_each_rank_orthogonalises_a_contiguous_share_and_every_matrix_is_someones():

@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import make_config, make_text
@@ -25,8 +26,9 @@ while [[ "$1" == -* ]]; do shift; done
 if [ -n "${FAKE_SRUN_PRINT:-}" ]; then echo "srun: $*"; exit 0; fi
 tasks=()
 for ((task = 0; task < SLURM_NTASKS; task++)); do
+    # Each task's output to its own file: the test shows what each rank printed.
     SLURM_PROCID=$task SLURM_LOCALID=$((task % SLURM_NTASKS_PER_NODE)) \\
-        SLURM_NODEID=$((task / SLURM_NTASKS_PER_NODE)) "$@" &
+        SLURM_NODEID=$((task / SLURM_NTASKS_PER_NODE)) "$@" > "$FAKE_SLURM/task-$task.log" 2>&1 &
     tasks+=($!)
 done
 echo "${tasks[*]}" > "$FAKE_SLURM/tasks.pid"
@@ -69,40 +71,76 @@ def test_the_sbatch_script_asks_for_a_signal_before_the_time_limit_and_a_requeue
 
 def test_the_sbatch_script_trains_on_two_nodes_requeues_on_usr1_saving_last_ckpt_and_resumes_when_requeued(tmp_path):
     """Two tasks as two nodes of one task each, on one disk: SLURM's ranks decide who writes and who prepares,
-    and the SIGTERM that a requeue sends to every task at once stops them together at one step."""
+    and the SIGTERM that a requeue sends to every task at once stops them together at one step. A run that does
+    not get there in time fails with each rank's output and, for a rank still running, where it was stuck."""
     text = make_text(tmp_path / "t.txt")
     config = make_config(tmp_path, text, trainer={"max_steps": 100000, "val_check_interval": 2})
-    env = fake_slurm(tmp_path)
+    env = {**fake_slurm(tmp_path), "PYTHONFAULTHANDLER": "1"}  # SIGABRT: each thread's stack, then the end
     # Output to files: a pipe left unread while the tasks train could fill and block a rank (and so both).
-    out_file, err_file = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    out_file = tempfile.TemporaryFile("w+")
     job = subprocess.Popen(["bash", str(SCRIPT), str(config), "--sample_tokens", "0"], stdout=out_file,
-                           stderr=err_file, text=True, env=env)
-
-    def output() -> tuple[str, str]:
-        out_file.seek(0), err_file.seek(0)
-        return out_file.read(), err_file.read()
-
+                           stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while not (tmp_path / "run" / "last.ckpt").exists() and job.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert job.poll() is None, output()[1][-3000:]
+        if not (tmp_path / "run" / "last.ckpt").exists():
+            fail_with_output(job, tmp_path, out_file, "no last.ckpt within 180 s, or the job ended before it")
         job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@90 sends 90 s before the time limit
-        job.wait(timeout=90)
+        try:
+            job.wait(timeout=90)  # one step, a save and the exit; sigterm_clock ends a rank stuck 60 s
+        except subprocess.TimeoutExpired:
+            fail_with_output(job, tmp_path, out_file, "the job did not end within 90 s of USR1")
     finally:
-        if job.poll() is None:
-            job.kill()
-    out, err = output()
-    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
-    assert "slurm_fit: the time limit is near: requeueing job 4242" in out
-    saved = re.search(r"Interrupted at step (\d+); saved (\S+)\.", err)
-    assert saved and Path(saved.group(2)) == tmp_path / "run" / "last.ckpt", err[-3000:]
+        end_job(job, tmp_path)
+    out, rank_0 = read(out_file), task_log(tmp_path, 0)
+    report = f"job:\n{out[-2000:]}\nrank 0:\n{rank_0[-3000:]}\nrank 1:\n{task_log(tmp_path, 1)[-3000:]}"
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n", report
+    assert "slurm_fit: the time limit is near: requeueing job 4242" in out, report
+    saved = re.search(r"Interrupted at step (\d+); saved (\S+)\.", rank_0)
+    assert saved and Path(saved.group(2)) == tmp_path / "run" / "last.ckpt", report
     assert torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)["global_step"] == int(saved.group(1))
-    assert "Traceback" not in err and "error:" not in err, err[-3000:]
+    assert "Traceback" not in report and "error:" not in report, report
     assert len(list((tmp_path / "prepared").iterdir())) == 1
 
     requeued = subprocess.run(["bash", str(SCRIPT), str(config), "--sample_tokens", "0"], capture_output=True,
-                              text=True, env={**env, "SLURM_RESTART_COUNT": "1", "FAKE_SRUN_PRINT": "1"})
+                              text=True, env={**env, "SLURM_RESTART_COUNT": "1", "FAKE_SRUN_PRINT": "1"}, timeout=60)
     command = next(line for line in requeued.stdout.splitlines() if line.startswith("srun: "))
     assert command == (f"srun: picogpt fit --config {config} --ckpt_dir {tmp_path / 'run'} --trainer.num_nodes 2 "
                        f"--trainer.devices 1 --trainer.strategy ddp --ckpt_path last --sample_tokens 0")
+
+
+def read(file) -> str:
+    file.seek(0)
+    return file.read()
+
+
+def task_log(tmp_path: Path, task: int) -> str:
+    path = tmp_path / f"task-{task}.log"
+    return path.read_text(errors="replace") if path.exists() else "(no output: the task never started)"
+
+
+def task_pids(tmp_path: Path) -> list[int]:
+    path = tmp_path / "tasks.pid"
+    return [int(pid) for pid in path.read_text().split()] if path.exists() else []
+
+
+def end_job(job: subprocess.Popen, tmp_path: Path, stop: signal.Signals = signal.SIGKILL) -> None:
+    """End the tasks (`stop`) and the batch script, so that no rank outlives the test."""
+    for pid in task_pids(tmp_path):
+        try:
+            os.kill(pid, stop)
+        except ProcessLookupError:
+            pass
+    if job.poll() is None:
+        job.kill()
+    job.wait(timeout=30)
+
+
+def fail_with_output(job: subprocess.Popen, tmp_path: Path, out_file, why: str) -> None:
+    """End the tasks with SIGABRT (faulthandler then prints where each thread of a rank still running was), and
+    fail with the job's and each rank's output."""
+    end_job(job, tmp_path, stop=signal.SIGABRT)
+    time.sleep(1)  # the stacks reach the logs
+    ranks = "\n".join(f"--- rank {task} ---\n{task_log(tmp_path, task)[-6000:]}" for task in (0, 1))
+    pytest.fail(f"{why}\n--- job ---\n{read(out_file)[-2000:]}\n{ranks}", pytrace=False)

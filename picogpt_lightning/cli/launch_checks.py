@@ -8,7 +8,7 @@ MASTER_PORT each pick a random one, and an unreachable MASTER_ADDR makes torch w
   SLURM's --nodes, --ntasks-per-node and --ntasks); NODE_RANK against the node count;
 - under Lightning's own launcher with several nodes: NODE_RANK, MASTER_ADDR and MASTER_PORT on every node,
   and MASTER_ADDR answering within MASTER_WAIT_S;
-- a strategy name Lightning does not know.
+- a strategy name Lightning does not know, and sharding settings FSDP cannot run (sharding.check_sharding).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from jsonargparse import Namespace
 
 from ..errors import SettingsError
 from ..launch import launcher
+from ..sharding import check_sharding
 
 MASTER_WAIT_S = 30.0  # how long a node keeps trying a MASTER_ADDR that does not answer at all
 CONNECT_TRY_S = 5.0  # one connection attempt
@@ -35,6 +36,7 @@ def check_launch(trainer: Namespace, env: Mapping[str, str] = os.environ, wait_s
     if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
         raise SettingsError(f"trainer.num_nodes must be a whole number >= 1 (the machines of the run), got {num_nodes}")
     devices = devices_per_node(trainer.get("devices"), trainer.get("accelerator"))
+    check_sharding(trainer.get("strategy"), trainer.get("precision"), trainer.get("accelerator"), devices, num_nodes)
     started_by = launcher(env)
     if started_by == "torchrun":
         check_torchrun(num_nodes, devices, env)
