@@ -5,6 +5,11 @@ sizes (benchmarks/corpora.py makes them):
     OMP_NUM_THREADS=1 python -m benchmarks.budget --corpora '[_runs/corpora/small.txt, _runs/corpora/medium.txt]' \\
         --budget 8m --out _runs/budget.jsonl
 
+With `--as_shipped true`, the shipped config runs as a user runs it (its own max_steps, no --budget) and the sized
+recipe gets `--budget B`, which should be what the shipped config takes (issue 26's comparison); with
+`--together true` both recipes of a corpus, and every corpus, run at once (one process each, one thread each), so
+that they meet the same load, and the sized budget must then be what the shipped run takes beside the others.
+
 Each round runs, one after the other as separate `picogpt fit` processes, `--config CONFIG --budget B` (the
 shipped recipe with its schedule fitted to the budget) and `--budget B` without a config (the sized recipe), in
 alternating order from round to round, so both meet the same load on a shared machine; the load average
@@ -19,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,12 +63,12 @@ def best_within(curve: list[dict], seconds: float) -> float:
 
 def main(corpora: list[str], budget: str = "8m", config: str = "configs/char.yaml", mode: str = "char",
          rounds: int = 1, threads: int = 1, out: str = "_runs/budget.jsonl", work: str = "_runs/budget",
-         only: str | None = None) -> None:
+         only: str | None = None, as_shipped: bool = False, together: bool = False) -> None:
     """Measure the shipped config against the sized recipe on each corpus under one budget.
 
     Args:
         corpora: text files to train on.
-        budget: the --budget of every run.
+        budget: the --budget of every run (with as_shipped, of the sized recipe only).
         config: the shipped config to compare against.
         mode: data.mode of both (char or token).
         rounds: alternating rounds per corpus.
@@ -70,27 +76,39 @@ def main(corpora: list[str], budget: str = "8m", config: str = "configs/char.yam
         out: JSON-lines file the results are appended to.
         work: folder for the runs.
         only: run this recipe alone (shipped or sized), e.g. to measure a changed rule against an earlier run.
+        as_shipped: run the shipped config with its own steps rather than fitted to the budget.
+        together: run every recipe of every corpus at once instead of one after the other.
     """
+    jobs = []
     for corpus in corpora:
-        stem = Path(corpus).stem
-        recipes = {"shipped": ["--config", config, "--data.text_path", corpus, "--data.mode", mode, "--budget", budget],
+        shipped = ["--config", config, "--data.text_path", corpus, "--data.mode", mode]
+        recipes = {"shipped": shipped if as_shipped else [*shipped, "--budget", budget],
                    "sized": ["--data.text_path", corpus, "--data.mode", mode, "--budget", budget]}
         if only:
             recipes = {only: recipes[only]}
         for index in range(rounds):
             order = list(recipes) if index % 2 == 0 else list(reversed(recipes))
-            results = [run(f"{stem}-{mode}-{name}-{index}", recipes[name], Path(work), threads) for name in order]
-            shorter = min(result["seconds"] for result in results)
-            for name, result in zip(order, results):
-                result.update(corpus=corpus, mode=mode, recipe=name, budget=budget, round=index, config=config,
-                              best_within_shorter=best_within(result["curve"], shorter))
-                with open(out, "a", encoding="utf-8") as file:
-                    file.write(json.dumps(result) + "\n")
-                print(f"{stem:8} {mode:5} {name:8} load {result['load']:.1f}  {result['seconds']:6.0f}s  "
-                      f"{result['steps']:5d} steps  best {result['best']:.4f}  last {result['last']:.4f}  "
-                      f"best within {shorter:.0f}s {result['best_within_shorter']:.4f}", flush=True)
-                for line in result["plan"]:
-                    print("    " + line, flush=True)
+            jobs.append([(corpus, index, name, recipes[name]) for name in order])
+    if together:
+        with ThreadPoolExecutor(max_workers=sum(len(group) for group in jobs)) as pool:
+            futures = [[pool.submit(run, f"{Path(corpus).stem}-{mode}-{name}-{index}", args, Path(work), threads)
+                        for corpus, index, name, args in group] for group in jobs]
+            outcomes = [[future.result() for future in group] for group in futures]
+    else:
+        outcomes = [[run(f"{Path(corpus).stem}-{mode}-{name}-{index}", args, Path(work), threads)
+                     for corpus, index, name, args in group] for group in jobs]
+    for group, results in zip(jobs, outcomes):
+        shorter = min(result["seconds"] for result in results)
+        for (corpus, index, name, _), result in zip(group, results):
+            result.update(corpus=corpus, mode=mode, recipe=name, budget=budget, round=index, config=config,
+                          as_shipped=as_shipped, best_within_shorter=best_within(result["curve"], shorter))
+            with open(out, "a", encoding="utf-8") as file:
+                file.write(json.dumps(result) + "\n")
+            print(f"{Path(corpus).stem:8} {mode:5} {name:8} load {result['load']:.1f}  {result['seconds']:6.0f}s  "
+                  f"{result['steps']:5d} steps  best {result['best']:.4f}  last {result['last']:.4f}  "
+                  f"best within {shorter:.0f}s {result['best_within_shorter']:.4f}", flush=True)
+            for line in result["plan"]:
+                print("    " + line, flush=True)
 
 
 if __name__ == "__main__":

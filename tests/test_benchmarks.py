@@ -124,3 +124,22 @@ def test_weight_average_benchmark_compares_against_a_run_without_any_average(tmp
     out = capsys.readouterr().out
     assert "trained weights equal a run without the average: yes" in out, out
     assert "EMA decay 0.5" in out and "over 1 run(s)" in out
+
+
+def test_budget_benchmark_runs_the_shipped_config_as_shipped_beside_the_sized_recipe(tmp_path, monkeypatch, capsys):
+    from benchmarks import budget
+
+    calls = []
+
+    def fake_run(name, args, work, threads):
+        calls.append((name, args))
+        curve = [{"seconds": 10.0, "step": 5, "val_loss": 2.0}, {"seconds": 20.0, "step": 10, "val_loss": 1.5}]
+        return {"name": name, "seconds": 20.0, "load": 0.0, "plan": [], "curve": curve, "steps": 10, "best": 1.5,
+                "last": 1.5}
+
+    monkeypatch.setattr(budget, "run", fake_run)
+    budget.main(["a.txt", "b.txt"], budget="27m", as_shipped=True, together=True, out=str(tmp_path / "out.jsonl"))
+    runs = dict(calls)
+    assert sorted(runs) == ["a-char-shipped-0", "a-char-sized-0", "b-char-shipped-0", "b-char-sized-0"]
+    assert "--budget" not in runs["a-char-shipped-0"] and runs["a-char-sized-0"][-2:] == ["--budget", "27m"]
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 4
