@@ -73,7 +73,7 @@ def _rank(rank: int, n_layer: int, n_embd: int, rounds: int) -> None:
     if rank == 0:
         seconds = {shape: median(times) for shape, times in per_matrix.items()}
         report(by_shape, median(alone), median(shared_times), seconds, n_layer, n_embd)
-        print(f"under FSDP (each rank holds half the rows of every update; the gathers are timed too):")
+        print("under FSDP (each rank holds half the rows of every update; the gathers are timed too):")
         print(f"  every rank orthogonalises all: {fsdp_alone * 1e3:8.1f} ms  (one all-gather per matrix)")
         print(f"  shared out:                    {fsdp_shared * 1e3:8.1f} ms  ({fsdp_alone / fsdp_shared:.2f}x faster; "
               f"plus one all-gather of the results per shape)")
