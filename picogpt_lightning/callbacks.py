@@ -179,6 +179,11 @@ class GracefulInterrupt(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._signalled = False  # by a signal, under several processes (_stop_every_rank)
+        if threading.current_thread() is threading.main_thread():
+            # What SIGTERM did before this run: Lightning's teardown puts it back before ours runs, and ours must
+            # not then put back Lightning's handler, which would outlive the run (and, in a process that trains
+            # again, be chained into the next run's, with this run's notifier inside).
+            self._sigterm_before_run = signal.getsignal(signal.SIGTERM)
         if stage == "fit":
             # Lightning installs its SIGTERM handler before on_train_start: from then on, SIGTERM is ours too
             # (a signal between the two used to reach Lightning's broadcasting notifier).
@@ -209,7 +214,6 @@ class GracefulInterrupt(Callback):
                 raise KeyboardInterrupt
 
         signal.signal(signal.SIGINT, on_sigint)
-        self._previous_sigterm = lightning_sigterm
 
         def on_sigterm(signum, frame):
             if trainer.world_size > 1:
@@ -241,7 +245,7 @@ class GracefulInterrupt(Callback):
         previous = getattr(self, "_previous", None)
         if previous is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous)
-            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            signal.signal(signal.SIGTERM, getattr(self, "_sigterm_before_run", signal.SIG_DFL))
             self._previous = None
         deadline = getattr(self, "_deadline", None)
         if deadline is not None:

@@ -38,6 +38,7 @@ def test_no_live_sample_when_the_strategy_shards_the_weights(capsys):
 
 import json  # noqa: E402
 import logging  # noqa: E402
+import signal  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -55,6 +56,14 @@ def text(tmp_path_factory):
 def fit(tmp_path, text, name, *args, **trainer):
     config = make_config(tmp_path, text, name=name, trainer={"max_steps": 4, "val_check_interval": 2, **trainer})
     return main(["fit", "--config", str(config), *args]), tmp_path / "checkpoints" / name
+
+
+def test_a_run_in_process_leaves_the_signal_handlers_as_it_found_them(tmp_path, text):
+    """Lightning's SIGTERM handler, left behind, was chained into the next run's: calling it (a later SIGTERM)
+    started a finished run's sigterm clock, which ended the process 60 s later."""
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    assert fit(tmp_path, text, "signals")[0] == 0
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
 @pytest.mark.parametrize("bar", [
