@@ -26,7 +26,7 @@ def picogpt(*args, expect: int = 0):
     return result
 
 
-def test_two_process_ddp_fit_validate_and_resume(tmp_path, capsys):
+def test_two_process_ddp_fit_validate_warm_start_and_resume(tmp_path, capsys):
     text = make_text(tmp_path / "t.txt")
     config = make_config(
         tmp_path, text, name="ddp",
@@ -52,25 +52,18 @@ def test_two_process_ddp_fit_validate_and_resume(tmp_path, capsys):
     single = [l for l in capsys.readouterr().out.splitlines() if l.startswith("val_loss")][-1]
     assert float(single.split()[1]) == pytest.approx(ddp_loss, abs=1e-4)
 
+    # Every rank runs the command; rank 0 alone prints its result lines.
+    validated = picogpt("validate", "--config", str(config), "--ckpt_path", str(run / "last.ckpt"))
+    assert len([line for line in validated.stdout.splitlines() if line.startswith("val_loss")]) == 1
+    warm = picogpt("fit", "--config", str(config), "--model.init_from", str(run / "last.ckpt"),
+                   "--trainer.max_steps", "2", "--ckpt_dir", str(tmp_path / "warm"))
+    assert len([line for line in warm.stdout.splitlines() if line.startswith("warm start: loaded")]) == 1
+
     picogpt("fit", "--config", str(config), "--ckpt_path", "last", "--additional_steps", "4")
     assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 14
     # Validate and resume read the text with the checkpoint's tokenizer: a second preparation, made once.
     assert not list(tmp_path.rglob("*.tmp"))
     assert len(list((tmp_path / "prepared").iterdir())) == 2
-
-
-def test_two_process_validate_and_warm_start_speak_once(tmp_path):
-    """Every rank runs the command; rank 0 alone prints its result lines."""
-    text = make_text(tmp_path / "t.txt")
-    config = make_config(tmp_path, text, name="ddp", trainer={"max_steps": 4, "val_check_interval": 4,
-                                                              "strategy": "ddp", "devices": 2})
-    picogpt("fit", "--config", str(config))
-    last = tmp_path / "checkpoints" / "ddp" / "last.ckpt"
-    validated = picogpt("validate", "--config", str(config), "--ckpt_path", str(last))
-    assert len([line for line in validated.stdout.splitlines() if line.startswith("val_loss")]) == 1
-    warm = picogpt("fit", "--config", str(config), "--model.init_from", str(last), "--trainer.max_steps", "2",
-                   "--ckpt_dir", str(tmp_path / "warm"))
-    assert len([line for line in warm.stdout.splitlines() if line.startswith("warm start: loaded")]) == 1
 
 
 def test_nan_on_one_rank_stops_every_rank_with_one_line(tmp_path):
