@@ -216,3 +216,9 @@ def test_the_recipe_refuses_nothing_for_a_text_that_holds_a_few_contexts():
     assert choose(2_000, "char", 0.1, 60, lambda shape, seconds: 10**6).shape == shape_at(1, 32, 32)
     with pytest.raises(SettingsError, match="too small"):
         choose(100, "char", 0.1, 60, lambda shape, seconds: 10**6)
+
+
+def test_dropout_grows_with_the_passes_over_the_text():
+    from picogpt_lightning.recipe import dropout_for
+
+    assert [dropout_for(epochs) for epochs in (0.5, 1, 1.5, 16, 17, 32)] == [0.0, 0.0, 0.1, 0.1, 0.2, 0.2]
