@@ -2,15 +2,18 @@
 when no --config is given.
 
 One dial sets the model, as in nanochat: depth d gives d blocks of width 64*d (heads of 64). The rule picks the
-deepest model the budget still gives MIN_STEPS optimizer steps at its measured step time, and the corpus can
-hold (at most MAX_PARAMS_PER_TOKEN parameters per training token):
+deepest model the budget still gives MIN_STEPS optimizer steps and MIN_TOKENS_PER_PARAM trained tokens per
+parameter at its measured step time, and the corpus can hold (at most MAX_PARAMS_PER_TOKEN parameters per
+training token):
 
-    choose the largest d with steps(d) >= MIN_STEPS and params(d) <= MAX_PARAMS_PER_TOKEN * training tokens
+    choose the largest d with steps(d) >= MIN_STEPS, trained tokens(d) >= MIN_TOKENS_PER_PARAM * params(d)
+    and params(d) <= MAX_PARAMS_PER_TOKEN * training tokens
 
 Measured here (docs/benchmarks.md, issue 26), at equal wall on a CPU: a larger model that sees each token fewer
 times wins in these minutes-long runs, far below the ~20 tokens per parameter of compute-optimal LLM scaling
 (configs/char.yaml's 4x256 at 0.14 tokens per parameter beat a 2x128 at ~9 on a 250 KB text); what a model needs
-is enough steps for warmup and decay. On a corpus that even the deepest model would repeat more than MAX_EPOCHS
+is enough steps for warmup and decay, and not far under one token per parameter (a 6x384 at 0.23 lost to a 5x320
+and a 4x256 on a 1 MB text in 50 minutes). On a corpus that even the deepest model would repeat more than MAX_EPOCHS
 times, the run stops there, before the budget ends, rather than memorise (the issue's 4x128 without dropout
 collapsed after 9 epochs); dropout once the text repeats (0.1, then 0.2 past 16 passes), and early stopping on
 a val plateau (Lightning's EarlyStopping, in the written config) guards the rest. MAX_EPOCHS is 32: on a 250 KB
@@ -34,6 +37,12 @@ MIN_STEPS = 200
 # At most this many parameters (outside the embeddings) per training token: configs/char.yaml's 3.1M on the
 # bundled 324K-character text trained 14 epochs with dropout 0.1 to its best val (about 10 per token).
 MAX_PARAMS_PER_TOKEN = 16
+# At least this many trained tokens per parameter: on a 1 MB text in 50 minutes a 6x384 that would see 0.23 was far
+# behind at equal time, where a 5x320 at 1.1 and a 4x256 at 2.8 beat configs/char.yaml; on a 250 KB text in 8
+# minutes a 4x256 at 0.57 beat smaller models.
+MIN_TOKENS_PER_PARAM = 0.5
+# The depth at which the sized recipe measures whether mixed precision is faster on this machine.
+REFERENCE_DEPTH = 4
 MAX_EPOCHS = 32.0
 MIN_BLOCK = 16
 # Rough bytes per token of a byte-level BPE trained on the text itself, to size a corpus before it is encoded.
@@ -79,6 +88,7 @@ class Recipe:
     dropout: float
     max_epochs: float
     settings: dict = field(default_factory=dict)  # dotted keys, e.g. "model.n_layer"
+    precision: str | None = None
 
     @property
     def planned_tokens(self) -> int:
@@ -96,9 +106,10 @@ class Recipe:
         per_param = self.planned_tokens / shape.params
         return (f"recipe for {self.train_tokens:,} training tokens ({self.mode}): {shape.n_layer} layers x "
                 f"{shape.n_embd} ({shape.params / 1e6:.2g}M parameters outside the embeddings), context "
-                f"{shape.block_size}, batch {shape.batch_size}, dropout {self.dropout:g}; the deepest model the "
-                f"corpus holds that the budget gives {MIN_STEPS}+ steps (~{steps:,}, {per_param:.2g} tokens per "
-                f"parameter), {limit}")
+                f"{shape.block_size}, batch {shape.batch_size}, dropout {self.dropout:g}"
+                + (f", {self.precision}" if self.precision else "")
+                + f"; the deepest model the corpus holds that the budget gives {MIN_STEPS}+ steps and "
+                f"{MIN_TOKENS_PER_PARAM:g}+ tokens per parameter (~{steps:,} steps, {per_param:.2g}), {limit}")
 
 
 def corpus_tokens(size_bytes: int, mode: str) -> int:
@@ -127,21 +138,31 @@ def dropout_for(epochs: float) -> float:
     return 0.0 if epochs <= 1 else 0.1 if epochs <= 16 else 0.2
 
 
+def reference_shape(size_bytes: int, mode: str, val_fraction: float) -> Shape:
+    """The shape at REFERENCE_DEPTH with the context and batch the recipe gives this corpus: where the precision
+    is measured."""
+    val_tokens = int(corpus_tokens(size_bytes, mode) * val_fraction)
+    return shape_at(REFERENCE_DEPTH, context_for(val_tokens, mode, val_fraction), 32 if mode == "char" else 16)
+
+
 def choose(size_bytes: int, mode: str, val_fraction: float, budget_seconds: float,
-           tokens_in: Callable[[Shape, float], int], vocab_size: int = 2000) -> Recipe:
+           tokens_in: Callable[[Shape, float], int], vocab_size: int = 2000, precision: str | None = None) -> Recipe:
     """The recipe for a corpus of `size_bytes` in `mode`; `tokens_in(shape, seconds)` is how many tokens the
-    budget trains at that shape (measured by a probe on the real machine, or a fake one in the tests)."""
+    budget trains at that shape (measured by a probe on the real machine, or a fake one in the tests) in
+    `precision` (a trainer.precision the caller chose by measuring it, or None to leave the trainer's)."""
     tokens = corpus_tokens(size_bytes, mode)
     val_tokens = int(tokens * val_fraction)
     train_tokens = max(1, tokens - val_tokens)
-    block = context_for(val_tokens, mode, val_fraction)
-    batch = 32 if mode == "char" else 16
+    reference = reference_shape(size_bytes, mode, val_fraction)
     chosen = None
     for depth in DEPTHS:
-        shape = shape_at(depth, block, batch)
+        shape = shape_at(depth, reference.block_size, reference.batch_size)
         budget_tokens = tokens_in(shape, budget_seconds)
+        trained = min(budget_tokens, MAX_EPOCHS * train_tokens)
         too_few_steps = budget_tokens < MIN_STEPS * shape.tokens_per_step
-        if chosen is not None and (too_few_steps or shape.params > MAX_PARAMS_PER_TOKEN * train_tokens):
+        too_few_tokens = trained < MIN_TOKENS_PER_PARAM * shape.params
+        if chosen is not None and (too_few_steps or too_few_tokens
+                                   or shape.params > MAX_PARAMS_PER_TOKEN * train_tokens):
             break
         chosen = (shape, budget_tokens)
     shape, budget_tokens = chosen
@@ -155,8 +176,10 @@ def choose(size_bytes: int, mode: str, val_fraction: float, budget_seconds: floa
                      "data.random_split": True, "data.eval_iters": eval_iters_for(val_tokens, shape)})
     if mode == "token":
         settings["data.vocab_size"] = vocab_size
+    if precision:
+        settings["trainer.precision"] = precision
     return Recipe(shape=shape, mode=mode, train_tokens=train_tokens, budget_tokens=budget_tokens, dropout=dropout,
-                  max_epochs=MAX_EPOCHS, settings=settings)
+                  max_epochs=MAX_EPOCHS, settings=settings, precision=precision)
 
 
 def eval_iters_for(val_tokens: int, shape: Shape) -> int:

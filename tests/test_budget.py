@@ -137,10 +137,10 @@ def test_the_sized_recipe_is_the_same_for_the_same_corpus_and_budget():
 
     first = choose(250_000, "char", 0.1, 3600, tokens_in)
     assert first == choose(250_000, "char", 0.1, 3600, tokens_in)
-    bigger = choose(10_000_000, "char", 0.1, 3600, tokens_in)
+    bigger = choose(100_000_000, "char", 0.1, 3600, tokens_in)
     assert bigger.shape.params > first.shape.params  # more text holds a larger model at the same budget
     assert first.data_limited and first.dropout > bigger.dropout == 0  # the small text repeats: capped
-    shorter = choose(10_000_000, "char", 0.1, 60, tokens_in)
+    shorter = choose(100_000_000, "char", 0.1, 60, tokens_in)
     assert shorter.shape.params < bigger.shape.params  # less time, fewer steps: a smaller model
 
 
@@ -222,3 +222,46 @@ def test_dropout_grows_with_the_passes_over_the_text():
     from picogpt_lightning.recipe import dropout_for
 
     assert [dropout_for(epochs) for epochs in (0.5, 1, 1.5, 16, 17, 32)] == [0.0, 0.0, 0.1, 0.1, 0.2, 0.2]
+
+
+@pytest.mark.parametrize("mixed_seconds, chosen", [(0.3, "bf16-mixed"), (0.45, None), (2.0, None)])
+def test_a_sized_recipe_on_a_cpu_trains_in_bf16_only_where_the_probe_finds_it_faster(tmp_path, text, monkeypatch,
+                                                                                   capsys, mixed_seconds, chosen):
+    monkeypatch.setattr(budget_keeper, "MIN_STEPS_TO_JUDGE", 10**9)
+    seen = []
+
+    def probe(*args, autocast=None, **kwargs):
+        seen.append(autocast)
+        return FAKE if autocast is None else Throughput(mixed_seconds, FAKE.val_batch_seconds)
+
+    monkeypatch.setattr(budget_cli, "probe", probe)
+    run = tmp_path / "run"
+    assert main(["fit", "--data.text_path", str(text), "--data.mode", "char", "--budget", "20s",
+                 "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--sample_tokens", "0",
+                 "--ckpt_dir", str(run), "--data.cache_dir", str(tmp_path / "prepared")]) == 0
+    assert torch.bfloat16 in seen  # measured both ways
+    assert run_config(run)["trainer"].get("precision") == chosen
+    recipe_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("recipe for "))
+    assert ("bf16-mixed" in recipe_line) == (chosen is not None)
+    if chosen:  # every shape was then probed in it, and the plan follows the faster step
+        assert seen[-1] is torch.bfloat16
+
+
+def test_a_precision_on_the_command_line_is_kept_and_not_measured(tmp_path, text, fake_probe):
+    run = tmp_path / "run"
+    assert main(["fit", "--data.text_path", str(text), "--data.mode", "char", "--budget", "20s",
+                 "--trainer.precision", "32-true", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar",
+                 "false", "--sample_tokens", "0", "--ckpt_dir", str(run),
+                 "--data.cache_dir", str(tmp_path / "prepared")]) == 0
+    assert run_config(run)["trainer"]["precision"] == "32-true"
+
+
+def test_the_depth_rule_wants_half_a_trained_token_per_parameter():
+    def tokens_in(shape, seconds):  # a step costs in proportion to the parameters
+        return int(seconds / (4e-7 * shape.params + 0.05)) * shape.tokens_per_step
+
+    recipe = choose(1_100_000, "char", 0.1, 3000, tokens_in)
+    assert recipe.shape.n_layer == 5 and recipe.planned_tokens >= 0.5 * recipe.shape.params
+    deeper = shape_at(6, 128, 32)
+    assert deeper.params <= 16 * recipe.train_tokens  # the text would hold it, and the budget gives it 200+ steps
+    assert 200 * deeper.tokens_per_step < tokens_in(deeper, 3000) < 0.5 * deeper.params  # but too few tokens

@@ -10,18 +10,26 @@ import math
 import time
 from pathlib import Path
 
+import torch
 from jsonargparse import Namespace
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from ..budget import BudgetPlan, Throughput, format_seconds, parse_budget, plan_budget, probe
 from ..budget_keeper import BudgetKeeper
 from ..errors import SettingsError, warn
-from ..recipe import WARMUP_FRACTION, Recipe, Shape, choose, corpus_tokens, vocab_for
+from ..recipe import WARMUP_FRACTION, Recipe, Shape, choose, corpus_tokens, reference_shape, vocab_for
 
 EARLY_STOPPING = "lightning.pytorch.callbacks.EarlyStopping"
 # Validations without a new best before a sized recipe's run stops (the run keeps best.ckpt and last.ckpt).
 PATIENCE = 5
 CHAR_VOCAB_GUESS = 128  # before the text is read, for the probe only (the output layer's share is tiny)
+# A sized recipe on a CPU trains in bf16-mixed when a probe step runs at least this much faster than in float32:
+# on a Xeon with AVX-512 BF16 and AMX a 4x256 took 1.4x the steps in the same 50 minutes, and reached 1.328
+# nats/char on a 1 MB text against fp32's 1.349 (docs/benchmarks.md, issue 26); CPUs without bf16 units emulate
+# it many times slower, and keep float32.
+MIXED_PRECISION_SPEEDUP = 1.2
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16, "16-mixed": torch.float16, "16": torch.float16}
+DEFAULT_PRECISIONS = (None, "32", "32-true", 32)
 MAX_TIME_NOTE = ("trainer.max_time stops the run but the LR schedule decays over trainer.max_steps ({steps}), not "
                  "the time: pass --budget {time} instead to end the schedule at the time")
 
@@ -100,7 +108,12 @@ class BudgetSetup:
             plan = plan_budget(budget, self.measure(trial), shape.tokens_per_step, 10, WARMUP_FRACTION)
             return plan.tokens
 
-        recipe = choose(size, mode, config.data.val_fraction, seconds, tokens_in, vocab)
+        precision = None
+        if "trainer.precision" not in given and config.trainer.get("precision") in DEFAULT_PRECISIONS:
+            precision = self._faster_precision(config, reference_shape(size, mode, config.data.val_fraction), vocab)
+            if precision:
+                config.trainer.precision = precision  # the shapes below are probed in it
+        recipe = choose(size, mode, config.data.val_fraction, seconds, tokens_in, vocab, precision)
         for key, value in recipe.settings.items():
             if key not in given and not (key == "model.block_size" and "data.block_size" in given):
                 config[key] = value
@@ -110,6 +123,20 @@ class BudgetSetup:
                              init_args=Namespace(monitor="val_loss", mode="min", patience=PATIENCE, min_delta=0.0))
             config.trainer.callbacks = [*(config.trainer.get("callbacks") or []), stop]
         return recipe
+
+    def _faster_precision(self, config: Namespace, shape: Shape, vocab: int) -> str | None:
+        """bf16-mixed where it is the faster: on a GPU that has bfloat16, and on a CPU whose probe step in it is
+        MIXED_PRECISION_SPEEDUP times faster than in float32; None (the trainer's float32) elsewhere."""
+        device = _device(config.trainer.get("accelerator"))
+        if device == "cuda":
+            return "bf16-mixed" if torch.cuda.is_bf16_supported() else None
+        if config.trainer.get("accelerator") not in ("cpu", "auto", None):
+            return None  # mps and the rest: float32, as configured
+        trial = _with_shape(config, shape, vocab)
+        single = self.measure(trial).step_seconds
+        trial.trainer.precision = "bf16-mixed"
+        mixed = self.measure(trial).step_seconds
+        return "bf16-mixed" if single >= MIXED_PRECISION_SPEEDUP * mixed else None
 
     def _set(self, config: Namespace, given: set[str], left: float) -> None:
         plan = self.plan
@@ -144,15 +171,16 @@ class BudgetSetup:
         model_settings = {key: value for key, value in config.model.as_dict().items()
                           if key not in ("vocab_size", "train_tokens", "init_from", "compile")}
         vocab = config.data.vocab_size if config.data.mode == "token" else CHAR_VOCAB_GUESS
+        autocast = AUTOCAST.get(str(config.trainer.get("precision")))
         key = tuple(sorted((k, str(v)) for k, v in model_settings.items())) + (
-            vocab, config.data.batch_size, config.data.block_size)
+            vocab, config.data.batch_size, config.data.block_size, str(autocast))
         if key not in self.measured:
             pl_module = lightning_module.GPTLightningModule(vocab_size=vocab, **model_settings)
             optimizer = _optimizer(pl_module)
             device = _device(config.trainer.get("accelerator"))
             started = time.perf_counter()
             self.measured[key] = probe(pl_module.model, optimizer, vocab, config.data.batch_size,
-                                       config.data.block_size, device)
+                                       config.data.block_size, device, autocast=autocast)
             self.probe_seconds += time.perf_counter() - started
         return self.measured[key]
 
