@@ -55,6 +55,11 @@ TOKEN_RECIPE = {"optimizer": "muon", "position": "rotary", "norm": "rms", "qk_no
                 "zero_init": True, "bias": False, "learning_rate": 6.0e-3, "min_lr": 0.0, "weight_decay": 0.1,
                 "lr_schedule": "linear"}
 WARMUP_FRACTION = 0.08
+GRADIENT_CLIP = 1.0  # as every shipped config
+# Token runs validate and save an EMA of the weights, as configs/tiny.yaml (its decay): 0.025 nats lower at that
+# config's 560 steps, and 0.07 on a 250 KB text in a 2-minute budget; at character level it cost 0.006-0.015
+# (docs/benchmarks.md, Weight averaging and issue 26), so characters train without it.
+TOKEN_EMA_DECAY = 0.995
 
 
 @dataclass(frozen=True)
@@ -173,7 +178,8 @@ def choose(size_bytes: int, mode: str, val_fraction: float, budget_seconds: floa
     settings.update({"model.n_layer": shape.n_layer, "model.n_embd": shape.n_embd, "model.n_head": shape.n_head,
                      "model.block_size": shape.block_size, "model.dropout": dropout,
                      "data.block_size": shape.block_size, "data.batch_size": shape.batch_size,
-                     "data.random_split": True, "data.eval_iters": eval_iters_for(val_tokens, shape)})
+                     "data.random_split": True, "data.eval_iters": eval_iters_for(val_tokens, shape),
+                     "trainer.gradient_clip_val": GRADIENT_CLIP})
     if mode == "token":
         settings["data.vocab_size"] = vocab_size
     if precision:

@@ -17,9 +17,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from ..budget import BudgetPlan, Throughput, format_seconds, parse_budget, plan_budget, probe
 from ..budget_keeper import BudgetKeeper
 from ..errors import SettingsError, warn
-from ..recipe import WARMUP_FRACTION, Recipe, Shape, choose, corpus_tokens, reference_shape, vocab_for
+from ..recipe import TOKEN_EMA_DECAY, WARMUP_FRACTION, Recipe, Shape, choose, corpus_tokens, reference_shape, vocab_for
 
 EARLY_STOPPING = "lightning.pytorch.callbacks.EarlyStopping"
+EMA = "picogpt_lightning.callbacks.EMA"
 # Validations without a new best before a sized recipe's run stops (the run keeps best.ckpt and last.ckpt).
 PATIENCE = 5
 CHAR_VOCAB_GUESS = 128  # before the text is read, for the probe only (the output layer's share is tiny)
@@ -121,7 +122,9 @@ class BudgetSetup:
         if "trainer.callbacks" not in given:
             stop = Namespace(class_path=EARLY_STOPPING,
                              init_args=Namespace(monitor="val_loss", mode="min", patience=PATIENCE, min_delta=0.0))
-            config.trainer.callbacks = [*(config.trainer.get("callbacks") or []), stop]
+            average = Namespace(class_path=EMA, init_args=Namespace(decay=TOKEN_EMA_DECAY))
+            averaged = [average] if mode == "token" else []
+            config.trainer.callbacks = [*(config.trainer.get("callbacks") or []), *averaged, stop]
         return recipe
 
     def _faster_precision(self, config: Namespace, shape: Shape, vocab: int) -> str | None:
