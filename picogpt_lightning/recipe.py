@@ -94,6 +94,7 @@ class Recipe:
     max_epochs: float
     settings: dict = field(default_factory=dict)  # dotted keys, e.g. "model.n_layer"
     precision: str | None = None
+    precision_reason: str = ""  # why, as measured: "a step 1.4x as fast as float32's here"
 
     @property
     def planned_tokens(self) -> int:
@@ -113,6 +114,7 @@ class Recipe:
                 f"{shape.n_embd} ({shape.params / 1e6:.2g}M parameters outside the embeddings), context "
                 f"{shape.block_size}, batch {shape.batch_size}, dropout {self.dropout:g}"
                 + (f", {self.precision}" if self.precision else "")
+                + (f" ({self.precision_reason})" if self.precision and self.precision_reason else "")
                 + f"; the deepest model the corpus holds that the budget gives {MIN_STEPS}+ steps and "
                 f"{MIN_TOKENS_PER_PARAM:g}+ tokens per parameter (~{steps:,} steps, {per_param:.2g}), {limit}")
 

@@ -158,6 +158,8 @@ def test_a_sized_run_writes_its_recipe_to_the_config_and_that_config_reproduces_
     assert written["model"]["n_layer"] == 1 and written["model"]["n_embd"] == 64  # d=1 for 30 KB
     assert written["data"]["batch_size"] == 4 and written["data"]["block_size"] == 128  # a flag beats the recipe
     assert any(cb["class_path"].endswith("EarlyStopping") for cb in written["trainer"]["callbacks"])
+    assert not any(cb["class_path"].endswith("EMA") for cb in written["trainer"]["callbacks"])  # chars: none
+    assert written["trainer"]["gradient_clip_val"] == 1.0
     again = tmp_path / "again"
     assert main(["fit", "--config", str(saved), "--ckpt_dir", str(again), "--overwrite", "true"]) == 0
     first, second = run_config(run), run_config(again)
@@ -242,7 +244,7 @@ def test_a_sized_recipe_on_a_cpu_trains_in_bf16_only_where_the_probe_finds_it_fa
     assert torch.bfloat16 in seen  # measured both ways
     assert run_config(run)["trainer"].get("precision") == chosen
     recipe_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("recipe for "))
-    assert ("bf16-mixed" in recipe_line) == (chosen is not None)
+    assert ("bf16-mixed (a step 1.7x as fast as float32" in recipe_line) == (chosen is not None)
     if chosen:  # every shape was then probed in it, and the plan follows the faster step
         assert seen[-1] is torch.bfloat16
 
@@ -265,3 +267,15 @@ def test_the_depth_rule_wants_half_a_trained_token_per_parameter():
     deeper = shape_at(6, 128, 32)
     assert deeper.params <= 16 * recipe.train_tokens  # the text would hold it, and the budget gives it 200+ steps
     assert 200 * deeper.tokens_per_step < tokens_in(deeper, 3000) < 0.5 * deeper.params  # but too few tokens
+
+
+def test_a_sized_token_run_clips_gradients_and_averages_its_weights(tmp_path, text, fake_probe):
+    run = tmp_path / "run"
+    assert main(["fit", "--data.text_path", str(text), "--data.mode", "token", "--budget", "20s",
+                 "--data.batch_size", "4", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+                 "--sample_tokens", "0", "--ckpt_dir", str(run), "--data.cache_dir", str(tmp_path / "prepared")]) == 0
+    written = yaml.safe_load(next(run.glob("lightning_logs/version_*/config.yaml")).read_text())
+    assert written["trainer"]["gradient_clip_val"] == 1.0
+    callbacks = [callback["class_path"] for callback in written["trainer"]["callbacks"]]
+    assert callbacks[-2:] == ["picogpt_lightning.callbacks.EMA", "lightning.pytorch.callbacks.EarlyStopping"]
+    assert "current_model_state" in torch.load(run / "last.ckpt", weights_only=True)  # the average was saved

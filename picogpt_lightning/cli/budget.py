@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -109,12 +110,14 @@ class BudgetSetup:
             plan = plan_budget(budget, self.measure(trial), shape.tokens_per_step, 10, WARMUP_FRACTION)
             return plan.tokens
 
-        precision = None
+        precision, why = None, ""
         if "trainer.precision" not in given and config.trainer.get("precision") in DEFAULT_PRECISIONS:
-            precision = self._faster_precision(config, reference_shape(size, mode, config.data.val_fraction), vocab)
+            reference = reference_shape(size, mode, config.data.val_fraction)
+            precision, why = self._faster_precision(config, reference, vocab)
             if precision:
                 config.trainer.precision = precision  # the shapes below are probed in it
-        recipe = choose(size, mode, config.data.val_fraction, seconds, tokens_in, vocab, precision)
+        recipe = replace(choose(size, mode, config.data.val_fraction, seconds, tokens_in, vocab, precision),
+                         precision_reason=why)
         for key, value in recipe.settings.items():
             if key not in given and not (key == "model.block_size" and "data.block_size" in given):
                 config[key] = value
@@ -127,19 +130,23 @@ class BudgetSetup:
             config.trainer.callbacks = [*(config.trainer.get("callbacks") or []), *averaged, stop]
         return recipe
 
-    def _faster_precision(self, config: Namespace, shape: Shape, vocab: int) -> str | None:
+    def _faster_precision(self, config: Namespace, shape: Shape, vocab: int) -> tuple[str | None, str]:
         """bf16-mixed where it is the faster: on a GPU that has bfloat16, and on a CPU whose probe step in it is
-        MIXED_PRECISION_SPEEDUP times faster than in float32; None (the trainer's float32) elsewhere."""
+        MIXED_PRECISION_SPEEDUP times faster than in float32; None (the trainer's float32) elsewhere. With why."""
         device = _device(config.trainer.get("accelerator"))
         if device == "cuda":
-            return "bf16-mixed" if torch.cuda.is_bf16_supported() else None
-        if config.trainer.get("accelerator") not in ("cpu", "auto", None):
-            return None  # mps and the rest: float32, as configured
+            return ("bf16-mixed", "the GPU has bfloat16") if torch.cuda.is_bf16_supported() else (None, "")
+        accelerator = config.trainer.get("accelerator")
+        if accelerator not in ("cpu", "auto", None) or (accelerator != "cpu" and torch.backends.mps.is_available()):
+            return None, ""  # mps and the rest: float32, as configured
         trial = _with_shape(config, shape, vocab)
         single = self.measure(trial).step_seconds
         trial.trainer.precision = "bf16-mixed"
         mixed = self.measure(trial).step_seconds
-        return "bf16-mixed" if single >= MIXED_PRECISION_SPEEDUP * mixed else None
+        speedup = single / mixed
+        if speedup >= MIXED_PRECISION_SPEEDUP:
+            return "bf16-mixed", f"a step {speedup:.2g}x as fast as float32's here"
+        return None, ""
 
     def _set(self, config: Namespace, given: set[str], left: float) -> None:
         plan = self.plan
