@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from ..budget import BudgetPlan, Throughput, format_seconds, parse_budget, plan_budget, probe
 from ..budget_keeper import BudgetKeeper
 from ..errors import SettingsError, warn
-from ..recipe import TOKEN_EMA_DECAY, WARMUP_FRACTION, Recipe, Shape, choose, corpus_tokens, reference_shape, vocab_for
+from ..recipe import CHAR_RECIPE, TOKEN_EMA_DECAY, TOKEN_RECIPE, WARMUP_FRACTION, Recipe, Shape, choose, corpus_tokens, reference_shape, vocab_for
 
 EARLY_STOPPING = "lightning.pytorch.callbacks.EarlyStopping"
 EMA = "picogpt_lightning.callbacks.EMA"
@@ -110,6 +110,10 @@ class BudgetSetup:
             plan = plan_budget(budget, self.measure(trial), shape.tokens_per_step, 10, WARMUP_FRACTION)
             return plan.tokens
 
+        # The probes measure the model the recipe will train: its architecture and optimizer, not the defaults.
+        for key, value in (CHAR_RECIPE if mode == "char" else TOKEN_RECIPE).items():
+            if f"model.{key}" not in given:
+                config[f"model.{key}"] = value
         precision, why = None, ""
         if "trainer.precision" not in given and config.trainer.get("precision") in DEFAULT_PRECISIONS:
             reference = reference_shape(size, mode, config.data.val_fraction)
