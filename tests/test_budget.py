@@ -258,15 +258,15 @@ def test_a_precision_on_the_command_line_is_kept_and_not_measured(tmp_path, text
     assert run_config(run)["trainer"]["precision"] == "32-true"
 
 
-def test_the_depth_rule_wants_a_trained_token_per_parameter():
+def test_the_depth_rule_wants_half_a_trained_token_per_parameter():
     def tokens_in(shape, seconds):  # a step costs in proportion to the parameters
         return int(seconds / (4e-7 * shape.params + 0.05)) * shape.tokens_per_step
 
     recipe = choose(1_100_000, "char", 0.1, 3000, tokens_in)
-    assert recipe.shape.n_layer == 4 and recipe.planned_tokens >= recipe.shape.params
-    deeper = shape_at(5, 128, 32)
+    assert recipe.shape.n_layer == 5 and recipe.planned_tokens >= 0.5 * recipe.shape.params
+    deeper = shape_at(6, 128, 32)
     assert deeper.params <= 16 * recipe.train_tokens  # the text would hold it, and the budget gives it 200+ steps
-    assert 200 * deeper.tokens_per_step < tokens_in(deeper, 3000) < deeper.params  # but too few tokens
+    assert 200 * deeper.tokens_per_step < tokens_in(deeper, 3000) < 0.5 * deeper.params  # but too few tokens
 
 
 def test_a_sized_token_run_clips_gradients_and_averages_its_weights(tmp_path, text, fake_probe):
