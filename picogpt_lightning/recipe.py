@@ -56,10 +56,13 @@ TOKEN_RECIPE = {"optimizer": "muon", "position": "rotary", "norm": "rms", "qk_no
                 "lr_schedule": "linear"}
 WARMUP_FRACTION = 0.08
 GRADIENT_CLIP = 1.0  # as every shipped config
-# Token runs validate and save an EMA of the weights, as configs/tiny.yaml (its decay): 0.025 nats lower at that
-# config's 560 steps, and 0.07 on a 250 KB text in a 2-minute budget; at character level it cost 0.006-0.015
-# (docs/benchmarks.md, Weight averaging and issue 26), so characters train without it.
+# Token runs that go through their text more than TOKEN_EMA_MIN_EPOCHS times validate and save an EMA of the
+# weights, as configs/tiny.yaml (its decay; ~6 passes there, 0.025 nats lower): 0.02-0.07 lower on a 250 KB text
+# at ~10 passes, but 0.06-0.39 nats per token higher at 1.6 and 0.1 passes of a 1 MB and a 10 MB text, where the
+# average lags a model still learning fresh text. At character level it cost 0.006-0.015 (docs/benchmarks.md,
+# Weight averaging and issue 26), so characters train without it.
 TOKEN_EMA_DECAY = 0.995
+TOKEN_EMA_MIN_EPOCHS = 4.0
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,11 @@ class Recipe:
     @property
     def planned_tokens(self) -> int:
         return min(self.budget_tokens, int(self.max_epochs * self.train_tokens))
+
+    @property
+    def averaged(self) -> bool:
+        """Whether the run validates and saves an EMA of its weights (TOKEN_EMA_DECAY)."""
+        return self.mode == "token" and self.planned_tokens > TOKEN_EMA_MIN_EPOCHS * self.train_tokens
 
     @property
     def data_limited(self) -> bool:

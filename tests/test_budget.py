@@ -10,7 +10,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from picogpt_lightning import budget_keeper
+from picogpt_lightning import budget_keeper, recipe
 from picogpt_lightning.budget import LIGHTNING_OVERHEAD, Throughput, parse_budget, plan_budget
 from picogpt_lightning.cli import budget as budget_cli
 from picogpt_lightning.cli import main
@@ -269,7 +269,17 @@ def test_the_depth_rule_wants_half_a_trained_token_per_parameter():
     assert 200 * deeper.tokens_per_step < tokens_in(deeper, 3000) < 0.5 * deeper.params  # but too few tokens
 
 
-def test_a_sized_token_run_clips_gradients_and_averages_its_weights(tmp_path, text, fake_probe):
+def test_a_sized_token_run_averages_its_weights_only_when_it_repeats_its_text():
+    def tokens_in(shape, seconds):
+        return int(seconds / (1e-7 * shape.params + 0.01)) * shape.tokens_per_step
+
+    assert choose(250_000, "token", 0.1, 600, tokens_in).averaged  # ~10 passes: the average smooths them
+    assert not choose(10_000_000, "token", 0.1, 600, tokens_in).averaged  # fresh text: it would lag
+    assert not choose(250_000, "char", 0.1, 600, tokens_in).averaged  # characters: it cost, measured
+
+
+def test_a_sized_token_run_clips_gradients_and_averages_its_weights(tmp_path, text, fake_probe, monkeypatch):
+    monkeypatch.setattr(recipe, "TOKEN_EMA_MIN_EPOCHS", 0.0)
     run = tmp_path / "run"
     assert main(["fit", "--data.text_path", str(text), "--data.mode", "token", "--budget", "20s",
                  "--data.batch_size", "4", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",

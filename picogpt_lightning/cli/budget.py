@@ -130,7 +130,7 @@ class BudgetSetup:
             stop = Namespace(class_path=EARLY_STOPPING,
                              init_args=Namespace(monitor="val_loss", mode="min", patience=PATIENCE, min_delta=0.0))
             average = Namespace(class_path=EMA, init_args=Namespace(decay=TOKEN_EMA_DECAY))
-            averaged = [average] if mode == "token" else []
+            averaged = [average] if recipe.averaged else []
             config.trainer.callbacks = [*(config.trainer.get("callbacks") or []), *averaged, stop]
         return recipe
 
