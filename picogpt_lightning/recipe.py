@@ -13,9 +13,9 @@ Measured here (docs/benchmarks.md, issue 26), at equal wall on a CPU: a larger m
 times wins in these minutes-long runs, far below the ~20 tokens per parameter of compute-optimal LLM scaling
 (configs/char.yaml's 4x256 at 0.14 tokens per parameter beat a 2x128 at ~9 on a 250 KB text); what a model needs
 is enough steps for warmup and decay, and not far under one trained token per parameter (on a 1 MB text in 50
-minutes a 6x384 at 0.2 lost to a 5x320 at 0.8 and a 4x256 at 2.8). On a corpus that even the deepest model would repeat more than MAX_EPOCHS
-times, the run stops there, before the budget ends, rather than memorise (the issue's 4x128 without dropout
-collapsed after 9 epochs); dropout once the text repeats (0.1, then 0.2 past 16 passes), and early stopping on
+minutes a 6x384 at 0.2 lost to a 5x320 at 0.8 and a 4x256 at 2.8). On a corpus that even the deepest model
+would repeat more than MAX_EPOCHS times, the run stops there, before the budget ends, rather than memorise (the
+issue's 4x128 without dropout collapsed after 9 epochs); dropout once the text repeats (0.1, then 0.2 past 16 passes), and early stopping on
 a val plateau (Lightning's EarlyStopping, in the written config) guards the rest. MAX_EPOCHS is 32: on a 250 KB
 text a 4x256 still improved at 16 epochs with dropout 0.1 (1.088 nats/char, against 1.115 capped at 8 and
 configs/char.yaml's best 1.119 at 13 epochs before it memorised); at ~25 epochs dropout 0.1 memorised (early
@@ -58,8 +58,8 @@ WARMUP_FRACTION = 0.08
 GRADIENT_CLIP = 1.0  # as every shipped config
 # Token runs that go through their text more than TOKEN_EMA_MIN_EPOCHS times validate and save an EMA of the
 # weights, as configs/tiny.yaml (its decay; ~6 passes there, 0.025 nats lower): 0.02-0.07 lower on a 250 KB text
-# at ~10 passes, but 0.06-0.39 nats per token higher at 1.6 and 0.1 passes of a 1 MB and a 10 MB text, where the
-# average lags a model still learning fresh text. At character level it cost 0.006-0.015 (docs/benchmarks.md,
+# at ~10 passes, but 0.16 and 0.29 nats per token higher at 1.7 and 0.1 passes of a 1 MB and a 10 MB text, where
+# the average lags a model still learning fresh text. At character level it cost 0.006-0.015 (docs/benchmarks.md,
 # Weight averaging and issue 26), so characters train without it.
 TOKEN_EMA_DECAY = 0.995
 TOKEN_EMA_MIN_EPOCHS = 4.0

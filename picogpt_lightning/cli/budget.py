@@ -18,7 +18,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from ..budget import BudgetPlan, Throughput, format_seconds, parse_budget, plan_budget, probe
 from ..budget_keeper import BudgetKeeper
 from ..errors import SettingsError, warn
-from ..recipe import CHAR_RECIPE, TOKEN_EMA_DECAY, TOKEN_RECIPE, WARMUP_FRACTION, Recipe, Shape, choose, corpus_tokens, reference_shape, vocab_for
+from ..recipe import (CHAR_RECIPE, TOKEN_EMA_DECAY, TOKEN_RECIPE, WARMUP_FRACTION, Recipe, Shape, choose,
+                      corpus_tokens, reference_shape, vocab_for)
 
 EARLY_STOPPING = "lightning.pytorch.callbacks.EarlyStopping"
 EMA = "picogpt_lightning.callbacks.EMA"
