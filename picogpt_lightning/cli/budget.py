@@ -20,6 +20,7 @@ from ..budget_keeper import BudgetKeeper
 from ..errors import SettingsError, warn
 from ..recipe import (CHAR_RECIPE, TOKEN_EMA_DECAY, TOKEN_RECIPE, WARMUP_FRACTION, Recipe, Shape, choose,
                       corpus_tokens, reference_shape, vocab_for)
+from ..sharding import PRECISION_ALIASES
 
 EARLY_STOPPING = "lightning.pytorch.callbacks.EarlyStopping"
 EMA = "picogpt_lightning.callbacks.EMA"
@@ -31,8 +32,7 @@ CHAR_VOCAB_GUESS = 128  # before the text is read, for the probe only (the outpu
 # nats/char on a 1 MB text against fp32's 1.349 (docs/benchmarks.md, issue 26); CPUs without bf16 units emulate
 # it many times slower, and keep float32.
 MIXED_PRECISION_SPEEDUP = 1.2
-AUTOCAST = {"bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16, "16-mixed": torch.float16, "16": torch.float16}
-DEFAULT_PRECISIONS = (None, "32", "32-true", 32)
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 MAX_TIME_NOTE = ("trainer.max_time stops the run but the LR schedule decays over trainer.max_steps ({steps}), not "
                  "the time: pass --budget {time} instead to end the schedule at the time")
 
@@ -116,7 +116,7 @@ class BudgetSetup:
             if f"model.{key}" not in given:
                 config[f"model.{key}"] = value
         precision, why = None, ""
-        if "trainer.precision" not in given and config.trainer.get("precision") in DEFAULT_PRECISIONS:
+        if "trainer.precision" not in given and _precision(config) == "32-true":
             reference = reference_shape(size, mode, config.data.val_fraction)
             precision, why = self._faster_precision(config, reference, vocab)
             if precision:
@@ -186,7 +186,7 @@ class BudgetSetup:
         model_settings = {key: value for key, value in config.model.as_dict().items()
                           if key not in ("vocab_size", "train_tokens", "init_from", "compile")}
         vocab = config.data.vocab_size if config.data.mode == "token" else CHAR_VOCAB_GUESS
-        autocast = AUTOCAST.get(str(config.trainer.get("precision")))
+        autocast = AUTOCAST.get(_precision(config))
         key = tuple(sorted((k, str(v)) for k, v in model_settings.items())) + (
             vocab, config.data.batch_size, config.data.block_size, str(autocast))
         if key not in self.measured:
@@ -209,6 +209,12 @@ class BudgetSetup:
     def report(self, train_tokens: int) -> None:
         if self.plan is not None:
             rank_zero_only(print)(self.plan.line(train_tokens))
+
+
+def _precision(config: Namespace) -> str:
+    """The trainer's precision by its full name ("bf16" -> "bf16-mixed"; none -> "32-true")."""
+    precision = config.trainer.get("precision")
+    return str(PRECISION_ALIASES.get(str(precision), precision or "32-true"))
 
 
 def _as_budget(max_time) -> str:
