@@ -298,3 +298,19 @@ def test_the_sized_recipes_probes_measure_the_model_it_trains(tmp_path, text, fa
                  "--data.cache_dir", str(tmp_path / "prepared")]) == 0
     probed = [args[0].config for args in fake_probe]
     assert probed and all(config.mlp == "swiglu" and config.position == "rotary" for config in probed)
+
+
+def test_flags_that_override_the_sized_recipe_are_named_beside_its_line(tmp_path, text, fake_probe, capsys):
+    assert main(["fit", "--data.text_path", str(text), "--data.mode", "char", "--budget", "20s",
+                 "--data.batch_size", "4", "--model.dropout", "0.35", "--trainer.accelerator", "cpu",
+                 "--trainer.enable_progress_bar", "false", "--sample_tokens", "0", "--ckpt_dir", str(tmp_path / "run"),
+                 "--data.cache_dir", str(tmp_path / "prepared")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    recipe_line = next(i for i, line in enumerate(lines) if line.startswith("recipe for "))
+    assert "batch 32" in lines[recipe_line]  # the recipe's own choice, as it chose it
+    override = lines[recipe_line + 1]
+    assert override.startswith("flags override the recipe: ")
+    assert "data.batch_size 4 (the recipe's 32)" in override and "model.dropout 0.35 (the recipe's " in override
+    assert "model.n_layer" not in override  # not given: the recipe's stands
+    written = run_config(tmp_path / "run")
+    assert written["data"]["batch_size"] == 4 and written["model"]["dropout"] == 0.35

@@ -88,7 +88,6 @@ class BudgetSetup:
                                 f"--budget and --trainer.max_steps, not both")
         if sized:
             self.recipe = self._size(config, seconds, given)
-            rank_zero_only(print)(self.recipe.line())
         throughput = self.measure(config)
         warmup_fraction = self._warmup_fraction(config, given)
         # The probes' own time comes out of the budget, so the whole command keeps to it.
@@ -123,6 +122,9 @@ class BudgetSetup:
                 config.trainer.precision = precision  # the shapes below are probed in it
         recipe = replace(choose(size, mode, config.data.val_fraction, seconds, tokens_in, vocab, precision),
                          precision_reason=why)
+        rank_zero_only(print)(recipe.line())
+        overridden = [f"{key} {config[key]} (the recipe's {value})" for key, value in recipe.settings.items()
+                      if key in given and config[key] != value]
         for key, value in recipe.settings.items():
             if key not in given and not (key == "model.block_size" and "data.block_size" in given):
                 config[key] = value
@@ -133,6 +135,8 @@ class BudgetSetup:
             average = Namespace(class_path=EMA, init_args=Namespace(decay=TOKEN_EMA_DECAY))
             averaged = [average] if recipe.averaged else []
             config.trainer.callbacks = [*(config.trainer.get("callbacks") or []), *averaged, stop]
+        if overridden:  # the line above describes the recipe; say what the run trains instead
+            rank_zero_only(print)(f"flags override the recipe: {', '.join(overridden)}")
         return recipe
 
     def _faster_precision(self, config: Namespace, shape: Shape, vocab: int) -> tuple[str | None, str]:
