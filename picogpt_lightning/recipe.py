@@ -45,6 +45,9 @@ MIN_TOKENS_PER_PARAM = 0.5
 REFERENCE_DEPTH = 4
 MAX_EPOCHS = 32.0
 MIN_BLOCK = 16
+# A validation reads the whole val split when it holds at most this many blocks (50 batches of 32), else this
+# many random ones.
+MAX_VAL_BLOCKS = 1600
 # Rough bytes per token of a byte-level BPE trained on the text itself, to size a corpus before it is encoded.
 BYTES_PER_BPE_TOKEN = 3.0
 
@@ -188,7 +191,7 @@ def choose(size_bytes: int, mode: str, val_fraction: float, budget_seconds: floa
     settings.update({"model.n_layer": shape.n_layer, "model.n_embd": shape.n_embd, "model.n_head": shape.n_head,
                      "model.block_size": shape.block_size, "model.dropout": dropout,
                      "data.block_size": shape.block_size, "data.batch_size": shape.batch_size,
-                     "data.random_split": True, "data.eval_iters": eval_iters_for(val_tokens, shape),
+                     "data.random_split": True, "data.eval_iters": eval_iters_for(val_tokens, shape.block_size, shape.batch_size),
                      "trainer.gradient_clip_val": GRADIENT_CLIP})
     if mode == "token":
         settings["data.vocab_size"] = vocab_size
@@ -198,9 +201,11 @@ def choose(size_bytes: int, mode: str, val_fraction: float, budget_seconds: floa
                   max_epochs=MAX_EPOCHS, settings=settings, precision=precision)
 
 
-def eval_iters_for(val_tokens: int, shape: Shape) -> int:
-    """Validation batches: the whole split once when it is small, at most 50 batches when it is not."""
-    return max(4, min(50, math.ceil(val_tokens / shape.tokens_per_step)))
+def eval_iters_for(val_tokens: int, block_size: int, batch_size: int) -> int:
+    """Validation batches of `batch_size` blocks: the whole split once when it holds at most MAX_VAL_BLOCKS blocks,
+    else as many seeded random blocks (the count does not depend on the batch, so neither does what is scored)."""
+    blocks = min(MAX_VAL_BLOCKS, math.ceil(val_tokens / block_size))
+    return max(4, math.ceil(blocks / batch_size))
 
 
 def vocab_for(size_bytes: int) -> int:

@@ -314,3 +314,7 @@ def test_flags_that_override_the_sized_recipe_are_named_beside_its_line(tmp_path
     assert "model.n_layer" not in override  # not given: the recipe's stands
     written = run_config(tmp_path / "run")
     assert written["data"]["batch_size"] == 4 and written["model"]["dropout"] == 0.35
+    # The validation batches were recounted for batch 4, so a validation still reads the whole val split.
+    data = written["data"]
+    val_blocks = len(text.read_text()) * data["val_fraction"] // data["block_size"]
+    assert data["eval_iters"] * data["batch_size"] >= val_blocks > 4 * data["batch_size"]  # 4: batch 32's count

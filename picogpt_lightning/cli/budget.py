@@ -19,7 +19,7 @@ from ..budget import BudgetPlan, Throughput, format_seconds, parse_budget, plan_
 from ..budget_keeper import BudgetKeeper
 from ..errors import SettingsError, warn
 from ..recipe import (CHAR_RECIPE, TOKEN_EMA_DECAY, TOKEN_RECIPE, WARMUP_FRACTION, Recipe, Shape, choose,
-                      corpus_tokens, reference_shape, vocab_for)
+                      corpus_tokens, eval_iters_for, reference_shape, vocab_for)
 from ..sharding import PRECISION_ALIASES
 
 EARLY_STOPPING = "lightning.pytorch.callbacks.EarlyStopping"
@@ -129,6 +129,11 @@ class BudgetSetup:
             if key not in given and not (key == "model.block_size" and "data.block_size" in given):
                 config[key] = value
         config.model.block_size = config.data.block_size  # linked at parse time; the recipe sets both
+        if "data.eval_iters" not in given and {"data.batch_size", "data.block_size"} & given:
+            # The recipe counted its validation batches in its own batches: a given batch or context validates
+            # on the same blocks (the whole split, when it is small), not half of them.
+            val_tokens = int(corpus_tokens(size, mode) * config.data.val_fraction)
+            config.data.eval_iters = eval_iters_for(val_tokens, config.data.block_size, config.data.batch_size)
         if "trainer.callbacks" not in given:
             stop = Namespace(class_path=EARLY_STOPPING,
                              init_args=Namespace(monitor="val_loss", mode="min", patience=PATIENCE, min_delta=0.0))
