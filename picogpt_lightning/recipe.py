@@ -16,8 +16,8 @@ is enough steps for warmup and decay, and not far under one trained token per pa
 minutes a 6x384 at 0.2 lost to a 5x320 at 0.8 and a 4x256 at 2.8). On a corpus that even the deepest model
 would repeat more than MAX_EPOCHS times, the run stops there, before the budget ends, rather than memorise (the
 issue's 4x128 without dropout collapsed after 9 epochs); dropout once the text repeats (0.1, then 0.2 past 16
-passes), and early stopping on a val plateau (Lightning's EarlyStopping, in the written config) guards the rest. MAX_EPOCHS is 32: on a 250 KB
-text a 4x256 still improved at 16 epochs with dropout 0.1 (1.088 nats/char, against 1.115 capped at 8 and
+passes), and early stopping on a val plateau (Lightning's EarlyStopping, in the written config) guards the rest.
+MAX_EPOCHS is 32: on a 250 KB text a 4x256 still improved at 16 epochs with dropout 0.1 (1.088 nats/char, against 1.115 capped at 8 and
 configs/char.yaml's best 1.119 at 13 epochs before it memorised); at ~25 epochs dropout 0.1 memorised (early
 stopping at 1.108) where 0.2 reached 1.079, last within 0.001 of best. Characters train at the speedrun's rates (AdamW
 1e-2 beside Muon, a linear decay to 0: 0.02 nats better than char.yaml's 1e-3 cosine at 3 minutes); tokens at
@@ -191,7 +191,8 @@ def choose(size_bytes: int, mode: str, val_fraction: float, budget_seconds: floa
     settings.update({"model.n_layer": shape.n_layer, "model.n_embd": shape.n_embd, "model.n_head": shape.n_head,
                      "model.block_size": shape.block_size, "model.dropout": dropout,
                      "data.block_size": shape.block_size, "data.batch_size": shape.batch_size,
-                     "data.random_split": True, "data.eval_iters": eval_iters_for(val_tokens, shape.block_size, shape.batch_size),
+                     "data.random_split": True,
+                     "data.eval_iters": eval_iters_for(val_tokens, shape.block_size, shape.batch_size),
                      "trainer.gradient_clip_val": GRADIENT_CLIP})
     if mode == "token":
         settings["data.vocab_size"] = vocab_size
