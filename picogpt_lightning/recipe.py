@@ -17,11 +17,11 @@ minutes a 6x384 at 0.2 lost to a 5x320 at 0.8 and a 4x256 at 2.8). On a corpus t
 would repeat more than MAX_EPOCHS times, the run stops there, before the budget ends, rather than memorise (the
 issue's 4x128 without dropout collapsed after 9 epochs); dropout once the text repeats (0.1, then 0.2 past 16
 passes), and early stopping on a val plateau (Lightning's EarlyStopping, in the written config) guards the rest.
-MAX_EPOCHS is 32: on a 250 KB text a 4x256 still improved at 16 epochs with dropout 0.1 (1.088 nats/char, against 1.115 capped at 8 and
-configs/char.yaml's best 1.119 at 13 epochs before it memorised); at ~25 epochs dropout 0.1 memorised (early
-stopping at 1.108) where 0.2 reached 1.079, last within 0.001 of best. Characters train at the speedrun's rates (AdamW
-1e-2 beside Muon, a linear decay to 0: 0.02 nats better than char.yaml's 1e-3 cosine at 3 minutes); tokens at
-configs/tiny.yaml's.
+MAX_EPOCHS is 32: on a 250 KB text a 4x256 still improved at 16 epochs with dropout 0.1 (1.088 nats/char, against
+1.115 capped at 8 and configs/char.yaml's best 1.119 at 13 epochs before it memorised); at ~25 epochs dropout 0.1
+memorised (early stopping at 1.108) where 0.2 reached 1.079, last within 0.001 of best. Characters train at the
+speedrun's rates (AdamW 1e-2 beside Muon, a linear decay to 0: 0.02 nats better than char.yaml's 1e-3 cosine at 3
+minutes); tokens at configs/tiny.yaml's.
 """
 
 from __future__ import annotations
