@@ -6,7 +6,8 @@ The estimate is a lower bound, so it never refuses a run that fits: fp32 weights
 optimizer's state (AdamW: two numbers a parameter; Muon: one for its matrices, counted as one), plus the
 activations one training batch keeps for the backward pass (about 16 numbers per token, layer and width unit
 in our blocks, plus the logits and their gradient), at 2 bytes a number under 16-bit precision. Attention's
-T x T scores are left out (scaled_dot_product_attention may not keep them), and so is everything else.
+T x T scores are left out (scaled_dot_product_attention may not keep them; the CPU's explicit attention at
+short contexts does, model.causal_attention_cpu), and so is everything else.
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ CHOICES = {"position": ("learned", "rotary"), "norm": ("layer", "rms"), "mlp": (
 # these values, whatever the dataclass defaults become.
 CLASSIC = {"position": "learned", "norm": "layer", "qk_norm": False, "mlp": "gelu", "zero_init": False}
 
+# Up to this many positions, CPU attention in 16-bit precision runs as plain matmuls (causal_attention_cpu).
+CPU_ATTENTION_STEPS = 192
 RMS_NORM_EPS = 1e-6  # Llama's and Qwen3's value, so exported models normalise identically
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, GPT-2's value
 
@@ -213,6 +215,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos.to(x.dtype) + rotated_half * sin.to(x.dtype)
 
 
+def causal_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+    """Causal attention over whole sequences as plain matmuls, the softmax in float32. On the CPU in bfloat16 at
+    contexts up to CPU_ATTENTION_STEPS this is 1.8-3x faster than scaled_dot_product_attention's kernels (a 5x320
+    training step 1.16x as fast); at longer contexts, and in float32, the fused kernels win (docs/benchmarks.md)."""
+    if k.size(1) != q.size(1):  # grouped-query attention: each kv head serves n_head / n_kv_head query heads
+        k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
+    steps = q.size(-2)
+    scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5
+    future = torch.ones(steps, steps, dtype=torch.bool, device=q.device).triu(1)
+    weights = torch.softmax(scores.float().masked_fill(future, float("-inf")), dim=-1).to(v.dtype)
+    return F.dropout(weights, dropout) @ v
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_index: int):
         super().__init__()
@@ -247,16 +262,20 @@ class CausalSelfAttention(nn.Module):
             # New queries sit at positions past..past+steps-1 and may see every key up to their own.
             past, mask = cache.length, cache.attention_mask(steps)
             k, v = cache.append(self.layer_index, k, v)
-        # scaled_dot_product_attention picks flash / memory-efficient kernels where the device has them.
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and past == 0 and steps > 1,
-            enable_gqa=self.n_kv_head != self.n_head,  # each kv head serves n_head / n_kv_head query heads
-        )
+        dropout = self.dropout if self.training else 0.0
+        if q.device.type == "cpu" and q.dtype != torch.float32 and cache is None and 1 < steps <= CPU_ATTENTION_STEPS:
+            y = causal_attention_cpu(q, k, v, dropout)
+        else:
+            # scaled_dot_product_attention picks flash / memory-efficient kernels where the device has them.
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=dropout,
+                is_causal=mask is None and past == 0 and steps > 1,
+                enable_gqa=self.n_kv_head != self.n_head,  # each kv head serves n_head / n_kv_head query heads
+            )
         y = y.transpose(1, 2).contiguous().view(batch, steps, self.n_head * self.head_size)
         return self.resid_dropout(self.proj(y))
 

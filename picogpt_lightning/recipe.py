@@ -17,11 +17,12 @@ minutes a 6x384 at 0.2 lost to a 5x320 at 0.8 and a 4x256 at 2.8). On a corpus t
 would repeat more than MAX_EPOCHS times, the run stops there, before the budget ends, rather than memorise (the
 issue's 4x128 without dropout collapsed after 9 epochs); dropout once the text repeats (0.1, then 0.2 past 16
 passes), and early stopping on a val plateau (Lightning's EarlyStopping, in the written config) guards the rest.
-MAX_EPOCHS is 32: on a 250 KB text a 4x256 still improved at 16 epochs with dropout 0.1 (1.088 nats/char, against
+MAX_EPOCHS is 24: on a 250 KB text a 4x256 still improved at 16 epochs with dropout 0.1 (1.088 nats/char, against
 1.115 capped at 8 and configs/char.yaml's best 1.119 at 13 epochs before it memorised); at ~25 epochs dropout 0.1
-memorised (early stopping at 1.108) where 0.2 reached 1.079, last within 0.001 of best. Characters train at the
-speedrun's rates (AdamW 1e-2 beside Muon, a linear decay to 0: 0.02 nats better than char.yaml's 1e-3 cosine at 3
-minutes); tokens at configs/tiny.yaml's.
+memorised (early stopping at 1.108) where 0.2 reached 1.079-1.080, last within 0.001 of best; a schedule of 32
+passes with dropout 0.2 memorised from about the 25th, before its decay (early stopping at 1.086). Characters
+train at the speedrun's rates (AdamW 1e-2 beside Muon, a linear decay to 0: 0.02 nats better than char.yaml's 1e-3
+cosine at 3 minutes); tokens at configs/tiny.yaml's.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ MAX_PARAMS_PER_TOKEN = 16
 MIN_TOKENS_PER_PARAM = 0.5
 # The depth at which the sized recipe measures whether mixed precision is faster on this machine.
 REFERENCE_DEPTH = 4
-MAX_EPOCHS = 32.0
+MAX_EPOCHS = 24.0
 MIN_BLOCK = 16
 # A validation reads the whole val split when it holds at most this many blocks (50 batches of 32), else this
 # many random ones.
@@ -57,6 +58,7 @@ CHAR_RECIPE = {"optimizer": "muon", "position": "rotary", "norm": "rms", "qk_nor
 TOKEN_RECIPE = {"optimizer": "muon", "position": "rotary", "norm": "rms", "qk_norm": True, "mlp": "swiglu",
                 "zero_init": True, "bias": False, "learning_rate": 6.0e-3, "min_lr": 0.0, "weight_decay": 0.1,
                 "lr_schedule": "linear"}
+MUON_WEIGHT_DECAY = 0.1  # for characters seen at most 16 times (muon_weight_decay_for)
 WARMUP_FRACTION = 0.08
 GRADIENT_CLIP = 1.0  # as every shipped config
 # Token runs that go through their text more than TOKEN_EMA_MIN_EPOCHS times validate and save an EMA of the
@@ -124,6 +126,7 @@ class Recipe:
         return (f"recipe for {self.train_tokens:,} training tokens ({self.mode}): {shape.n_layer} layers x "
                 f"{shape.n_embd} ({shape.params / 1e6:.2g}M parameters outside the embeddings), context "
                 f"{shape.block_size}, batch {shape.batch_size}, dropout {self.dropout:g}"
+                + (f", Muon weight decay {decay:g}" if (decay := self.settings.get("model.muon_weight_decay")) else "")
                 + (f", {self.precision}" if self.precision else "")
                 + (f" ({self.precision_reason})" if self.precision and self.precision_reason else "")
                 + f"; the deepest model the corpus holds that the budget gives {MIN_STEPS}+ steps and "
@@ -156,6 +159,14 @@ def dropout_for(epochs: float) -> float:
     return 0.0 if epochs <= 1 else 0.1 if epochs <= 16 else 0.2
 
 
+def muon_weight_decay_for(mode: str, epochs: float) -> float:
+    """Muon's weight decay: MUON_WEIGHT_DECAY for characters seen at most 16 times, none past that
+    (docs/benchmarks.md, issue 26): with it, and validations in 5% of the budget, a 5x320 reached 1.311 nats/char
+    at ~6 passes of a 1 MB text, against 1.318 without; but a 4x256 memorised a 250 KB text from its 25th pass
+    (early stopping at 1.094, against 1.081). Token runs are not measured with it and train without."""
+    return MUON_WEIGHT_DECAY if mode == "char" and epochs <= 16 else 0.0
+
+
 def reference_shape(size_bytes: int, mode: str, val_fraction: float) -> Shape:
     """The shape at REFERENCE_DEPTH with the context and batch the recipe gives this corpus: where the precision
     is measured."""
@@ -186,10 +197,12 @@ def choose(size_bytes: int, mode: str, val_fraction: float, budget_seconds: floa
     shape, budget_tokens = chosen
     epochs = min(budget_tokens, MAX_EPOCHS * train_tokens) / train_tokens
     dropout = dropout_for(epochs)
+    muon_decay = muon_weight_decay_for(mode, epochs)
     optimizer = CHAR_RECIPE if mode == "char" else TOKEN_RECIPE
     settings = {f"model.{key}": value for key, value in optimizer.items()}
     settings.update({"model.n_layer": shape.n_layer, "model.n_embd": shape.n_embd, "model.n_head": shape.n_head,
                      "model.block_size": shape.block_size, "model.dropout": dropout,
+                     "model.muon_weight_decay": muon_decay,
                      "data.block_size": shape.block_size, "data.batch_size": shape.batch_size,
                      "data.random_split": True,
                      "data.eval_iters": eval_iters_for(val_tokens, shape.block_size, shape.batch_size),

@@ -68,7 +68,7 @@ def test_the_plan_fills_the_budget_with_steps_and_validations_and_no_more():
     step, validation = FAKE.step_seconds * LIGHTNING_OVERHEAD, FAKE.val_batch_seconds * 4
     used = plan.max_steps * step + plan.validations * validation
     assert used <= 100 < used + step + validation
-    assert plan.validations == 10  # a tenth of the budget on validations of 1 s
+    assert plan.validations == 5  # a twentieth of the budget on validations of 1 s
     assert plan.warmup_iters == round(0.1 * plan.max_steps)
     assert plan.tokens == plan.max_steps * 64
     assert lr_at(plan.max_steps, 1.0, 0.1, plan.warmup_iters, plan.max_steps) == 0.1  # decayed at the last step
@@ -224,6 +224,17 @@ def test_dropout_grows_with_the_passes_over_the_text():
     from picogpt_lightning.recipe import dropout_for
 
     assert [dropout_for(epochs) for epochs in (0.5, 1, 1.5, 16, 17, 32)] == [0.0, 0.0, 0.1, 0.1, 0.2, 0.2]
+
+
+def test_muon_weight_decay_goes_to_characters_seen_at_most_16_times_and_into_the_written_settings():
+    from picogpt_lightning.recipe import muon_weight_decay_for
+
+    assert [muon_weight_decay_for("char", epochs) for epochs in (0.5, 6, 16, 17, 32)] == [0.1, 0.1, 0.1, 0.0, 0.0]
+    assert muon_weight_decay_for("token", 6) == 0.0
+    tokens_in = lambda shape, seconds: 6 * 900_000  # noqa: E731 - six passes of a 1 MB text at any depth
+    medium, small = choose(1_000_000, "char", 0.1, 60, tokens_in), choose(250_000, "char", 0.1, 60, tokens_in)
+    assert medium.settings["model.muon_weight_decay"] == 0.1 and "Muon weight decay 0.1" in medium.line()
+    assert small.settings["model.muon_weight_decay"] == 0.0 and "Muon weight decay" not in small.line()
 
 
 @pytest.mark.parametrize("mixed_seconds, chosen", [(0.3, "bf16-mixed"), (0.45, None), (2.0, None)])

@@ -3,8 +3,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from picogpt_lightning.model import CLASSIC, GPT, GPTConfig, apply_rotary, next_token_loss
+import picogpt_lightning.model as model_module
+from picogpt_lightning.model import CLASSIC, GPT, GPTConfig, apply_rotary, causal_attention_cpu, next_token_loss
 
 
 def tiny(**overrides) -> GPT:
@@ -70,6 +72,49 @@ def test_attention_is_causal():
     before, after = model(idx)[0], model(changed)[0]
     assert torch.allclose(before[0, :10], after[0, :10], atol=1e-6)
     assert not torch.allclose(before[0, 10:], after[0, 10:])
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_cpu_attention_gives_the_values_and_gradients_of_scaled_dot_product_attention(kv_heads):
+    torch.manual_seed(0)
+    q = torch.randn(3, 4, 12, 8, requires_grad=True)
+    k, v = (torch.randn(3, kv_heads, 12, 8, requires_grad=True) for _ in range(2))
+    ours = causal_attention_cpu(q, k, v, dropout=0.0)
+    theirs = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != 4)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    grads = [torch.autograd.grad(out.square().sum(), (q, k, v)) for out in (ours, theirs)]
+    for mine, reference in zip(*grads):
+        assert torch.allclose(mine, reference, atol=1e-4)
+
+
+def test_cpu_attention_drops_attention_weights_only_when_asked():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 10, 8) for _ in range(3))
+    plain = causal_attention_cpu(q, k, v, dropout=0.0)
+    assert torch.equal(plain, causal_attention_cpu(q, k, v, dropout=0.0))
+    assert not torch.allclose(plain, causal_attention_cpu(q, k, v, dropout=0.5))
+    # The first position sees only itself: its output is its own value, or zero where its one weight was dropped.
+    first = causal_attention_cpu(q, k, v, dropout=0.5)[..., 0, :]
+    for head, value in zip(first.flatten(0, 1), v[..., 0, :].flatten(0, 1)):
+        assert torch.allclose(head, 2 * value) or torch.equal(head, torch.zeros_like(head))
+
+
+def test_a_bf16_forward_on_the_cpu_takes_the_explicit_attention_and_agrees_with_the_fused_kernels(monkeypatch):
+    model = tiny(position="rotary", norm="rms", qk_norm=True, mlp="swiglu", bias=False).eval()
+    idx = torch.randint(0, 50, (2, 16))
+    calls = []
+    explicit = model_module.causal_attention_cpu
+    monkeypatch.setattr(model_module, "causal_attention_cpu", lambda *args: calls.append(1) or explicit(*args))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = model(idx)[0].float()
+        assert len(calls) == 2  # one per block
+        monkeypatch.setattr(model_module, "CPU_ATTENTION_STEPS", 8)  # 16 positions: the fused kernels
+        fused = model(idx)[0].float()
+    assert len(calls) == 2
+    assert torch.allclose(ours, fused, atol=0.05)
+    monkeypatch.setattr(model_module, "CPU_ATTENTION_STEPS", 192)
+    model(idx)  # float32 never takes it
+    assert len(calls) == 2
 
 
 def test_kv_cache_matches_full_forward_for_prefill_chunks_and_single_tokens():
