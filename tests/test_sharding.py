@@ -104,13 +104,15 @@ def test_the_modern_recipe_muon_and_the_ema_under_fsdp_trains_as_under_ddp_and_r
     picogpt("fit", "--config", str(fsdp), *ema, "--trainer.max_steps", "5")
     picogpt("fit", "--config", str(fsdp), *ema, "--ckpt_path", "last", "--trainer.max_steps", "10")
     fsdp_run, ddp_run = tmp_path / "checkpoints" / "fsdp", tmp_path / "checkpoints" / "ddp"
-    assert train_losses(fsdp_run) == pytest.approx(train_losses(ddp_run), abs=1e-5)
+    # Muon's Newton-Schulz runs in bfloat16 where the CPU has bf16 units (and on GPUs): the last bits in which
+    # FSDP's reduce-scatter and DDP's all-reduce round the gradients can flip its roundings. On an Intel Xeon
+    # (AMX) the losses then agreed within 1e-5 and Muon's matrices within 1e-4; on an AMD EPYC (AVX-512 BF16)
+    # within 5e-5 and 1.2e-3 (the average within 8e-4).
+    assert train_losses(fsdp_run) == pytest.approx(train_losses(ddp_run), abs=1e-4)
     fsdp_last, ddp_last = (torch.load(run / "last.ckpt", weights_only=True) for run in (fsdp_run, ddp_run))
-    # The average (state_dict) and the trained weights, whole. Muon's Newton-Schulz runs in bfloat16 where the
-    # CPU has bf16 units (and on GPUs): the last bits in which FSDP's reduce-scatter and DDP's all-reduce round
-    # the gradients can flip its roundings, about 1e-4 in Muon's matrices here (the losses agree within 1e-5).
-    assert_close(fsdp_last["state_dict"], ddp_last["state_dict"], 1e-3)
-    assert_close(fsdp_last["current_model_state"], ddp_last["current_model_state"], 1e-3)
+    # The average (state_dict) and the trained weights, whole, within those roundings.
+    assert_close(fsdp_last["state_dict"], ddp_last["state_dict"], 3e-3)
+    assert_close(fsdp_last["current_model_state"], ddp_last["current_model_state"], 3e-3)
     assert fsdp_last["averaging_state"]["n_averaged"] == ddp_last["averaging_state"]["n_averaged"] == 10
     assert fsdp_last["picogpt"]["best_val_loss"] == pytest.approx(ddp_last["picogpt"]["best_val_loss"], abs=1e-5)
 
