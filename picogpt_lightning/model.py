@@ -218,7 +218,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def causal_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
     """Causal attention over whole sequences as plain matmuls, the softmax in float32. On the CPU in bfloat16 at
     contexts up to CPU_ATTENTION_STEPS this is 1.8-3x faster than scaled_dot_product_attention's kernels (a 5x320
-    training step 1.16x as fast); at longer contexts, and in float32, the fused kernels win (docs/benchmarks.md)."""
+    training step 1.13x as fast); at longer contexts, and in float32, the fused kernels win (docs/benchmarks.md)."""
     if k.size(1) != q.size(1):  # grouped-query attention: each kv head serves n_head / n_kv_head query heads
         k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
     steps = q.size(-2)

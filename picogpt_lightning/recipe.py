@@ -58,7 +58,10 @@ CHAR_RECIPE = {"optimizer": "muon", "position": "rotary", "norm": "rms", "qk_nor
 TOKEN_RECIPE = {"optimizer": "muon", "position": "rotary", "norm": "rms", "qk_norm": True, "mlp": "swiglu",
                 "zero_init": True, "bias": False, "learning_rate": 6.0e-3, "min_lr": 0.0, "weight_decay": 0.1,
                 "lr_schedule": "linear"}
-MUON_WEIGHT_DECAY = 0.1  # for characters seen at most 16 times (muon_weight_decay_for)
+# Past this many passes over the text, dropout rises to 0.2 and Muon's weight decay stops (dropout_for,
+# muon_weight_decay_for).
+MANY_PASSES = 16
+MUON_WEIGHT_DECAY = 0.1
 WARMUP_FRACTION = 0.08
 GRADIENT_CLIP = 1.0  # as every shipped config
 # Token runs that go through their text more than TOKEN_EMA_MIN_EPOCHS times validate and save an EMA of the
@@ -156,7 +159,7 @@ def context_for(val_tokens: int, mode: str, val_fraction: float) -> int:
 def dropout_for(epochs: float) -> float:
     """No dropout on a first pass over the text, 0.1 when it comes round again, 0.2 past 16 passes: 0.2 cost 0.12
     nats at 7 epochs of a 250 KB text in 8 minutes, and won by 0.03 at ~25 (docs/benchmarks.md, issue 26)."""
-    return 0.0 if epochs <= 1 else 0.1 if epochs <= 16 else 0.2
+    return 0.0 if epochs <= 1 else 0.1 if epochs <= MANY_PASSES else 0.2
 
 
 def muon_weight_decay_for(mode: str, epochs: float) -> float:
@@ -164,7 +167,7 @@ def muon_weight_decay_for(mode: str, epochs: float) -> float:
     (docs/benchmarks.md, issue 26): with it, and validations in 5% of the budget, a 5x320 reached 1.311 nats/char
     at ~6 passes of a 1 MB text, against 1.318 without; but a 4x256 memorised a 250 KB text from its 25th pass
     (early stopping at 1.094, against 1.081). Token runs are not measured with it and train without."""
-    return MUON_WEIGHT_DECAY if mode == "char" and epochs <= 16 else 0.0
+    return MUON_WEIGHT_DECAY if mode == "char" and epochs <= MANY_PASSES else 0.0
 
 
 def reference_shape(size_bytes: int, mode: str, val_fraction: float) -> Shape:
