@@ -117,21 +117,22 @@ def plan_budget(seconds: float, throughput: Throughput, tokens_per_step: int, ev
 
 def probe(model: torch.nn.Module, optimizer: torch.optim.Optimizer, vocab_size: int, batch_size: int,
           block_size: int, device: str, steps: int = 3, warmup_steps: int = 2,
-          autocast: torch.dtype | None = None) -> Throughput:
+          autocast: torch.dtype | None = None, passes: int = 1) -> Throughput:
     """Seconds of an optimizer step (forward, backward, clipping, step) and of a no-grad forward, measured on
     random tokens with `model` and `optimizer` as they are built for the run (their state is thrown away).
-    `autocast`: the dtype of a mixed-precision run's forward (bfloat16 for bf16-mixed), None for float32."""
+    `autocast`: the dtype of a mixed-precision run's forward (bfloat16 for bf16-mixed), None for float32.
+    `passes`: how many times a training step runs its batch (2 with R-Drop's consistency; validation once)."""
     model.to(device).train()
     tokens = torch.randint(0, vocab_size, (batch_size, block_size + 1), device=device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     device_type = str(device).split(":")[0]
 
-    def forward():
+    def forward(repeats: int = 1):
         with torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
-            return model(inputs, targets)
+            return model(inputs.repeat(repeats, 1), targets.repeat(repeats, 1))
 
     def train_step() -> None:
-        _, loss = forward()
+        _, loss = forward(passes)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

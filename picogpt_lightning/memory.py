@@ -113,7 +113,8 @@ def check_run_memory(model: dict, data: dict, trainer: dict) -> None:
     architecture = {name: model[name] for name in ("mlp", "position", "bias")
                     if isinstance(model.get(name), (str, bool))}
     architecture["tie_weights"] = model.get("tie_weights") is not False
-    estimated = estimate(int(vocab), block_size, sizes["n_layer"], sizes["n_embd"], batch_size,
+    passes = 2 if model.get("consistency") else 1  # R-Drop runs each batch twice, in one forward
+    estimated = estimate(int(vocab), block_size, sizes["n_layer"], sizes["n_embd"], batch_size * passes,
                          str(model.get("optimizer", "adamw")), str(trainer.get("precision") or "32-true"),
                          **architecture)
     if estimated.total < 1 << 30:

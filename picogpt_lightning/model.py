@@ -447,3 +447,13 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing
         ignore_index=-1,
         label_smoothing=label_smoothing,
     )
+
+
+def dropout_disagreement(first: torch.Tensor, second: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """R-Drop's term: the symmetric KL divergence between two predictions of the same positions (logits of the
+    same batch under two dropout masks), halved, averaged over the positions that have a target (not -1)."""
+    first, second = first.float().log_softmax(-1), second.float().log_softmax(-1)
+    # KL(p || q) + KL(q || p) = sum over the vocabulary of (p - q)(log p - log q)
+    per_position = ((first.exp() - second.exp()) * (first - second)).sum(-1)
+    scored = targets >= 0
+    return (per_position * scored).sum() / scored.sum().clamp(min=1) / 2

@@ -26,7 +26,7 @@ from . import __version__
 from .checkpoint_format import CHECKPOINT_FORMAT
 from .errors import PicoGPTError
 from .lightning_adapter import attached_trainer
-from .model import GPT, GPTConfig, next_token_loss
+from .model import GPT, GPTConfig, dropout_disagreement, next_token_loss
 from .optim import MuonAdamW, OptimizerSettings, ScheduleSettings, param_groups
 from .sharding import is_sharded, load_whole_tensors, shard_model
 from .warm_start import warm_start_weights
@@ -48,7 +48,12 @@ def settings_from_flags(flags: Mapping) -> tuple[GPTConfig, OptimizerSettings, S
     has and the flags set is taken, so a field added to one is a flag as soon as the module takes it."""
     model = {**_taken(GPTConfig, flags), "tie_weights": resolve_tie_weights(flags.get("tie_weights", "auto"),
                                                                              flags.get("train_tokens", 0))}
-    return GPTConfig(**model), *recipe_from_flags(flags)
+    config, (optimizer, schedule) = GPTConfig(**model), recipe_from_flags(flags)
+    if optimizer.consistency and not config.dropout:
+        raise ValueError(f"consistency {optimizer.consistency:g} compares two dropout passes of each batch, and "
+                         f"without dropout they are the same; set --model.dropout above 0 (0.1-0.2), or "
+                         f"--model.consistency 0")
+    return config, optimizer, schedule
 
 
 def recipe_from_flags(flags: Mapping) -> tuple[OptimizerSettings, ScheduleSettings]:
@@ -126,6 +131,8 @@ class GPTLightningModule(L.LightningModule):
         mlp_bias: biases in the MLP's linear layers (default: as bias).
         train_tokens: training split size in tokens (set from the prepared data by the CLI).
         label_smoothing: label smoothing of the training loss (validation reports plain cross-entropy).
+        consistency: R-Drop: each training batch twice, under two dropout masks, adding their predictions'
+            disagreement times this to the loss (0: off). About twice a step's cost; needs dropout.
         optimizer: adamw (AdamW for every weight) or muon (Muon for the blocks' hidden matrices, AdamW for
             embeddings, output layer, biases and gains).
         learning_rate: peak learning rate of AdamW's weights.
@@ -156,7 +163,8 @@ class GPTLightningModule(L.LightningModule):
         n_kv_head: int | None = GPTConfig.n_kv_head, head_dim: int | None = GPTConfig.head_dim,
         norm_eps: float | None = GPTConfig.norm_eps, attention_bias: bool | None = GPTConfig.attention_bias,
         mlp_bias: bool | None = GPTConfig.mlp_bias, train_tokens: int = 0,
-        label_smoothing: float = OptimizerSettings.label_smoothing, optimizer: Literal["adamw", "muon"] = OptimizerSettings.optimizer,
+        label_smoothing: float = OptimizerSettings.label_smoothing, consistency: float = OptimizerSettings.consistency,
+        optimizer: Literal["adamw", "muon"] = OptimizerSettings.optimizer,
         learning_rate: float = OptimizerSettings.learning_rate, min_lr: float = ScheduleSettings.min_lr,
         weight_decay: float = OptimizerSettings.weight_decay, beta1: float = OptimizerSettings.beta1, beta2: float = OptimizerSettings.beta2,
         muon_lr: float = OptimizerSettings.muon_lr, muon_momentum: float = OptimizerSettings.muon_momentum,
@@ -212,9 +220,14 @@ class GPTLightningModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs, targets = batch
+        smoothing, consistency = self.optimizer_settings.label_smoothing, self.optimizer_settings.consistency
+        if consistency:  # R-Drop: the batch twice, in one forward, under two dropout masks
+            logits, _ = self.model(torch.cat([inputs, inputs]))
+            first, second = logits.chunk(2)
+            return (next_token_loss(logits, torch.cat([targets, targets]), smoothing)
+                    + consistency * dropout_disagreement(first, second, targets))
         logits, _ = self.model(inputs)
-        loss = next_token_loss(logits, targets, self.optimizer_settings.label_smoothing)
-        return loss  # logged in on_train_batch_end, at the logger's interval only
+        return next_token_loss(logits, targets, smoothing)  # logged in on_train_batch_end, at the logger's interval
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         inputs, targets = batch

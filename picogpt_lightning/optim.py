@@ -78,7 +78,7 @@ def positive(value: float) -> bool:
 
 @dataclass
 class OptimizerSettings:
-    """Which rule trains the hidden matrices, each rule's rates, and the training loss's label smoothing: the
+    """Which rule trains the hidden matrices, each rule's rates, and the training loss's regularisers: the
     training recipe's defaults, defined once (the LightningModule's --model.* flags take theirs from here).
 
     optimizer: "adamw" (AdamW everywhere, GPT-2's recipe) or "muon" (Muon for the 2-D weights inside the
@@ -87,6 +87,9 @@ class OptimizerSettings:
     muon_lr, muon_momentum, muon_weight_decay: Muon's (Nesterov momentum; decoupled decay, lr * wd per step).
     label_smoothing: of the training loss, a regulariser like weight decay (validation reports plain
         cross-entropy).
+    consistency: R-Drop's weight (0: off): each training batch goes through the model twice, under two dropout
+        masks, and the loss adds how far apart the two predictions are (`model.dropout_disagreement`) times
+        this. A step then costs about twice as much; it needs dropout, or the two passes are the same.
     """
 
     optimizer: str = "adamw"
@@ -99,6 +102,7 @@ class OptimizerSettings:
     muon_momentum: float = 0.95
     muon_weight_decay: float = 0.0
     label_smoothing: float = 0.0
+    consistency: float = 0.0
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -110,6 +114,7 @@ class OptimizerSettings:
         require(self.eps, positive, "eps", "a number > 0")
         require(self.muon_lr, positive, "muon_lr", "a number > 0")
         require(self.muon_weight_decay, non_negative, "muon_weight_decay", "a number >= 0")
+        require(self.consistency, non_negative, "consistency", "a number >= 0")
 
     @property
     def betas(self) -> tuple[float, float]:

@@ -143,3 +143,20 @@ def test_budget_benchmark_runs_the_shipped_config_as_shipped_beside_the_sized_re
     assert sorted(runs) == ["a-char-shipped-0", "a-char-sized-0", "b-char-shipped-0", "b-char-sized-0"]
     assert "--budget" not in runs["a-char-shipped-0"] and runs["a-char-sized-0"][-2:] == ["--budget", "27m"]
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 4
+
+
+def test_val_split_scores_what_a_run_that_reads_its_whole_split_reports(tmp_path, capsys):
+    from benchmarks import val_split
+    from helpers import make_config, make_text
+    from picogpt_lightning.cli import main
+
+    config = make_config(tmp_path, make_text(tmp_path / "t.txt", sentences=200), data={"eval_iters": 1000})
+    assert main(["fit", "--config", str(config)]) == 0
+    run = tmp_path / "checkpoints" / "run"
+    states = torch.load(run / "best.ckpt", weights_only=True)["callbacks"]
+    best = next(state["best_model_score"] for name, state in states.items() if "best_model_score" in state)
+    prepared = next((tmp_path / "prepared").glob("*/meta.json")).parent
+    capsys.readouterr()
+    val_split.main(str(prepared), [str(run / "best.ckpt"), str(run / "last.ckpt")])
+    out = capsys.readouterr().out
+    assert f"best.ckpt: {float(best):.4f} over" in out and "average of the 2: " in out

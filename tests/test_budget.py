@@ -5,6 +5,7 @@ The probe is replaced by a fake throughput, so the planned steps are known exact
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -14,6 +15,7 @@ from picogpt_lightning import budget_keeper, recipe
 from picogpt_lightning.budget import LIGHTNING_OVERHEAD, Throughput, parse_budget, plan_budget
 from picogpt_lightning.cli import budget as budget_cli
 from picogpt_lightning.cli import main
+from picogpt_lightning.data import validation_starts
 from picogpt_lightning.errors import SettingsError
 from picogpt_lightning.optim import lr_at
 from picogpt_lightning.recipe import choose, shape_at
@@ -89,6 +91,51 @@ def test_a_budgeted_run_stops_at_the_planned_step_with_its_schedule_at_the_end(t
     assert last["lr_schedulers"][0]["_last_lr"][0] == pytest.approx(hp["min_lr"])  # adamw: every group at min_lr
 
 
+def test_a_budget_plans_the_doubled_steps_of_r_drop(tmp_path, text, monkeypatch, capsys):
+    monkeypatch.setattr(budget_keeper, "MIN_STEPS_TO_JUDGE", 10**9)
+    monkeypatch.setattr(budget_cli, "probe", lambda *args, passes=1, **kwargs: Throughput(
+        step_seconds=FAKE.step_seconds * passes, val_batch_seconds=FAKE.val_batch_seconds))
+    config = make_config(tmp_path, text, trainer={"max_steps": 1000}, model={"dropout": 0.1, "consistency": 1.0})
+    assert main(["fit", "--config", str(config), "--budget", "21s"]) == 0
+    doubled = Throughput(step_seconds=2 * FAKE.step_seconds, val_batch_seconds=FAKE.val_batch_seconds)
+    plan = plan_budget(21, doubled, 4 * 16, 4, 5 / 1000)
+    assert plan.max_steps < plan_budget(21, FAKE, 4 * 16, 4, 5 / 1000).max_steps
+    assert f"budget 21s: {plan.max_steps} steps" in capsys.readouterr().out
+    last = torch.load(tmp_path / "checkpoints" / "run" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == plan.max_steps
+
+
+def test_r_drop_on_a_sized_run_takes_the_recipes_dropout_and_refuses_none(tmp_path, text, fake_probe, capsys):
+    common = ["fit", "--data.text_path", str(text), "--data.mode", "char", "--budget", "20s", "--model.consistency",
+              "1", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--sample_tokens", "0",
+              "--data.cache_dir", str(tmp_path / "prepared")]
+    # Checked once the recipe has set the dropout (0.1 for a text it repeats), not against the default 0.
+    assert main([*common, "--ckpt_dir", str(tmp_path / "run")]) == 0
+    model = run_config(tmp_path / "run")["model"]
+    assert model["consistency"] == 1.0 and model["dropout"] > 0
+    capsys.readouterr()
+    assert main([*common, "--model.dropout", "0", "--ckpt_dir", str(tmp_path / "none")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and "without dropout they are the same" in errors[0]
+    assert not (tmp_path / "none").exists()
+
+
+def test_time_to_spare_on_a_small_text_goes_into_r_drop():
+    def tokens_in(shape, seconds):  # a step that runs its batch twice costs twice as much
+        return int(seconds / ((1e-7 * shape.params + 0.01) * shape.passes)) * shape.tokens_per_step
+
+    spare = choose(250_000, "char", 0.1, 3600, tokens_in)  # ~100 passes at the doubled cost: capped at 24
+    assert spare.shape.passes == 2 and spare.settings["model.consistency"] == recipe.CONSISTENCY
+    assert spare.settings["model.dropout"] > 0 and "R-Drop consistency 1 (each batch twice)" in spare.line()
+    assert spare.planned_tokens == recipe.MAX_EPOCHS * spare.train_tokens
+    # ~20 passes of single steps, ~10 doubled: not enough passes to spend on a second one
+    tight = choose(250_000, "char", 0.1, 357, tokens_in)
+    assert tight.shape.passes == 1 and tight.settings["model.consistency"] == 0
+    assert "R-Drop" not in tight.line()
+    for size, mode in ((100_000_000, "char"), (750_000, "token")):  # a large text; tokens (not measured)
+        assert choose(size, mode, 0.1, 3600, tokens_in).settings["model.consistency"] == 0
+
+
 def test_a_run_faster_than_its_probe_moves_its_last_step_and_schedule_end_together(tmp_path, text, monkeypatch,
                                                                                   capsys):
     monkeypatch.setattr(budget_cli, "probe", lambda *args, **kwargs: FAKE)  # 0.5 s a step: far slower than here
@@ -142,6 +189,23 @@ def test_the_sized_recipe_is_the_same_for_the_same_corpus_and_budget():
     assert first.data_limited and first.dropout > bigger.dropout == 0  # the small text repeats: capped
     shorter = choose(100_000_000, "char", 0.1, 60, tokens_in)
     assert shorter.shape.params < bigger.shape.params  # less time, fewer steps: a smaller model
+
+
+def test_a_sized_recipe_validates_on_the_whole_val_split_whatever_share_the_random_split_gave():
+    # A random split sends whole 4 KB chunks to val, so its share is only about val_fraction (14.8% of a 250 KB
+    # text in docs/benchmarks.md): a count of val batches sized from the estimate read a sample of that split.
+    def tokens_in(shape, seconds):
+        return int(seconds / (1e-7 * shape.params + 0.01)) * shape.tokens_per_step
+
+    settings = choose(250_000, "char", 0.1, 1800, tokens_in).settings
+    block, batch, batches = settings["data.block_size"], settings["data.batch_size"], settings["data.eval_iters"]
+    for share in (0.05, 0.1, 0.15, 0.2):
+        val_tokens = int(250_000 * share)
+        starts = validation_starts(val_tokens, block, batch, batches, seed=0)
+        assert np.array_equal(np.concatenate(starts), np.arange(0, val_tokens - block, block))
+    # A split larger than MAX_VAL_BLOCKS blocks is sampled: that many blocks.
+    large = validation_starts(10_000_000, block, batch, batches, seed=0)
+    assert sum(map(len, large)) >= recipe.MAX_VAL_BLOCKS
 
 
 def test_a_sized_run_writes_its_recipe_to_the_config_and_that_config_reproduces_it(tmp_path, text, fake_probe,
@@ -215,7 +279,8 @@ def test_max_time_alone_says_the_schedule_will_not_decay(tmp_path, text, capsys)
 
 
 def test_the_recipe_refuses_nothing_for_a_text_that_holds_a_few_contexts():
-    assert choose(2_000, "char", 0.1, 60, lambda shape, seconds: 10**6).shape == shape_at(1, 32, 32)
+    shape = choose(2_000, "char", 0.1, 60, lambda shape, seconds: 10**6).shape
+    assert (shape.n_layer, shape.block_size, shape.batch_size) == (1, 32, 32)
     with pytest.raises(SettingsError, match="too small"):
         choose(100, "char", 0.1, 60, lambda shape, seconds: 10**6)
 
@@ -325,7 +390,6 @@ def test_flags_that_override_the_sized_recipe_are_named_beside_its_line(tmp_path
     assert "model.n_layer" not in override  # not given: the recipe's stands
     written = run_config(tmp_path / "run")
     assert written["data"]["batch_size"] == 4 and written["model"]["dropout"] == 0.35
-    # The validation batches were recounted for batch 4, so a validation still reads the whole val split.
+    # The validation batches were recounted for batch 4, so a validation still reads the same blocks.
     data = written["data"]
-    val_blocks = len(text.read_text()) * data["val_fraction"] // data["block_size"]
-    assert data["eval_iters"] * data["batch_size"] >= val_blocks > 4 * data["batch_size"]  # 4: batch 32's count
+    assert data["eval_iters"] * data["batch_size"] >= recipe.MAX_VAL_BLOCKS

@@ -59,6 +59,9 @@ def test_a_run_that_fits_is_not_refused(monkeypatch):
     with pytest.raises(SettingsError, match="2 processes"):
         memory.check_run_memory({"n_layer": 12, "n_embd": 768, "vocab_size": 50304}, {"block_size": 1024,
                                 "batch_size": 8}, {"accelerator": "cpu", "devices": 2})
+    with pytest.raises(SettingsError, match="this run needs at least"):  # R-Drop: each batch twice at once
+        memory.check_run_memory({"n_layer": 12, "n_embd": 768, "vocab_size": 50304, "consistency": 1.0},
+                                {"block_size": 1024, "batch_size": 8}, {"accelerator": "cpu"})
 
 
 def test_on_a_gpu_the_gpus_memory_is_the_limit(monkeypatch):

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import picogpt_lightning.model as model_module
-from picogpt_lightning.model import CLASSIC, GPT, GPTConfig, apply_rotary, causal_attention_cpu, next_token_loss
+from picogpt_lightning.model import (CLASSIC, GPT, GPTConfig, apply_rotary, causal_attention_cpu, dropout_disagreement,
+                                     next_token_loss)
 
 
 def tiny(**overrides) -> GPT:
@@ -36,6 +37,18 @@ def test_label_smoothing_changes_the_loss_computed_from_the_logits():
     logits, plain = model(idx, idx)
     assert torch.equal(next_token_loss(logits, idx), plain)
     assert not torch.isclose(plain, next_token_loss(logits, idx, label_smoothing=0.1))
+
+
+def test_dropout_disagreement_is_half_the_symmetric_kl_over_the_scored_positions():
+    torch.manual_seed(0)
+    first, second = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    targets = torch.randint(0, 7, (2, 5))
+    assert dropout_disagreement(first, first, targets) == 0
+    p, q = first.log_softmax(-1), second.log_softmax(-1)
+    both = (F.kl_div(q, p, log_target=True, reduction="none") + F.kl_div(p, q, log_target=True, reduction="none"))
+    assert torch.isclose(dropout_disagreement(first, second, targets), both.sum(-1).mean() / 2)
+    targets[:, 3:] = -1  # prompt positions of a conversation: not scored, not compared
+    assert torch.isclose(dropout_disagreement(first, second, targets), both[:, :3].sum(-1).mean() / 2)
 
 
 def test_targets_of_minus_one_are_ignored():

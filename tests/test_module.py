@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from picogpt_lightning.errors import PicoGPTError
+from picogpt_lightning.model import dropout_disagreement, next_token_loss
 from picogpt_lightning.module import GPTLightningModule
 from picogpt_lightning.resume import model_mismatch_message
 from picogpt_lightning.optim import lr_at
@@ -45,6 +46,23 @@ def tiny_module(**overrides):
     settings = dict(vocab_size=40, block_size=8, n_layer=1, n_head=2, n_embd=8)
     settings.update(overrides)
     return GPTLightningModule(**settings)
+
+
+def test_consistency_adds_the_disagreement_of_two_dropout_passes_of_the_batch():
+    idx = torch.randint(0, 40, (3, 8))
+    plain = tiny_module(dropout=0.3)
+    paired = tiny_module(dropout=0.3, consistency=2.0)
+    paired.model.load_state_dict(plain.model.state_dict())
+    torch.manual_seed(1)
+    loss = paired.training_step((idx, idx), 0)
+    torch.manual_seed(1)  # the same two dropout masks, drawn again for the doubled batch
+    logits, _ = plain.model(torch.cat([idx, idx]))
+    expected = next_token_loss(logits, torch.cat([idx, idx])) + 2.0 * dropout_disagreement(*logits.chunk(2), idx)
+    assert torch.isclose(loss, expected) and dropout_disagreement(*logits.chunk(2), idx) > 0
+    loss.backward()
+    assert all(p.grad is not None for p in paired.model.parameters() if p.requires_grad)
+    with pytest.raises(PicoGPTError, match="without dropout they are the same"):
+        tiny_module(consistency=1.0)
 
 
 def test_auto_tie_ties_small_corpora_only():

@@ -52,6 +52,7 @@ def test_every_model_setting_reaches_the_settings_and_the_older_cosine_lr_switch
     (OptimizerSettings, dict(beta2=1.0), r"beta2 must be in \[0, 1\), got 1.0"),
     (OptimizerSettings, dict(label_smoothing=-0.1), "label_smoothing must be in"),
     (OptimizerSettings, dict(muon_weight_decay=float("nan")), "muon_weight_decay must be a number >= 0"),
+    (OptimizerSettings, dict(consistency=-1.0), "consistency must be a number >= 0"),
     (ScheduleSettings, dict(min_lr=-1.0), "min_lr must be a number >= 0"),
     (ScheduleSettings, dict(warmup_iters=-1), "warmup_iters must be a number of steps >= 0"),
     (ScheduleSettings, dict(lr_decay_iters=0), "lr_decay_iters must be a positive number of steps"),
@@ -68,7 +69,9 @@ def test_the_command_line_turns_a_settings_error_into_one_line_before_any_data_i
     config = make_config(tmp_path, make_text(tmp_path / "t.txt", sentences=50), name="bad")
     for flag, value, expected in (("--model.min_lr", "-1", "model.min_lr must be a number >= 0, got -1.0"),
                                   ("--model.n_head", "3", "model.n_embd (16) must be divisible by n_head (3)"),
-                                  ("--model.lr_decay_iters", "0", "model.lr_decay_iters must be a positive")):
+                                  ("--model.lr_decay_iters", "0", "model.lr_decay_iters must be a positive"),
+                                  ("--model.consistency", "1", "without dropout they are the same; set "
+                                                               "--model.dropout above 0")):
         assert main(["fit", "--config", str(config), flag, value]) == 2
         errors = capsys.readouterr().err.strip().splitlines()
         assert len(errors) == 1 and expected in errors[0], errors

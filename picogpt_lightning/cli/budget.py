@@ -18,8 +18,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from ..budget import BudgetPlan, Throughput, format_seconds, parse_budget, plan_budget, probe
 from ..budget_keeper import BudgetKeeper
 from ..errors import SettingsError, warn
-from ..recipe import (CHAR_RECIPE, TOKEN_EMA_DECAY, TOKEN_RECIPE, WARMUP_FRACTION, Recipe, Shape, choose,
-                      corpus_tokens, eval_iters_for, reference_shape, vocab_for)
+from ..recipe import (CHAR_RECIPE, CONSISTENCY, TOKEN_EMA_DECAY, TOKEN_RECIPE, WARMUP_FRACTION, Recipe, Shape,
+                      choose, corpus_tokens, eval_iters_for, reference_shape, vocab_for)
 from ..sharding import PRECISION_ALIASES
 
 EARLY_STOPPING = "lightning.pytorch.callbacks.EarlyStopping"
@@ -132,8 +132,7 @@ class BudgetSetup:
         if "data.eval_iters" not in given and {"data.batch_size", "data.block_size"} & given:
             # The recipe counted its validation batches in its own batches: a given batch or context validates
             # on the same blocks (the whole split, when it is small), not half of them.
-            val_tokens = int(corpus_tokens(size, mode) * config.data.val_fraction)
-            config.data.eval_iters = eval_iters_for(val_tokens, config.data.block_size, config.data.batch_size)
+            config.data.eval_iters = eval_iters_for(config.data.batch_size)
         if "trainer.callbacks" not in given:
             stop = Namespace(class_path=EARLY_STOPPING,
                              init_args=Namespace(monitor="val_loss", mode="min", patience=PATIENCE, min_delta=0.0))
@@ -193,18 +192,19 @@ class BudgetSetup:
         from .. import module as lightning_module  # Lightning is imported by fit anyway
 
         model_settings = {key: value for key, value in config.model.as_dict().items()
-                          if key not in ("vocab_size", "train_tokens", "init_from", "compile")}
+                          if key not in ("vocab_size", "train_tokens", "init_from", "compile", "consistency")}
         vocab = config.data.vocab_size if config.data.mode == "token" else CHAR_VOCAB_GUESS
         autocast = AUTOCAST.get(_precision(config))
+        passes = 2 if config.model.get("consistency") else 1  # R-Drop runs each batch twice
         key = tuple(sorted((k, str(v)) for k, v in model_settings.items())) + (
-            vocab, config.data.batch_size, config.data.block_size, str(autocast))
+            vocab, config.data.batch_size, config.data.block_size, str(autocast), passes)
         if key not in self.measured:
             pl_module = lightning_module.GPTLightningModule(vocab_size=vocab, **model_settings)
             optimizer = _optimizer(pl_module)
             device = _device(config.trainer.get("accelerator"))
             started = time.perf_counter()
             self.measured[key] = probe(pl_module.model, optimizer, vocab, config.data.batch_size,
-                                       config.data.block_size, device, autocast=autocast)
+                                       config.data.block_size, device, autocast=autocast, passes=passes)
             self.probe_seconds += time.perf_counter() - started
         return self.measured[key]
 
@@ -261,7 +261,8 @@ def _with_shape(config: Namespace, shape: Shape, vocab: int) -> Namespace:
     for key, value in (("model.n_layer", shape.n_layer), ("model.n_embd", shape.n_embd),
                        ("model.n_head", shape.n_head), ("model.block_size", shape.block_size),
                        ("data.block_size", shape.block_size), ("data.batch_size", shape.batch_size),
-                       ("data.vocab_size", vocab)):
+                       ("data.vocab_size", vocab),
+                       ("model.consistency", CONSISTENCY if shape.passes == 2 else 0.0)):
         trial[key] = value
     return trial
 

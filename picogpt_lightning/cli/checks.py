@@ -77,9 +77,10 @@ def check_model_settings(flags: dict, architecture: bool = True) -> None:
         raise SettingsError(f"model.{' '.join(str(error).split())}") from None
 
 
-def check_settings(subcommand: str, config: Namespace) -> None:
+def check_settings(subcommand: str, config: Namespace, sized: bool = False) -> None:
     """Every setting that can be checked without data or a model, so that a bad one stops the command before
-    any data is prepared or any folder made."""
+    any data is prepared or any folder made. `sized`: the sized recipe has yet to set the model (its dropout
+    among them), so what depends on it is checked after it (check_model_settings again)."""
     seed = config.get("seed_everything")
     if not isinstance(seed, bool) and not (isinstance(seed, int) and 0 <= seed <= MAX_SEED_EVERYTHING):
         raise SettingsError(f"seed_everything must be a whole number from 0 to 2**32 - 1 (or true for a random "
@@ -91,7 +92,8 @@ def check_settings(subcommand: str, config: Namespace) -> None:
     check_trainer_settings(subcommand, config.trainer)
     check_launch(config.trainer)
     data = config.data
-    check_model_settings(config.model.as_dict(), architecture="text_path" in data)
+    model = config.model.as_dict()
+    check_model_settings({**model, "consistency": 0.0} if sized else model, architecture="text_path" in data)
     check_run_memory(config.model.as_dict(), config.data.as_dict(), config.trainer.as_dict())
     if "text_path" not in data:
         return  # finetune's conversation data: checked by its module once the base model is known

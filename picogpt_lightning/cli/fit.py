@@ -41,7 +41,7 @@ from ..run_display import StepProgressBar, ValidationSample
 from ..sharding import strategy_for
 from .. import resume
 from .budget import BudgetSetup, joined_budget
-from .checks import check_settings
+from .checks import check_model_settings, check_settings
 from .common import class_refusal, settings_error
 from .run_folder import (LOGS, RunFolder, clear_run, default_ckpt_dir, holds_run, is_rank_zero, next_version, peek,
                          summary_line)
@@ -139,10 +139,14 @@ class PicoGPTCLI(LightningCLIHooks, LightningCLI):
         config = self.config[subcommand]
         if self.checkpoint_path is not None:
             config.ckpt_path = str(self.checkpoint_path)
-        check_settings(subcommand, config)
-        if subcommand == "fit" and self.command == "fit" and not config.trainer.get("fast_dev_run"):
-            self.budget.apply(config, plain, resuming=self.checkpoint is not None, sized=not config.get("config"),
+        budgeted = subcommand == "fit" and self.command == "fit" and not config.trainer.get("fast_dev_run")
+        sized = budgeted and not config.get("config")
+        check_settings(subcommand, config, sized=sized and config.get("budget") is not None and not self.checkpoint)
+        if budgeted:
+            self.budget.apply(config, plain, resuming=self.checkpoint is not None, sized=sized,
                               stored_budget=(self.stored or {}).get("budget"))
+            if self.budget.recipe is not None:
+                check_model_settings(config.model.as_dict())  # with the recipe's dropout
 
     def _find_checkpoint(self, config) -> Path:
         """--ckpt_path as a file: `last`/`best` in the run folder, a run folder's best.ckpt, or the file itself."""
