@@ -125,14 +125,15 @@ def probe(model: torch.nn.Module, optimizer: torch.optim.Optimizer, vocab_size: 
     model.to(device).train()
     tokens = torch.randint(0, vocab_size, (batch_size, block_size + 1), device=device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    trained = (inputs.repeat(passes, 1), targets.repeat(passes, 1)) if passes > 1 else (inputs, targets)
     device_type = str(device).split(":")[0]
 
-    def forward(repeats: int = 1):
+    def forward(batch: tuple[torch.Tensor, torch.Tensor]):
         with torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
-            return model(inputs.repeat(repeats, 1), targets.repeat(repeats, 1))
+            return model(*batch)
 
     def train_step() -> None:
-        _, loss = forward(passes)
+        _, loss = forward(trained)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -140,7 +141,7 @@ def probe(model: torch.nn.Module, optimizer: torch.optim.Optimizer, vocab_size: 
 
     def eval_step() -> None:
         with torch.no_grad():
-            forward()
+            forward((inputs, targets))
 
     step_seconds = _timed(train_step, steps, warmup_steps, device)
     model.eval()

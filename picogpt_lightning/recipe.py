@@ -210,15 +210,18 @@ def choose(size_bytes: int, mode: str, val_fraction: float, budget_seconds: floa
             break
         chosen = (shape, budget_tokens)
     shape, budget_tokens = chosen
-    epochs = min(budget_tokens, MAX_EPOCHS * train_tokens) / train_tokens
+
+    def epochs_of(tokens: int) -> float:
+        return min(tokens, MAX_EPOCHS * train_tokens) / train_tokens
+
     consistency = 0.0
-    if mode == "char" and epochs > MANY_PASSES:
+    if mode == "char" and epochs_of(budget_tokens) > MANY_PASSES:
         # Time to spare on a small text: each batch twice (R-Drop), where that still passes it often enough.
         paired = replace(shape, passes=2)
         paired_tokens = tokens_in(paired, budget_seconds)
-        if min(paired_tokens, MAX_EPOCHS * train_tokens) / train_tokens > MANY_PASSES:
+        if epochs_of(paired_tokens) > MANY_PASSES:
             shape, budget_tokens, consistency = paired, paired_tokens, CONSISTENCY
-            epochs = min(budget_tokens, MAX_EPOCHS * train_tokens) / train_tokens
+    epochs = epochs_of(budget_tokens)
     dropout = dropout_for(epochs)
     muon_decay = muon_weight_decay_for(mode, epochs)
     optimizer = CHAR_RECIPE if mode == "char" else TOKEN_RECIPE
